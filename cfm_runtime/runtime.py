@@ -1,0 +1,147 @@
+"""The public model object: `load_model(path)` -> Model with tokenizer, logits and generation."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import CfmError
+from .generate import GenerationChunk, Generator, LocalRunner, Runner
+from .loading import Checkpoint, load_checkpoint
+from .model import Transformer
+from .sampling import SamplingParams
+from .tokenizer import GGUFTokenizer, HFTokenizer, Tokenizer
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` intra-op threads (default: every core this process may run on)."""
+    n = threads or len(os.sched_getaffinity(0))
+    if n < 1:
+        raise CfmError(f"threads must be >= 1, got {threads}")
+    torch.set_num_threads(n)
+    return n
+
+
+class Model:
+    """A loaded model: `.config`, `.tokenizer`, `.transformer`, `.logits()`, `.generate()`."""
+
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint):
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.config: ModelConfig = transformer.config
+        self.path: Path = checkpoint.path
+        self.format = checkpoint.format
+        self.metadata = checkpoint.metadata
+        self._fingerprints: dict[tuple[int, int], str] = {}
+
+    # ------------------------------------------------------------ prompts and logits
+
+    def encode_prompt(self, prompt) -> list[int]:
+        """A string is tokenized as is; a list of {"role", "content"} is rendered with the chat template."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise CfmError("the prompt is empty; give some text to continue or a chat message")
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt))
+
+    def check_ids(self, ids) -> list[int]:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise CfmError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
+        return ids
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits for every position: float32 array [len(token_ids), vocab]."""
+        ids = self.check_ids(token_ids)
+        if not ids:
+            raise CfmError("logits() needs at least one token id")
+        if len(ids) > self.config.context_length:
+            raise CfmError(f"{len(ids)} ids exceed the model's context of {self.config.context_length}")
+        runner = LocalRunner(self.transformer, max_len=len(ids))
+        return runner.forward(ids, all_logits=True).numpy()
+
+    # ------------------------------------------------------------ generation
+
+    def new_runner(self) -> Runner:
+        return LocalRunner(self.transformer)
+
+    def new_generator(self, runner: Runner | None = None) -> Generator:
+        """A generator that keeps its KV cache between calls (multi-turn chat)."""
+        return Generator(runner or self.new_runner(), self.tokenizer, self.config.context_length)
+
+    def stream(self, prompt, generator: Generator | None = None, **sampling) -> Iterator[GenerationChunk]:
+        """Yields GenerationChunk(text, token, stats); the last chunk has empty text and final stats."""
+        params = SamplingParams(**sampling)
+        ids = self.encode_prompt(prompt)
+        return (generator or self.new_generator()).stream(ids, params)
+
+    def generate(self, prompt, **sampling) -> Iterator[str]:
+        """Yields text pieces. Options: max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop."""
+        return (c.text for c in self.stream(prompt, **sampling) if c.text)
+
+    # ------------------------------------------------------------ identity
+
+    def fingerprint(self, start: int = 0, end: int | None = None) -> str:
+        """Hash of the config and the weights of layers [start, end): equal spans of equal models match."""
+        end = self.config.n_layers if end is None else end
+        key = (start, end)
+        if key not in self._fingerprints:
+            h = hashlib.blake2b(digest_size=16)
+            c = self.config
+            h.update(repr((c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_base, c.rope_style,
+                           c.activation, c.rms_eps, start, end)).encode())
+            for i in range(start, end):
+                for name, t in sorted(self.transformer.layers[i].state_dict().items()):
+                    h.update(name.encode())
+                    h.update(t.contiguous().numpy().tobytes())
+            self._fingerprints[key] = h.hexdigest()
+        return self._fingerprints[key]
+
+    def info(self) -> dict:
+        c = self.config
+        n_params = sum(t.numel() for t in self.transformer.state_dict().values())
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "name": c.name,
+            "config": c.to_dict() | {"rope_freq_factors": bool(c.rope_freq_factors)},
+            "file_mb": round(self.path.stat().st_size / 2**20, 1) if self.path.is_file() else None,
+            "parameters": n_params,
+            "weights_fp32_mb": round(n_params * 4 / 2**20, 1),
+            "kv_cache_mb_per_1k_tokens": round(c.kv_bytes_per_token * 1024 / 2**20, 2),
+            "kv_cache_mb_full_context": round(c.kv_bytes_per_token * c.context_length / 2**20, 1),
+            "chat_template": bool(self.tokenizer.chat_template),
+            "quantization": self.metadata.get("general.file_type") if self.format == "gguf" else None,
+        }
+
+
+def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
+    if checkpoint.format == "gguf":
+        return GGUFTokenizer(checkpoint.path, checkpoint.metadata)
+    return HFTokenizer(checkpoint.path)
+
+
+def load_model(path=None, *, threads: int | None = None, progress: bool | None = None, **overrides) -> Model:
+    """Load a GGUF file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct).
+
+    `overrides` replace config fields read from the file, e.g. activation="relu" for a ReLU model
+    whose GGUF does not say so.
+    """
+    set_threads(threads)
+    ckpt = load_checkpoint(path, progress=progress, **overrides)
+    tokenizer = load_tokenizer(ckpt)
+    if tokenizer.vocab_size > ckpt.config.vocab_size:
+        raise CfmError(
+            f"{ckpt.path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
+            f"{ckpt.config.vocab_size} rows; the tokenizer belongs to another model"
+        )
+    transformer = Transformer.from_weights(ckpt.config, ckpt.weights)
+    ckpt.weights = {}
+    return Model(transformer, tokenizer, ckpt)

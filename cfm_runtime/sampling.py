@@ -1,0 +1,70 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import CfmError
+
+
+@dataclass
+class SamplingParams:
+    """Defaults follow llama.cpp's CLI; temperature 0 means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+        problems = []
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            problems.append(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        if problems:
+            raise CfmError("; ".join(problems))
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.p = params
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """logits [vocab] -> a token id; `history` is the context so far (for the penalty)."""
+        p = self.p
+        if p.repetition_penalty != 1.0 and history:
+            recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
+            picked = logits[recent]
+            logits = logits.clone()
+            logits[recent] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if p.temperature == 0 or p.top_k == 1:
+            return int(torch.argmax(logits))
+        if p.top_k:
+            logits, idx = torch.topk(logits, min(p.top_k, logits.shape[-1]))
+        else:
+            logits, idx = torch.sort(logits, descending=True)
+        probs = torch.softmax(logits.double() / p.temperature, -1)
+        if p.top_p < 1.0:
+            keep = torch.cumsum(probs, -1) - probs < p.top_p  # smallest prefix reaching top_p
+            probs = probs * keep
+        choice = torch.multinomial(probs, 1, generator=self.gen)
+        return int(idx[choice])

@@ -1,0 +1,218 @@
+"""Tokenizers and chat templates taken from the model file itself.
+
+GGUF models use llama.cpp's own tokenizer (llama-cpp-python with `vocab_only=True`): it is the
+reference implementation of every GGUF tokenizer type and pre-tokenizer, it loads only the
+vocabulary (milliseconds, a few MB), and it is already our baseline dependency, so token ids
+match the reference exactly. Hugging Face folders use the `tokenizers` library on their
+`tokenizer.json`. Chat templates are the model's Jinja template, rendered in a sandbox.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from datetime import datetime
+from pathlib import Path
+
+from .errors import CfmError, ModelFileError
+
+
+def render_chat_template(template: str | None, messages, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if not template:
+        raise CfmError("this model has no chat template; use a plain prompt instead of chat messages")
+    check_messages(messages)
+
+    def raise_exception(msg):
+        raise TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(
+            messages=messages, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as e:
+        raise CfmError(f"the model's chat template rejected the messages: {e}") from e
+
+
+def check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise CfmError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise CfmError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+
+
+class Tokenizer:
+    """Common interface: encode, decode, streaming decode, chat template, end-of-generation ids."""
+
+    bos_id: int | None
+    eos_id: int | None
+    eog_ids: frozenset[int]
+    chat_template: str | None
+    bos_text: str
+    eos_text: str
+    vocab_size: int
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        raise NotImplementedError
+
+    def token_bytes(self, token_id: int) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        return render_chat_template(self.chat_template, messages, self.bos_text, self.eos_text, add_generation_prompt)
+
+    def streamer(self) -> "TextStreamer":
+        return TextStreamer(self)
+
+
+class TextStreamer:
+    """Turns token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.decoder.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self.decoder.decode(b"", final=True)
+
+
+class GGUFTokenizer(Tokenizer):
+    def __init__(self, path: Path, metadata: dict):
+        import llama_cpp
+
+        try:
+            self._llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+        except Exception as e:  # llama.cpp reports load failures as ValueError/RuntimeError
+            raise ModelFileError(f"llama.cpp could not read the vocabulary of {path}: {e}") from e
+        vocab = self._llama._model.vocab
+        self._pieces: dict[tuple[int, bool], bytes] = {}
+        self.vocab_size = self._llama.n_vocab()
+        self.eog_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i))
+        self.bos_id = self._special(metadata.get("tokenizer.ggml.bos_token_id"))
+        self.eos_id = self._special(metadata.get("tokenizer.ggml.eos_token_id"))
+        self.bos_text = self.token_bytes(self.bos_id, special=True).decode("utf-8", "replace") if self.bos_id is not None else ""
+        self.eos_text = self.token_bytes(self.eos_id, special=True).decode("utf-8", "replace") if self.eos_id is not None else ""
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        self.chat_template = metadata.get("tokenizer.chat_template")
+
+    def _special(self, value) -> int | None:
+        return int(value) if value is not None and 0 <= int(value) < self.vocab_size else None
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise CfmError(f"text to encode must be a string, got {type(text).__name__}")
+        add_bos = add_special and self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        ids = self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + list(ids)
+
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        import ctypes
+
+        import llama_cpp
+
+        key = (int(token_id), special)
+        piece = self._pieces.get(key)
+        if piece is None:
+            if not 0 <= key[0] < self.vocab_size:
+                raise CfmError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._llama._model.vocab, key[0], buf, 64, 0, special)
+            if n < 0:  # the piece is longer than the buffer: -n is the size it needs
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._llama._model.vocab, key[0], buf, -n, 0, special)
+            piece = self._pieces[key] = buf.raw[:n]
+        return piece
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer as _Tok
+
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ModelFileError(f"{folder} has no tokenizer.json; the tokenizer must be saved with the model")
+        self._tok = _Tok.from_file(str(path))
+        cfg_path = folder / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        gen_path = folder / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+        def tok_text(v):
+            return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+        self.bos_text, self.eos_text = tok_text(cfg.get("bos_token")), tok_text(cfg.get("eos_token"))
+        self.bos_id = self._tok.token_to_id(self.bos_text) if self.bos_text else None
+        self.eos_id = self._tok.token_to_id(self.eos_text) if self.eos_text else None
+        eos_ids = gen.get("eos_token_id", [])
+        eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+        self.eog_ids = frozenset(i for i in [self.eos_id, *eos_ids] if i is not None)
+        template = cfg.get("chat_template")
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text()
+        self.chat_template = template
+        # byte-level BPE decodes token by token through the decoder; cache the byte pieces
+        self._bytes_cache: dict[int, bytes] = {}
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise CfmError(f"text to encode must be a string, got {type(text).__name__}")
+        ids = self._tok.encode(text, add_special_tokens=add_special).ids
+        if len(ids) > 1 and self.bos_id is not None and ids[0] == ids[1] == self.bos_id:
+            ids = ids[1:]  # the template already wrote the BOS token
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        b = self._bytes_cache.get(token_id)
+        if b is None:
+            b = _hf_token_bytes(self._tok, token_id)
+            self._bytes_cache[token_id] = b
+        return b
+
+
+def _hf_token_bytes(tok, token_id: int) -> bytes:
+    """Bytes of one token for byte-level BPE (GPT-2 byte alphabet) or SentencePiece-style vocabularies."""
+    piece = tok.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if tok.get_added_tokens_decoder().get(token_id) is not None:
+        added = tok.get_added_tokens_decoder()[token_id]
+        return b"" if added.special else added.content.encode()
+    table = _byte_decoder()
+    if all(ch in table for ch in piece):
+        return bytes(table[ch] for ch in piece)
+    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+        return bytes([int(piece[3:5], 16)])
+    return piece.replace("\u2581", " ").encode()
+
+
+_BYTE_DECODER: dict[str, int] | None = None
+
+
+def _byte_decoder() -> dict[str, int]:
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+        cs = bs[:]
+        n = 0
+        for b in range(256):
+            if b not in bs:
+                bs.append(b)
+                cs.append(256 + n)
+                n += 1
+        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
+    return _BYTE_DECODER
