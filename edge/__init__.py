@@ -1,0 +1,1 @@
+"""Edge runtime: composes local spans, the center client, fallback and the CLI."""
