@@ -1,0 +1,63 @@
+"""The `cfm` command as a user runs it: real processes, real exit codes, no tracebacks for user errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def cfm(*args, input=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True,
+                          input=input, timeout=timeout)
+
+
+def test_generate_json():
+    r = cfm("generate", "--chat", "--prompt", "What is the capital of France?", "--temperature", "0",
+            "--max-tokens", "20", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert {"text", "tokens", "prompt_tps", "decode_tps", "peak_rss_mb"} <= set(out)
+    assert "Paris" in out["text"] and out["tokens"] > 0
+
+
+def test_chat_keeps_conversation():
+    r = cfm("chat", "--temperature", "0", "--max-tokens", "25", "--stats",
+            input="My name is Ada. Please remember it.\nWhat is my name?\n")
+    assert r.returncode == 0, r.stderr
+    assert "Ada" in r.stdout.split("\n", 1)[1]
+    assert r.stderr.count("cached") == 2
+
+
+def test_info():
+    r = cfm("info", "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["config"]["n_layers"] == 30 and info["parameters"] > 100e6
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--prompt", ""], "prompt is empty"),
+    (["generate", "--prompt", "hi", "--model", "/nope/model.gguf"], "does not exist"),
+    (["generate", "--prompt", "word " * 9000], "context holds"),
+    (["generate", "--prompt", "hi", "--temperature", "-2"], "temperature"),
+])
+def test_user_errors_are_clear(args, needle):
+    r = cfm(*args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_foreign_gguf_is_refused(tmp_path):
+    import gguf
+    import numpy as np
+
+    p = tmp_path / "bert.gguf"
+    w = gguf.GGUFWriter(str(p), "bert")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = cfm("generate", "--prompt", "hi", "--model", str(p))
+    assert r.returncode == 2 and "architecture 'bert'" in r.stderr and "Traceback" not in r.stderr
