@@ -55,13 +55,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(i)
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    # Subsystems register their own subcommands here, one line each: module.add_parser(sub)
     return parser
+
+
+def runtime_options(args) -> dict:
+    """Options of `add_model_args` passed on to load_model (each feature adds its own here)."""
+    return {}
 
 
 def load(args):
     from cfm_runtime import load_model
 
-    return load_model(args.model, threads=args.threads)
+    return load_model(args.model, threads=args.threads, **runtime_options(args))
 
 
 def chat_messages(text: str, system: str | None) -> list[dict]:
