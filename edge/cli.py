@@ -71,6 +71,11 @@ def load(args):
     return load_model(args.model, threads=args.threads, **runtime_options(args))
 
 
+def new_generator(args, model):
+    """The generator for a run: local by default (features that change where layers run hook in here)."""
+    return model.new_generator()
+
+
 def chat_messages(text: str, system: str | None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
 
@@ -82,7 +87,7 @@ def cmd_generate(args) -> int:
     model = load(args)
     request = chat_messages(prompt, args.system) if args.chat else prompt
     pieces, tokens, stats = [], 0, None
-    for chunk in model.stream(request, **sampling_options(args)):
+    for chunk in model.stream(request, generator=new_generator(args, model), **sampling_options(args)):
         stats = chunk.stats
         if chunk.text:
             pieces.append(chunk.text)
@@ -108,7 +113,7 @@ def print_stats(stats) -> None:
 
 def cmd_chat(args) -> int:
     model = load(args)
-    generator = model.new_generator()
+    generator = new_generator(args, model)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     if interactive:
