@@ -7,6 +7,7 @@ import json
 import sys
 
 from cfm_runtime.errors import CfmError
+from edge import serve_cli
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     # Subsystems register their own subcommands here, one line each: module.add_parser(sub)
+    serve_cli.add_parser(sub)
     return parser
 
 
