@@ -1,0 +1,27 @@
+"""The generated protocol modules: `pb` (messages) and `pb_grpc` (stubs and servicer base).
+
+setup.py generates them at install time; if they are missing (a source checkout that was never
+built) or were generated for another grpc/protobuf version, they are regenerated here once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+
+def _load():
+    try:
+        from center._proto.cfm.v1 import center_pb2, center_pb2_grpc
+        return center_pb2, center_pb2_grpc
+    except (ImportError, RuntimeError):  # missing, or a grpc/protobuf version check failed
+        from center.protogen import generate
+
+        generate(Path(__file__).resolve().parent.parent)
+        importlib.invalidate_caches()
+        return (importlib.import_module("center._proto.cfm.v1.center_pb2"),
+                importlib.import_module("center._proto.cfm.v1.center_pb2_grpc"))
+
+
+pb, pb_grpc = _load()
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Center"].full_name  # "cfm.v1.Center"
