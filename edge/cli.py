@@ -7,7 +7,7 @@ import json
 import sys
 
 from cfm_runtime.errors import CfmError
-from edge import serve_cli
+from edge import link, serve_cli
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subsystems register their own subcommands here, one line each: module.add_parser(sub)
     serve_cli.add_parser(sub)
+    link.add_parser(sub)
     return parser
 
 
