@@ -1,0 +1,273 @@
+"""Split inference: the edge runs layers [0, a) and [b, n) and the head; a center runs [a, b).
+
+`SplitRunner` implements the `Runner` protocol. It keeps the hidden states it sent to the center,
+so when the center dies or times out it replays them through its own copy of layers [a, b) to
+rebuild that span's KV cache and carries on locally; later it reconnects (resuming the center
+session, or replaying into a new one). Text and token ids never leave the edge.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from center import wire
+from center.proto import pb
+from cfm_runtime.errors import CfmError
+from cfm_runtime.generate import Generator
+
+from .center_client import CenterClient, CenterFailure
+
+
+@dataclass
+class SplitOptions:
+    wire: str = "fp32"  # fp32 (exact), fp16 or bf16 on the wire
+    timeout: float = 10.0  # seconds to wait for one step's answer before falling back
+    reconnect_interval: float = 5.0  # seconds between reconnection attempts while running locally
+    token: str | None = None
+    tls: bool = False
+    tls_ca: bytes | None = None
+
+
+@dataclass
+class Telemetry:
+    segments: list = field(default_factory=list)  # [start, end, "center" | "local"] over positions
+    fallbacks: list = field(default_factory=list)  # {"position", "reason"}
+    reconnects: int = 0
+    round_trips: int = 0
+    round_trip_ms: float = 0.0
+    center_ms: float = 0.0
+    batch_sum: int = 0
+
+    def record(self, start: int, end: int, where: str) -> None:
+        last = self.segments[-1] if self.segments else None
+        if last and last[2] == where and last[1] == start:
+            last[1] = end
+        else:
+            self.segments.append([start, end, where])
+
+
+class SplitRunner:
+    """Runner over layers [0, a) local, [a, b) on a center (or locally as fallback), [b, n) local + head."""
+
+    def __init__(self, model, center: str, split: tuple[int, int] | None = None,
+                 options: SplitOptions | None = None, chunk: int = 256):
+        self.model, self.t = model, model.transformer
+        self.address, self.opts = center, options or SplitOptions()
+        self.dtype = wire.parse_dtype(self.opts.wire)
+        self.n_layers, self.d = model.config.n_layers, model.config.d_model
+        self.chunk = chunk
+        self.cache = self.t.new_cache()  # all layers; those in [a, b) are valid only up to their own offset
+        self.sent = torch.empty(0, self.d)  # hidden states entering layer a, as the center decoded them
+        self.n = 0
+        self.stream = None
+        self.session_id: str | None = None
+        self.log = Telemetry()
+        self.span = split
+        self.last_attempt = 0.0
+        info = self._connect_or_none("the center is unreachable at start")
+        if self.span is None:
+            self.span = (info.span_start, info.span_end) if info else _fallback_span(self.n_layers)
+        self._check_span(self.span, info)
+
+    # ------------------------------------------------------------ Runner protocol
+
+    @property
+    def n_past(self) -> int:
+        return self.n
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+        a, b = self.span
+        outs = []
+        for s in range(0, len(ids), self.chunk):
+            part = ids[s:s + self.chunk]
+            h = self.t.forward_span(self.t.embed(torch.tensor([part])), 0, a, [self.cache])
+            h = self._middle(h[0], self.n)[None]
+            h = self.t.forward_span(h, b, self.n_layers, [self.cache])
+            self.n += len(part)
+            if all_logits or s + self.chunk >= len(ids):
+                outs.append(self.t.head(h if all_logits else h[:, -1:])[0])
+        return torch.cat(outs)
+
+    def truncate(self, n: int) -> None:
+        self.n = min(self.n, n)
+        self.cache.truncate(self.n)  # the center rewinds on the next step's position
+
+    # ------------------------------------------------------------ the middle span
+
+    def _middle(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """h [T, D] entering layer a at position pos -> [T, D] leaving layer b - 1."""
+        x = wire.decode(wire.encode(h, self.dtype), hidden_size=self.d, dtype=self.dtype, max_rows=h.shape[0])
+        self._remember(x, pos)
+        if self.stream is None and time.monotonic() - self.last_attempt >= self.opts.reconnect_interval:
+            self._reconnect(pos)
+        if self.stream is not None:
+            try:
+                out = self._remote(x, pos)
+                self.log.record(pos, pos + len(x), "center")
+                return out
+            except CenterFailure as e:
+                self._fall_back(pos, e)
+        out = self._local(pos, pos + len(x))
+        self.log.record(pos, pos + len(x), "local")
+        return out
+
+    def _remember(self, x: torch.Tensor, pos: int) -> None:
+        end = pos + x.shape[0]
+        if end > self.sent.shape[0]:
+            grown = torch.empty(max(end, 2 * self.sent.shape[0], 256), self.d)
+            grown[:pos] = self.sent[:pos]
+            self.sent = grown
+        self.sent[pos:end] = x
+
+    def _remote(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        outs = []
+        for s in range(0, x.shape[0], self.max_step):
+            t0 = time.perf_counter()
+            r = self.stream.step(pos + s, x[s:s + self.max_step])
+            self.log.round_trips += 1
+            self.log.round_trip_ms += (time.perf_counter() - t0) * 1000
+            self.log.center_ms += r.compute_ms
+            self.log.batch_sum += r.batch_size
+            outs.append(wire.decode(r.hidden, hidden_size=self.d, dtype=self.dtype, max_rows=self.max_step))
+        return torch.cat(outs)
+
+    def _local(self, pos: int, stop: int) -> torch.Tensor:
+        """Layers [a, b) here: replay the sent states this cache has not seen, then the new [pos, stop)."""
+        a, b = self.span
+        assert self.cache[a].offset <= pos, "truncate() keeps every layer at or below n_past"
+        outs = []
+        for s in range(self.cache[a].offset, stop, self.chunk):
+            e = min(s + self.chunk, stop)
+            y = self.t.forward_span(self.sent[s:e][None], a, b, [self.cache])[0]
+            if e > pos:
+                outs.append(y[max(0, pos - s):])
+        return torch.cat(outs)
+
+    # ------------------------------------------------------------ failure and reconnection
+
+    def _fall_back(self, pos: int, e: CenterFailure) -> None:
+        self.log.fallbacks.append({"position": pos, "reason": str(e)})
+        self._drop_stream()
+
+    def _drop_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.abort()
+        self.stream = None
+        self.last_attempt = time.monotonic()
+
+    def _connect_or_none(self, why: str):
+        try:
+            return self._connect()
+        except CenterFailure as e:
+            self.log.fallbacks.append({"position": 0, "reason": f"{why}: {e}"})
+            self._drop_stream()
+            return None
+
+    def _connect(self) -> pb.InfoResponse:
+        """Info, fingerprint check, open (or resume) a session. Raises CenterFailure or CfmError."""
+        self.last_attempt = time.monotonic()
+        client = CenterClient(self.address, self.opts.token, self.opts.tls_ca, self.opts.tls, self.opts.timeout)
+        info = client.info()
+        self._check_span(self.span or (info.span_start, info.span_end), info)
+        mine = self.model.fingerprint(info.span_start, info.span_end)
+        if info.fingerprint != mine:
+            client.close()
+            raise CfmError(f"the center at {self.address} serves different weights for layers "
+                           f"{info.span_start}:{info.span_end} (fingerprint {info.fingerprint}, this model's is {mine}); "
+                           "run the same model file on both ends")
+        if self.dtype not in info.dtypes:
+            raise CfmError(f"the center does not accept {self.opts.wire} on the wire; use one of "
+                           f"{', '.join(wire.dtype_name(d) for d in info.dtypes)}")
+        fit = (info.limits.max_message_bytes - 4096) // wire.bytes_per_position(self.d, self.dtype)
+        self.max_step = max(1, min(info.limits.max_step_positions, fit))
+        a, b = self.span or (info.span_start, info.span_end)
+        self.stream = self._open(client, a, b)
+        return info
+
+    def _open(self, client: CenterClient, a: int, b: int):
+        if self.session_id:
+            try:
+                stream = client.session(pb.OpenSession(resume_session_id=self.session_id))
+                return stream
+            except CenterFailure as e:
+                if e.code not in ("NOT_FOUND", "PERMISSION_DENIED", "FAILED_PRECONDITION"):
+                    raise
+        stream = client.session(pb.OpenSession(span_start=a, span_end=b, dtype=self.dtype,
+                                               max_positions=self.model.config.context_length))
+        self.session_id = stream.id
+        return stream
+
+    def _reconnect(self, pos: int) -> None:
+        """Reattach to the center and bring its KV cache up to `pos` by replaying sent states."""
+        try:
+            self._connect()
+            have = min(self.stream.n_past, pos)
+            if have < pos:
+                self._replay(have, pos)
+            if self.log.fallbacks:
+                self.log.reconnects += 1
+        except CenterFailure as e:
+            self.log.fallbacks.append({"position": pos, "reason": f"reconnect failed: {e}"})
+            self._drop_stream()
+
+    def _replay(self, start: int, stop: int) -> None:
+        for s in range(start, stop, self.max_step):
+            self.stream.step(s, self.sent[s:min(s + self.max_step, stop)])
+
+    # ------------------------------------------------------------ helpers
+
+    def _check_span(self, span, info) -> None:
+        a, b = span
+        if not 0 < a < b <= self.n_layers:
+            raise CfmError(f"split {a}:{b}: need 0 < A < B <= {self.n_layers}")
+        if info is not None and not info.span_start <= a < b <= info.span_end:
+            raise CfmError(f"split {a}:{b} is not inside the center's span {info.span_start}:{info.span_end}")
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    def report(self, since: int = 0) -> dict:
+        """Where positions >= since were computed, fallbacks and round-trip telemetry."""
+        a, b = self.span
+        segs = [[max(s, since), e, w] for s, e, w in self.log.segments if e > since]
+        n = max(1, self.log.round_trips)
+        return {
+            "center": self.address, "wire": self.opts.wire,
+            "layers": {"edge": f"0:{a} + {b}:{self.n_layers}", "center": f"{a}:{b}"},
+            "positions_center": sum(e - s for s, e, w in segs if w == "center"),
+            "positions_local": sum(e - s for s, e, w in segs if w == "local"),
+            "segments": segs,
+            "fallbacks": [f for f in self.log.fallbacks if f["position"] >= since],
+            "reconnects": self.log.reconnects,
+            "round_trip_ms": round(self.log.round_trip_ms / n, 2),
+            "center_compute_ms": round(self.log.center_ms / n, 2),
+            "center_batch_mean": round(self.log.batch_sum / n, 2),
+        }
+
+
+def _fallback_span(n_layers: int) -> tuple[int, int]:
+    from center.server import default_span
+
+    return default_span(n_layers)
+
+
+class SplitGenerator(Generator):
+    """A Generator whose stats carry `extra["split"]`: where this answer's positions were computed."""
+
+    def stream(self, prompt_ids, params):
+        since = min(self.runner.n_past, len(prompt_ids))
+        for chunk in super().stream(prompt_ids, params):
+            chunk.stats.extra["split"] = self.runner.report(since)
+            yield chunk
+
+
+def split_generator(model, center: str, split: tuple[int, int] | None = None, **options) -> SplitGenerator:
+    """A generator whose middle layers run on the center at `center` (HOST:PORT); see SplitOptions."""
+    runner = SplitRunner(model, center, split, SplitOptions(**options))
+    return SplitGenerator(runner, model.tokenizer, model.config.context_length)
