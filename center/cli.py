@@ -42,6 +42,10 @@ def _tls(args) -> tuple[bytes, bytes] | None:
     return Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the server like Ctrl-C
+
+
 def cmd_serve(args) -> int:
     from cfm_runtime import load_model
 
@@ -62,7 +66,7 @@ def cmd_serve(args) -> int:
           f"({'TLS' if tls else 'plaintext'}, {'token auth' if tokens else 'no auth'}); Ctrl-C stops",
           file=sys.stderr, flush=True)
     print(f"listening {server.address}", flush=True)  # machine-readable line (port 0 -> the real port)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.wait()
     except KeyboardInterrupt:

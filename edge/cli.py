@@ -7,7 +7,7 @@ import json
 import sys
 
 from cfm_runtime.errors import CfmError
-from edge import link, serve_cli
+from edge import link, serve_cli, split_cli
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Subsystems register their own subcommands here, one line each: module.add_parser(sub)
     serve_cli.add_parser(sub)
     link.add_parser(sub)
+    split_cli.add_parser(sub)
     return parser
 
 
@@ -76,6 +77,8 @@ def load(args):
 
 def new_generator(args, model):
     """The generator for a run: local by default (features that change where layers run hook in here)."""
+    if getattr(args, "center", None):
+        return split_cli.new_generator(args, model)
     return model.new_generator()
 
 
@@ -112,6 +115,8 @@ def print_stats(stats) -> None:
     print(f"[prompt {d['prompt_tokens']} tok ({d['cached_tokens']} cached) at {d['prompt_tps']:.1f} tok/s | "
           f"generated {d['generated_tokens']} tok at {d['decode_tps']:.1f} tok/s | "
           f"peak RSS {d['peak_rss_mb']:.0f} MB | finish {d['finish_reason']}]", file=sys.stderr)
+    if "split" in stats.extra:
+        print(split_cli.format_report(stats.extra["split"]), file=sys.stderr)
 
 
 def cmd_chat(args) -> int:

@@ -36,6 +36,8 @@ class Telemetry:
     segments: list = field(default_factory=list)  # [start, end, "center" | "local"] over positions
     fallbacks: list = field(default_factory=list)  # {"position", "reason"}
     reconnects: int = 0
+    failed_reconnects: int = 0
+    last_error: str = ""
     round_trips: int = 0
     round_trip_ms: float = 0.0
     center_ms: float = 0.0
@@ -211,7 +213,8 @@ class SplitRunner:
             if self.log.fallbacks:
                 self.log.reconnects += 1
         except CenterFailure as e:
-            self.log.fallbacks.append({"position": pos, "reason": f"reconnect failed: {e}"})
+            self.log.failed_reconnects += 1
+            self.log.last_error = str(e)
             self._drop_stream()
 
     def _replay(self, start: int, stop: int) -> None:
@@ -245,6 +248,7 @@ class SplitRunner:
             "segments": segs,
             "fallbacks": [f for f in self.log.fallbacks if f["position"] >= since],
             "reconnects": self.log.reconnects,
+            "failed_reconnects": self.log.failed_reconnects,
             "round_trip_ms": round(self.log.round_trip_ms / n, 2),
             "center_compute_ms": round(self.log.center_ms / n, 2),
             "center_batch_mean": round(self.log.batch_sum / n, 2),

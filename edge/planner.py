@@ -1,0 +1,111 @@
+"""Split planner: measure the link and both sides' speed, predict per-token latency of each split.
+
+Per decode token: local layers x local layer time + embeddings/head, plus for a split one round
+trip (RTT + hidden states up and down at the measured bandwidth) and the center's layers at the
+center's measured layer time. The plan is the split (or local-only) with the lowest prediction,
+keeping at least `min_edge_layers` layers on the edge at the front (hidden states of the first layers
+are easy to invert into text; see FACTS.md).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from center import wire
+
+from .center_client import CenterClient
+
+
+@dataclass
+class Measurements:
+    rtt_ms: float
+    up_mbps: float  # megabytes per second
+    down_mbps: float
+    local_layer_ms: float
+    local_head_ms: float
+    center_layer_ms: float
+    span: tuple[int, int]
+    n_layers: int
+    bytes_per_position: int
+
+
+@dataclass
+class Plan:
+    split: tuple[int, int] | None  # None: local-only
+    predicted_ms: float
+    local_only_ms: float
+    measurements: Measurements
+
+    def to_dict(self) -> dict:
+        return {"split": list(self.split) if self.split else None, "predicted_ms_per_token": round(self.predicted_ms, 2),
+                "local_only_ms_per_token": round(self.local_only_ms, 2), **asdict(self.measurements)}
+
+    def describe(self) -> str:
+        m = self.measurements
+        link = (f"RTT {m.rtt_ms:.2f} ms, up {m.up_mbps:.0f} MB/s, down {m.down_mbps:.0f} MB/s; "
+                f"layer {m.local_layer_ms:.2f} ms here, {m.center_layer_ms:.2f} ms on the center")
+        if self.split is None:
+            return f"plan: local-only, {self.local_only_ms:.1f} ms/token predicted ({link})"
+        a, b = self.split
+        return (f"plan: edge 0:{a} + {b}:{m.n_layers}, center {a}:{b}: {self.predicted_ms:.1f} ms/token predicted "
+                f"vs {self.local_only_ms:.1f} local-only ({link})")
+
+
+@torch.inference_mode()
+def local_speed(model, repeats: int = 3) -> tuple[float, float]:
+    """(ms per decode position per layer, ms for embedding + head) on this machine."""
+    t, n = model.transformer, model.config.n_layers
+    cache = t.new_cache(max_len=repeats + 2)
+    h = t.embed(torch.tensor([[1]]))
+    t.forward_span(h, 0, n, [cache])
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        t.forward_span(h, 0, n, [cache])
+    layer = (time.perf_counter() - t0) * 1000 / repeats / n
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        t.head(t.embed(torch.tensor([[1]])))
+    return layer, (time.perf_counter() - t0) * 1000 / repeats
+
+
+def measure(model, client: CenterClient, dtype: int, probes: int = 5, probe_bytes: int = 2**20) -> Measurements:
+    info = client.info()
+    client.ping()  # warm the channel
+    rtt = statistics.median(client.ping() for _ in range(probes))
+    up = statistics.median(client.ping(payload=probe_bytes) for _ in range(3))
+    down = statistics.median(client.ping(reply=probe_bytes) for _ in range(3))
+    layer_ms, head_ms = local_speed(model)
+    return Measurements(
+        rtt_ms=rtt * 1000, up_mbps=probe_bytes / max(up - rtt, 1e-6) / 1e6,
+        down_mbps=probe_bytes / max(down - rtt, 1e-6) / 1e6, local_layer_ms=layer_ms, local_head_ms=head_ms,
+        center_layer_ms=info.layer_decode_ms, span=(info.span_start, info.span_end), n_layers=info.n_layers,
+        bytes_per_position=wire.bytes_per_position(info.hidden_size, dtype))
+
+
+def predict(m: Measurements, split: tuple[int, int] | None) -> float:
+    """Predicted milliseconds per decode token."""
+    if split is None:
+        return m.local_layer_ms * m.n_layers + m.local_head_ms
+    a, b = split
+    transfer = m.bytes_per_position / 1e3 * (1 / m.up_mbps + 1 / m.down_mbps)  # MB/s -> bytes per ms
+    return (m.local_layer_ms * (a + m.n_layers - b) + m.local_head_ms + m.rtt_ms + transfer
+            + m.center_layer_ms * (b - a))
+
+
+def choose(m: Measurements, min_edge_layers: int = 1) -> Plan:
+    """The split inside the center's span (or local-only) with the lowest predicted latency."""
+    s0, s1 = m.span
+    candidates = [(a, b) for a in range(max(s0, min_edge_layers), s1) for b in range(a + 1, s1 + 1)]
+    local = predict(m, None)
+    best = min(candidates, key=lambda c: predict(m, c), default=None)
+    if best is None or predict(m, best) >= local:
+        return Plan(None, local, local, m)
+    return Plan(best, predict(m, best), local, m)
+
+
+def plan(model, client: CenterClient, wire_dtype: str = "fp32", min_edge_layers: int = 1) -> Plan:
+    return choose(measure(model, client, wire.parse_dtype(wire_dtype)), min_edge_layers)
