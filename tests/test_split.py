@@ -1,0 +1,212 @@
+"""Edge–center split against a real center on 127.0.0.1: identity, fp16 agreement, fallback, reconnection, load."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from center.server import CenterServer
+from cfm_runtime.errors import CfmError
+from edge import cli
+from edge.planner import Measurements, choose, plan
+from edge.center_client import CenterClient
+from edge.split import SplitOptions, SplitRunner, split_generator
+
+GREEDY = dict(temperature=0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def center(model):
+    s = CenterServer(model, span=(2, 28)).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def chat(eval_ids):
+    return eval_ids["chat"]
+
+
+@pytest.fixture(scope="module")
+def local_answer(model, chat):
+    return [c.token for c in model.new_generator().stream(chat, _params(**GREEDY))]
+
+
+def _params(**kw):
+    from cfm_runtime import SamplingParams
+
+    return SamplingParams(**kw)
+
+
+def tokens(generator, ids, **kw):
+    chunks = list(generator.stream(ids, _params(**{**GREEDY, **kw})))
+    return [c.token for c in chunks], chunks[-1].stats
+
+
+def test_fp32_split_equals_local_greedy(model, center, chat, local_answer):
+    gen = split_generator(model, center.address, split=(3, 25))
+    got, stats = tokens(gen, chat)
+    assert got == local_answer
+    r = stats.extra["split"]
+    assert r["positions_local"] == 0 and r["fallbacks"] == []
+    assert r["positions_center"] == len(chat) + stats.decode_steps
+    assert r["layers"] == {"edge": "0:3 + 25:30", "center": "3:25"}
+
+
+def test_second_turn_rewinds_the_center_cache(model, center):
+    def turns(gen):
+        first = model.encode_prompt([{"role": "user", "content": "Name a color."}])
+        a, _ = tokens(gen, first, max_tokens=6)
+        second = model.encode_prompt([{"role": "user", "content": "Name a fruit."}])  # shares the template prefix
+        b, stats = tokens(gen, second, max_tokens=6)
+        return a, b, stats
+
+    *local, _ = turns(model.new_generator())
+    *split, stats = turns(split_generator(model, center.address))
+    assert split == local
+    assert stats.cached_tokens > 0 and stats.extra["split"]["positions_local"] == 0
+
+
+def test_fp16_wire_top1_agreement(model, center, eval_ids):
+    ids = (eval_ids["prose"] + eval_ids["code"] + eval_ids["math"])[:300]
+    assert len(ids) == 300
+    ref = model.logits(ids)
+    runner = SplitRunner(model, center.address, (2, 28), SplitOptions(wire="fp16"))
+    got = runner.forward(ids, all_logits=True).numpy()
+    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    assert agree >= 0.99, agree
+    exact = SplitRunner(model, center.address, (2, 28), SplitOptions(wire="fp32")).forward(ids, all_logits=True)
+    np.testing.assert_allclose(exact.numpy(), ref, atol=1e-3)
+    assert runner.report()["wire"] == "fp16"
+
+
+def start_center_process(port: int = 0) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "center", "serve", "--port", str(port),
+                             "--layers", "2:28", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("listening "):
+            return proc, line.split()[1]
+    proc.kill()
+    raise AssertionError("the center process exited before listening")
+
+
+def test_center_killed_mid_answer_finishes_locally(model, chat, local_answer):
+    proc, address = start_center_process()
+    try:
+        gen = split_generator(model, address, split=(2, 28), reconnect_interval=3600)
+        got = []
+        for i, chunk in enumerate(gen.stream(chat, _params(**GREEDY))):
+            got.append(chunk.token)
+            if i == 8:
+                proc.kill()
+                proc.wait()
+    finally:
+        proc.kill()
+    assert got == local_answer
+    r = chunk.stats.extra["split"]
+    assert len(r["fallbacks"]) == 1 and r["positions_center"] > len(chat) and r["positions_local"] > 0
+    assert [w for _, _, w in r["segments"]] == ["center", "local"]
+
+
+def test_reconnects_when_the_center_comes_back(model, chat, local_answer):
+    first = CenterServer(model, span=(2, 28)).start()
+    port = first.port
+    gen = split_generator(model, first.address, split=(2, 28), reconnect_interval=0)
+    got, second = [], None
+    try:
+        for i, chunk in enumerate(gen.stream(chat, _params(**GREEDY))):
+            got.append(chunk.token)
+            if i == 4:
+                first.stop()
+            if i == 10:
+                second = CenterServer(model, span=(2, 28), port=port).start()
+    finally:
+        if second:
+            second.stop()
+    assert got == local_answer
+    r = chunk.stats.extra["split"]
+    assert [w for _, _, w in r["segments"]] == ["center", "local", "center"]
+    assert r["reconnects"] == 1 and len(r["fallbacks"]) == 1
+
+
+def test_unreachable_center_at_start_runs_locally(model, chat, local_answer):
+    gen = split_generator(model, "127.0.0.1:1", split=(2, 28), reconnect_interval=3600, timeout=2)
+    got, stats = tokens(gen, chat)
+    assert got == local_answer
+    r = stats.extra["split"]
+    assert r["positions_center"] == 0 and "unreachable at start" in r["fallbacks"][0]["reason"]
+
+
+def test_fingerprint_mismatch_is_refused_before_sending(model, model_path, tmp_path):
+    from tiny_models import write_tiny_gguf
+
+    import cfm_runtime
+
+    other = cfm_runtime.load_model(write_tiny_gguf(tmp_path / "other.gguf", model_path, "llama", n_layers=30))
+    s = CenterServer(other, span=(2, 28)).start()
+    try:
+        with pytest.raises(CfmError, match="different weights"):
+            SplitRunner(model, s.address, (2, 28))
+        assert s.servicer.table.sessions == {} and s.servicer.engine.batches == 0
+    finally:
+        s.stop()
+
+
+def test_split_outside_the_center_span_is_refused(model, center):
+    with pytest.raises(CfmError, match="not inside the center's span 2:28"):
+        SplitRunner(model, center.address, (1, 20))
+
+
+def test_sixteen_concurrent_sessions(model, center):
+    prompts = [model.encode_prompt([{"role": "user", "content": f"Count to {i}."}]) for i in range(16)]
+    firsts = [int(model.logits(p)[-1].argmax()) for p in prompts]
+    results, errors = [None] * 16, []
+
+    def work(i):
+        try:
+            results[i] = tokens(split_generator(model, center.address, split=(2, 28)), prompts[i], max_tokens=5)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for i, (got, stats) in enumerate(results):
+        r = stats.extra["split"]
+        assert r["fallbacks"] == [] and r["positions_local"] == 0
+        assert got[0] == firsts[i]  # the prefill step runs unbatched: exactly the local first token
+
+
+def test_planner_choices():
+    base = dict(rtt_ms=1.0, up_mbps=10.0, down_mbps=10.0, local_layer_ms=2.0, local_head_ms=5.0,
+                span=(2, 28), n_layers=30, bytes_per_position=2304)
+    fast_center = choose(Measurements(center_layer_ms=0.2, **base))
+    assert fast_center.split == (2, 28) and fast_center.predicted_ms < fast_center.local_only_ms
+    slow_link = choose(Measurements(center_layer_ms=0.2, **{**base, "rtt_ms": 500.0}))
+    assert slow_link.split is None and "local-only" in slow_link.describe()
+    private = choose(Measurements(center_layer_ms=0.2, **base), min_edge_layers=6)
+    assert private.split == (6, 28)
+
+
+def test_plan_measures_a_real_center(model, center):
+    p = plan(model, CenterClient(center.address))
+    m = p.measurements
+    assert m.rtt_ms > 0 and m.up_mbps > 0 and m.local_layer_ms > 0 and m.span == (2, 28)
+    assert p.local_only_ms > 0 and (p.split is None or 2 <= p.split[0] < p.split[1] <= 28)
+
+
+def test_cli_generate_with_center(center, capsys):
+    code = cli.main(["generate", "--center", center.address, "--split", "center", "--chat", "--prompt", "Hi",
+                     "--temperature", "0", "--max-tokens", "4", "--json", "--wire", "bf16"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"]["layers"]["center"] == "2:28" and out["split"]["wire"] == "bf16"
+    assert out["split"]["positions_center"] > 0 and out["split"]["positions_local"] == 0
