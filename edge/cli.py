@@ -7,7 +7,7 @@ import json
 import sys
 
 from cfm_runtime.errors import CfmError
-from edge import link, serve_cli, split_cli
+from edge import bench_split, link, serve_cli, split_cli
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub)
     link.add_parser(sub)
     split_cli.add_parser(sub)
+    bench_split.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,503 @@
+"""`cfm bench split`: where (and whether) to split, measured on this machine over emulated links.
+
+For every cell of an (RTT, bandwidth) grid, all on loopback through `edge.link.LinkEmulator`:
+time to first token and per-token decode latency (median, p95) of
+- local-only (the whole model on the edge),
+- split runs (`edge.split.SplitRunner` against a real center in its own process) at the planner's
+  choice and at fixed splits, with fp32 and fp16 hidden states on the wire,
+- center-only (the whole model on the server, token ids sent in the clear: the privacy-losing
+  baseline, `edge.bench_center`),
+with bytes on the wire per token, the center's compute time apart from network time, and the
+planner's predicted latency for each. Offline, the quality cost of each wire dtype (fp16, bf16 and
+int8 with a per-row scale, which the protocol does not carry yet) at each split point. Writes
+`split.json` and PNG plots (`edge.bench_split_plots`) to --out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from center import wire
+from cfm_runtime.errors import CfmError
+
+from .link import LinkEmulator, LinkSpec
+
+HOST = "127.0.0.1"
+EVAL_TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "eval_texts.json"
+PROMPT = ("You are reading a report about the history of computing. The first electronic computers filled whole "
+          "rooms and used vacuum tubes that failed often. Transistors replaced the tubes in the late 1950s, and "
+          "integrated circuits followed a decade later. Summarise this history in a few sentences.")
+
+
+@dataclass
+class Settings:
+    rtts_ms: tuple = (1, 10, 30, 80, 150)
+    rates_mbit: tuple = (1, 10, 100)
+    splits: tuple = ((2, 28), (8, 22))  # layers [a, b) on the center; the planner's choice is added
+    wires: tuple = ("fp32", "fp16")  # measured live; int8 and bf16 only offline (quality, bytes, prediction)
+    prompt_tokens: int = 32
+    decode_tokens: int = 10
+    quality_tokens: int = 64  # per eval text
+    loopback_tokens: int = 24
+    edge_threads: int = 1  # the device is slower than its server: 1 core vs 2
+    center_threads: int = 2
+    quick: bool = False
+
+
+QUICK = Settings(rtts_ms=(1, 80), rates_mbit=(10,), splits=((2, 28),), prompt_tokens=16, decode_tokens=5,
+                 quality_tokens=32, loopback_tokens=8, quick=True)
+
+
+# ---------------------------------------------------------------- timing loops
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    return int(logits[-1].argmax())
+
+
+def _timed(forward, prompt: list[int], n: int, mark=None) -> tuple[float, list[float]]:
+    """forward(ids) -> next token: (seconds to the first token, seconds of each of n decode steps).
+
+    `mark()` is called between the prompt and the decode steps (telemetry snapshots)."""
+    t0 = time.perf_counter()
+    token = forward(prompt)
+    ttft, steps = time.perf_counter() - t0, []
+    if mark:
+        mark()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        token = forward([token])
+        steps.append(time.perf_counter() - t0)
+    return ttft, steps
+
+
+def _latency(ttft: float, steps: list[float]) -> dict:
+    ms = [s * 1000 for s in steps]
+    return {"ttft_ms": round(ttft * 1000, 2), "per_token_ms": [round(x, 2) for x in ms],
+            "median_ms": round(float(np.median(ms)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2)}
+
+
+class _Counters:
+    """Snapshots of a link's byte counters around the decode steps."""
+
+    def __init__(self, link: LinkEmulator | None):
+        self.link, self.start = link, None
+
+    def mark(self) -> None:
+        self.start = list(self.link.bytes_forwarded) if self.link else None
+
+    def per_token(self, n: int) -> dict:
+        if not self.link:
+            return {}
+        up, down = (now - then for now, then in zip(self.link.bytes_forwarded, self.start))
+        return {"bytes_up_per_token": round(up / n, 1), "bytes_down_per_token": round(down / n, 1)}
+
+
+def run_local(model, prompt: list[int], n: int) -> dict:
+    runner = model.new_runner()
+    return {"config": "local", "kind": "local", "split": None, "wire": None,
+            **_latency(*_timed(lambda ids: _argmax(runner.forward(ids)), prompt, n))}
+
+
+def run_split(model, address: str, split: tuple[int, int], wire_name: str, prompt: list[int], n: int,
+              link: LinkEmulator | None = None) -> dict:
+    """One split generation through `address`; round-trip telemetry of the decode steps only."""
+    from .split import SplitOptions, SplitRunner
+
+    runner = SplitRunner(model, address, split, SplitOptions(wire=wire_name, timeout=60.0))
+    if runner.stream is None:
+        raise CfmError(f"the benchmark cannot reach its center at {address}: {runner.log.fallbacks}")
+    counters, logs = _Counters(link), []
+    try:
+        ttft, steps = _timed(lambda ids: _argmax(runner.forward(ids)), prompt, n,
+                             lambda: (counters.mark(), logs.append(asdict(runner.log))))
+        logs.append(asdict(runner.log))
+        report = runner.report()
+    finally:
+        runner.close()
+    trips = max(1, logs[1]["round_trips"] - logs[0]["round_trips"])
+    rt = (logs[1]["round_trip_ms"] - logs[0]["round_trip_ms"]) / trips
+    center = (logs[1]["center_ms"] - logs[0]["center_ms"]) / trips
+    return {"config": f"split {split[0]}:{split[1]} {wire_name}", "kind": "split", "split": list(split),
+            "wire": wire_name, **_latency(ttft, steps), "round_trip_ms": round(rt, 2),
+            "center_compute_ms": round(center, 2), "network_ms": round(rt - center, 2),
+            "edge_compute_ms": round(float(np.mean(steps)) * 1000 - rt, 2),  # rt is a mean too
+            "payload_bytes_per_token": 2 * wire.bytes_per_position(model.config.d_model, wire.parse_dtype(wire_name)),
+            **counters.per_token(n), "fallbacks": report["fallbacks"], "positions_local": report["positions_local"]}
+
+
+def run_center_only(port: int, prompt: list[int], n: int, link: LinkEmulator | None = None) -> dict:
+    """The privacy-losing baseline: token ids to a server running the whole model."""
+    from .bench_center import TokenClient
+
+    client, pos, compute, counters = TokenClient(HOST, port), 0, [], _Counters(link)
+
+    def forward(ids):
+        nonlocal pos
+        token, ms = client.step(pos, ids)
+        pos += len(ids)
+        compute.append(ms)
+        return token
+
+    try:
+        ttft, steps = _timed(forward, prompt, n, counters.mark)
+    finally:
+        client.close()
+    return {"config": "center-only", "kind": "center-only", "split": None, "wire": "token ids",
+            **_latency(ttft, steps), "center_compute_ms": round(float(np.mean(compute[1:])), 2),
+            "network_ms": round(float(np.mean(steps)) * 1000 - float(np.mean(compute[1:])), 2),
+            "payload_bytes_per_token": REQUEST_BYTES + REPLY_BYTES, **counters.per_token(n)}
+
+
+REQUEST_BYTES, REPLY_BYTES = 12, 8  # center-only decode step: position, count, one id; token, compute ms
+
+
+# ---------------------------------------------------------------- the planner
+
+
+def _probe_bytes(rate_mbit: float | None) -> int:
+    """Bandwidth probe of ~0.2 s at the link rate (the planner's default 1 MiB takes 8 s at 1 Mbit/s)."""
+    if not rate_mbit:
+        return 2**20
+    return int(min(2**20, max(16 * 1024, rate_mbit * 1e6 / 8 * 0.2)))
+
+
+def plan_cell(model, address: str, rate_mbit: float | None, wires) -> tuple[dict, object]:
+    """The planner's measurements through the link and its choice of split and wire dtype."""
+    from . import planner
+    from .center_client import CenterClient
+
+    client = CenterClient(address, timeout=60.0)
+    try:
+        m = planner.measure(model, client, wire.parse_dtype("fp32"), probes=5, probe_bytes=_probe_bytes(rate_mbit))
+    finally:
+        client.close()
+    plans = {w: planner.choose(with_wire(m, w)) for w in wires}
+    best_wire = min(plans, key=lambda w: plans[w].predicted_ms)
+    p = plans[best_wire]
+    choice = {"split": list(p.split) if p.split else None, "wire": best_wire if p.split else None,
+              "config": config_name(p.split, best_wire), "predicted_ms": round(p.predicted_ms, 2),
+              "measurements": asdict(m)}
+    return choice, m
+
+
+def with_wire(m, wire_name: str):
+    """The planner's measurements (taken at fp32: 4 bytes per element) with another wire dtype's bytes."""
+    return replace(m, bytes_per_position=wire_bytes_per_position(m.bytes_per_position // 4, wire_name))
+
+
+def wire_bytes_per_position(d: int, wire_name: str) -> int:
+    return d + 4 if wire_name == "int8" else wire.bytes_per_position(d, wire.parse_dtype(wire_name))
+
+
+def config_name(split, wire_name: str | None) -> str:
+    return "local" if split is None else f"split {split[0]}:{split[1]} {wire_name}"
+
+
+def predict(m, run: dict) -> float | None:
+    from . import planner
+
+    if run["kind"] == "local":
+        return planner.predict(m, None)
+    if run["kind"] == "split":
+        return planner.predict(with_wire(m, run["wire"]), tuple(run["split"]))
+    return None  # center-only: not a plan the planner may choose
+
+
+# ---------------------------------------------------------------- one grid cell
+
+
+def run_cell(model, center: dict, rtt_ms: float, rate_mbit: float | None, s: Settings, prompt: list[int]) -> dict:
+    spec = LinkSpec(delay_ms=rtt_ms / 2, rate_mbit=rate_mbit)
+    with LinkEmulator((HOST, center["grpc_port"]), spec) as glink, \
+            LinkEmulator((HOST, center["token_port"]), spec) as tlink:
+        address = f"{HOST}:{glink.port}"
+        choice, m = plan_cell(model, address, rate_mbit, s.wires)
+        splits = list(dict.fromkeys([tuple(x) for x in s.splits] + ([tuple(choice["split"])] if choice["split"] else [])))
+        runs = [run_local(model, prompt, s.decode_tokens)]
+        for split in splits:
+            for w in s.wires:
+                runs.append(run_split(model, address, split, w, prompt, s.decode_tokens, glink))
+        runs.append(run_center_only(tlink.port, prompt, s.decode_tokens, tlink))
+    for r in runs:
+        p = predict(m, r)
+        r["predicted_ms"] = None if p is None else round(p, 2)
+        if r["kind"] == "split":
+            transfer = (r["bytes_up_per_token"] + r["bytes_down_per_token"]) * 8 / (rate_mbit * 1e3) if rate_mbit else 0
+            r["overhead_ms"] = round(r["round_trip_ms"] - r["center_compute_ms"] - rtt_ms - transfer, 2)
+    int8 = {f"{a}:{b}": round(predict(m, {"kind": "split", "wire": "int8", "split": (a, b)}), 2) for a, b in splits}
+    return {"rtt_ms": rtt_ms, "rate_mbit": rate_mbit, "planner": choice, "runs": runs,
+            "int8_predicted_ms": int8, **judge(runs, choice)}
+
+
+def judge(runs: list[dict], choice: dict) -> dict:
+    """Best configuration of the cell; is the planner's choice within 10% of it?"""
+    best = min(runs, key=lambda r: r["median_ms"])
+    private = [r for r in runs if r["kind"] != "center-only"]
+    best_private = min(private, key=lambda r: r["median_ms"])
+    mine = next((r for r in runs if r["config"] == choice["config"]), None)
+    return {"best": best["config"], "best_ms": best["median_ms"], "best_private": best_private["config"],
+            "best_private_ms": best_private["median_ms"], "planner_measured_ms": mine and mine["median_ms"],
+            "planner_within_10pct": bool(mine and mine["median_ms"] <= 1.1 * best_private["median_ms"])}
+
+
+# ---------------------------------------------------------------- loopback overhead
+
+
+def loopback_overhead(model, center: dict, s: Settings, prompt: list[int]) -> dict:
+    """Split per-token cost beyond compute, straight on loopback and through a zero-delay emulator."""
+    split = tuple(s.splits[0])
+    direct = run_split(model, f"{HOST}:{center['grpc_port']}", split, "fp32", prompt, s.loopback_tokens)
+    with LinkEmulator((HOST, center["grpc_port"]), LinkSpec()) as link:
+        proxied = run_split(model, f"{HOST}:{link.port}", split, "fp32", prompt, s.loopback_tokens, link)
+    local = run_local(model, prompt, s.loopback_tokens)
+    out = {}
+    for name, r in (("direct", direct), ("emulator_zero_delay", proxied)):
+        out[name] = {"overhead_ms": round(r["round_trip_ms"] - r["center_compute_ms"], 2), "run": r}
+    out["local"] = local
+    return out
+
+
+# ---------------------------------------------------------------- quality of the wire dtypes
+
+
+def roundtrip(h: torch.Tensor, wire_name: str) -> torch.Tensor:
+    """h [T, D] as the far end sees it after `wire_name` on the wire."""
+    if wire_name == "int8":  # per-row absmax scale, symmetric
+        scale = h.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+        return (h / scale).round().clamp(-127, 127) * scale
+    dtype = wire.parse_dtype(wire_name)
+    return wire.decode(wire.encode(h, dtype), hidden_size=h.shape[1], dtype=dtype, max_rows=h.shape[0])
+
+
+def eval_texts(model, max_tokens: int) -> list[list[int]]:
+    if not EVAL_TEXTS.is_file():
+        raise CfmError(f"{EVAL_TEXTS} is missing; run the benchmark from a checkout of cfm-runtime")
+    d = json.loads(EVAL_TEXTS.read_text())
+    ids = [model.tokenizer.encode(t) for t in d["texts"].values()] + [model.encode_prompt(d["chat"])]
+    return [x[:max_tokens] for x in ids]
+
+
+@torch.inference_mode()
+def wire_quality(model, texts: list[list[int]], splits, wires=("fp16", "bf16", "int8")) -> list[dict]:
+    """Top-1 agreement and logit differences vs fp32 when the hidden states at a and b cross the wire."""
+    t, n = model.transformer, model.config.n_layers
+    d = model.config.d_model
+    rows = {(a, b, w): [] for a, b in splits for w in wires}
+    for ids in texts:
+        h = t.embed(torch.tensor([ids]))
+        ref = t.head(t.forward_span(h, 0, n, [t.new_cache(0, n, len(ids))]))[0]
+        for a, b in splits:
+            h_a = t.forward_span(h, 0, a, [t.new_cache(0, a, len(ids))])[0]
+            for w in wires:
+                x = t.forward_span(roundtrip(h_a, w)[None], a, b, [t.new_cache(a, b, len(ids))])[0]
+                y = t.forward_span(roundtrip(x, w)[None], b, n, [t.new_cache(b, n, len(ids))])
+                rows[(a, b, w)].append((t.head(y)[0], ref))
+    out = []
+    for (a, b, w), pairs in rows.items():
+        got, ref = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        diff = (got - ref).abs()
+        out.append({"split": [a, b], "wire": w, "positions": got.shape[0],
+                    "top1_agreement": round(float((got.argmax(-1) == ref.argmax(-1)).float().mean()), 4),
+                    "max_logit_diff": round(float(diff.max()), 4), "mean_logit_diff": round(float(diff.mean()), 5),
+                    "bytes_per_position": wire_bytes_per_position(d, w),
+                    "bytes_saved_vs_fp32": 1 - wire_bytes_per_position(d, w) / wire_bytes_per_position(d, "fp32")})
+    return out
+
+
+# ---------------------------------------------------------------- environment and summary
+
+
+def environment(model, s: Settings, center: dict) -> dict:
+    versions = {}
+    for pkg in ("torch", "grpcio", "protobuf", "numpy", "matplotlib", "cfm-runtime"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    n = model.config.n_layers
+    return {"machine": platform.machine(), "cpu": _cpu_name(), "cores_available": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "versions": versions, "git_commit": _git_commit(),
+            "edge_threads": torch.get_num_threads(), "center_threads": center["threads"],
+            "center_span": center["span"], "center_layer_decode_ms": round(center["layer_decode_ms"], 3),
+            "model": str(model.path), "model_name": model.config.name, "n_layers": n,
+            "model_fingerprint": model.fingerprint(0, n), "loadavg_start": os.getloadavg(),
+            "time_start": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def summarize(cells: list[dict], loopback: dict) -> dict:
+    preds = [(r["predicted_ms"], r["median_ms"], r["kind"]) for c in cells for r in c["runs"] if r["predicted_ms"]]
+    within = [abs(p - m) <= 0.25 * m for p, m, _ in preds]
+    overheads = [r["overhead_ms"] for c in cells for r in c["runs"] if "overhead_ms" in r]
+    return {
+        "cells": len(cells),
+        "planner_predictions": len(preds),
+        "planner_within_25pct": sum(within),
+        "planner_within_25pct_by_kind": {k: f"{sum(w for w, (_, _, kk) in zip(within, preds) if kk == k)}/"
+                                            f"{sum(1 for *_, kk in preds if kk == k)}" for k in ("local", "split")},
+        "planner_median_abs_error_pct": round(float(np.median([abs(p - m) / m * 100 for p, m, _ in preds])), 1),
+        "planner_choice_within_10pct_of_best_private": sum(c["planner_within_10pct"] for c in cells),
+        "planner_choice_is_best_private": sum(c["planner"]["config"] == c["best_private"] for c in cells),
+        "best_per_cell": {f"rtt {c['rtt_ms']:g} ms, {c['rate_mbit']:g} Mbit/s": c["best"] for c in cells},
+        "split_overhead_ms_loopback": loopback["direct"]["overhead_ms"],
+        "split_overhead_ms_emulator_zero_delay": loopback["emulator_zero_delay"]["overhead_ms"],
+        "split_overhead_ms_grid_median": round(float(np.median(overheads)), 2) if overheads else None,
+    }
+
+
+# ---------------------------------------------------------------- the whole benchmark
+
+
+def prompt_ids(model, n: int) -> list[int]:
+    ids = model.encode_prompt([{"role": "user", "content": PROMPT}])
+    if len(ids) < n:
+        raise CfmError(f"the benchmark prompt has {len(ids)} tokens; ask for at most that many prompt tokens")
+    return ids[:n]
+
+
+def _log(msg: str) -> None:
+    print(f"[bench split {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(s: Settings, out_dir: Path, model_path=None) -> dict:
+    """Run the grid, write split.json and the plots to out_dir; returns the result."""
+    from cfm_runtime import load_model
+
+    from .bench_center import CenterProcess
+
+    t_start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(model_path, threads=s.edge_threads, progress=False)
+    prompt = prompt_ids(model, s.prompt_tokens)
+    with CenterProcess(model_path, s.center_threads) as cp:
+        center = cp.info
+        env = environment(model, s, center)
+        _log(f"center pid {center['pid']} serving {center['span']}; loopback overhead")
+        run_local(model, prompt[:8], 2)  # warm-up
+        loopback = loopback_overhead(model, center, s, prompt)
+        cells = []
+        for rate in s.rates_mbit:
+            for rtt in s.rtts_ms:
+                cells.append(run_cell(model, center, rtt, rate, s, prompt))
+                c = cells[-1]
+                _log(f"RTT {rtt:g} ms, {rate:g} Mbit/s: best {c['best']} {c['best_ms']} ms; "
+                     f"planner {c['planner']['config']} {c['planner_measured_ms']} ms")
+    splits = sorted({tuple(r["split"]) for c in cells for r in c["runs"] if r["split"]})
+    _log(f"wire quality at {splits}")
+    quality = wire_quality(model, eval_texts(model, s.quality_tokens), splits)
+    env |= {"loadavg_end": os.getloadavg(), "elapsed_s": round(time.perf_counter() - t_start, 1)}
+    result = {"benchmark": "split", "settings": asdict(s), "environment": env, "summary": summarize(cells, loopback),
+              "loopback": loopback, "quality": quality, "cells": cells,
+              "sparse_local": sparse_status(), "notes": NOTES}
+    (out_dir / "split.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    from .bench_split_plots import plot_all
+
+    result["plots"] = [p.name for p in plot_all(result, out_dir)]
+    (out_dir / "split.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    return result
+
+
+def _json_default(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    raise TypeError(f"cannot serialise {type(x).__name__}")
+
+
+NOTES = [
+    "int8 with a per-row scale is not a cfm.v1 wire dtype: its quality is measured offline (quantize -> dequantize "
+    "of the real hidden states at both split points) and its latency is the planner's prediction only.",
+    "TTFT is from the prompt's first byte to the first token; the session is opened before timing.",
+    "center-only sends token ids in the clear (the server sees the text): a baseline, not a deployment option.",
+    "overhead_ms = round trip - center compute - emulated RTT - bytes at the emulated rate (gRPC, serialisation, "
+    "scheduling, the emulator's own proxying).",
+]
+
+
+def sparse_status() -> str:
+    return ("not measured: cfm_runtime.sparse has profiling and predictors but no runtime FFN module to load yet; "
+            "local-only is the dense fp32 model")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_parser(sub) -> None:
+    b = sub.add_parser("bench", help="benchmarks on this machine")
+    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bsub.add_parser("split", help="latency of local, split and center-only inference over emulated links")
+    p.add_argument("--quick", action="store_true", help="2 cells, 1 split, few tokens (under 2 minutes)")
+    p.add_argument("--out", default="split-bench", help="folder for split.json and the PNG plots (default split-bench)")
+    p.add_argument("--model", "-m", default=None, help="GGUF file or Hugging Face folder (default: the embedded model)")
+    p.add_argument("--edge-threads", type=int, default=None, help="edge CPU threads (default 1: a slower device)")
+    p.add_argument("--center-threads", type=int, default=None, help="center CPU threads (default 2)")
+    p.add_argument("--rtt", default=None, metavar="MS,MS,..", help="RTT grid in ms (default 1,10,30,80,150)")
+    p.add_argument("--rate", default=None, metavar="MBIT,..", help="bandwidth grid in Mbit/s (default 1,10,100)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per run (default 10)")
+    p.set_defaults(func=cmd_bench_split)
+
+
+def _numbers(text: str, flag: str) -> tuple:
+    try:
+        xs = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise CfmError(f"{flag} {text!r}: write comma-separated numbers, e.g. 1,10,100") from None
+    if not xs or any(x <= 0 or not math.isfinite(x) for x in xs):
+        raise CfmError(f"{flag} {text!r}: every value must be a positive number")
+    return xs
+
+
+def settings_from_args(args) -> Settings:
+    s = QUICK if args.quick else Settings()
+    changes = {}
+    if args.rtt:
+        changes["rtts_ms"] = _numbers(args.rtt, "--rtt")
+    if args.rate:
+        changes["rates_mbit"] = _numbers(args.rate, "--rate")
+    for name in ("edge_threads", "center_threads", "decode_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise CfmError(f"--{name.replace('_', '-')} must be >= 1")
+            changes[name] = value
+    return replace(s, **changes)
+
+
+def cmd_bench_split(args) -> int:
+    s = settings_from_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CfmError(f"--out {out} is a file; give a folder")
+    result = run(s, out, args.model)
+    sm = result["summary"]
+    print(json.dumps(sm, indent=1))
+    print(f"wrote {out / 'split.json'} and {', '.join(result['plots'])} in {result['environment']['elapsed_s']} s")
+    return 0

@@ -1,0 +1,116 @@
+"""`cfm bench split`: the quick run end to end (JSON and plots sane), the baseline service, the wire round trips."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cfm_runtime import CfmError
+from edge.bench_center import REQUEST, TokenClient, TokenService
+from edge.bench_split import roundtrip, settings_from_args
+from edge.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_split")
+    proc = subprocess.run([sys.executable, "-m", "edge.cli", "bench", "split", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "split.json").read_text()), out
+
+
+def _numbers(run):
+    return [run["ttft_ms"], run["median_ms"], run["p95_ms"], *run["per_token_ms"]]
+
+
+def test_every_measurement_is_finite_and_positive(quick):
+    result, _ = quick
+    assert result["environment"]["model_fingerprint"] and result["environment"]["loadavg_start"]
+    assert len(result["cells"]) == len(result["settings"]["rtts_ms"]) * len(result["settings"]["rates_mbit"])
+    for cell in result["cells"]:
+        kinds = {r["kind"] for r in cell["runs"]}
+        assert kinds == {"local", "split", "center-only"}
+        assert {r["wire"] for r in cell["runs"] if r["kind"] == "split"} == {"fp32", "fp16"}
+        for run in cell["runs"]:
+            assert all(math.isfinite(x) and x > 0 for x in _numbers(run)), run
+            assert len(run["per_token_ms"]) == result["settings"]["decode_tokens"]
+            assert run["median_ms"] <= run["p95_ms"]
+        for run in cell["runs"]:
+            if run["kind"] == "split":
+                assert run["positions_local"] == 0 and not run["fallbacks"], run  # all on the center
+                assert run["center_compute_ms"] > 0 and run["predicted_ms"] > 0
+                assert run["bytes_up_per_token"] >= run["payload_bytes_per_token"] / 2  # framing adds, never removes
+        fp32, fp16 = (next(r for r in cell["runs"] if r["wire"] == w) for w in ("fp32", "fp16"))
+        assert fp16["bytes_up_per_token"] < 0.6 * fp32["bytes_up_per_token"]
+        assert cell["planner"]["predicted_ms"] > 0 and cell["planner"]["config"] in {r["config"] for r in cell["runs"]}
+
+
+def test_latency_grows_with_rtt(quick):
+    result, _ = quick
+    cells = sorted(result["cells"], key=lambda c: c["rtt_ms"])
+    lo, hi = cells[0], cells[-1]
+    gap = hi["rtt_ms"] - lo["rtt_ms"]
+    for config in ("center-only", "split 2:28 fp16"):
+        a, b = (next(r for r in c["runs"] if r["config"] == config) for c in (lo, hi))
+        assert b["median_ms"] - a["median_ms"] > 0.5 * gap, (config, a["median_ms"], b["median_ms"])
+        assert b["ttft_ms"] - a["ttft_ms"] > 0.5 * gap, (config, a["ttft_ms"], b["ttft_ms"])
+
+
+def test_wire_quality_measured(quick):
+    result, _ = quick
+    q = {r["wire"]: r for r in result["quality"]}
+    assert set(q) == {"fp16", "bf16", "int8"}
+    assert q["fp16"]["top1_agreement"] >= 0.95 and q["fp16"]["max_logit_diff"] < 1.0
+    assert q["int8"]["bytes_per_position"] < q["fp16"]["bytes_per_position"] < 4 * 576
+    assert all(0 < r["positions"] and math.isfinite(r["max_logit_diff"]) for r in result["quality"])
+
+
+def test_plots_are_pngs(quick):
+    result, out = quick
+    assert set(result["plots"]) == {"latency_vs_rtt.png", "best_config.png", "planner_vs_measured.png"}
+    for name in result["plots"]:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+def test_roundtrips():
+    h = torch.randn(5, 576) * torch.logspace(0, 4, 576)  # a few huge channels, like the residual stream
+    for w, tol in (("fp16", 1e-3), ("bf16", 1e-2)):
+        assert torch.allclose(roundtrip(h, w), h, rtol=tol, atol=1e-3)
+    q = roundtrip(h, "int8")
+    step = h.abs().amax(1, keepdim=True) / 127
+    assert bool(((q - h).abs() <= step / 2 + 1e-6).all())
+    assert len((q / step).round().unique()) <= 255
+
+
+def test_center_only_service_survives_bad_requests(model):
+    svc = TokenService(model)
+    try:
+        for bad in (REQUEST.pack(0, 0), REQUEST.pack(5, 1) + b"\0" * 4, REQUEST.pack(0, 1) + (10**6).to_bytes(4, "little")):
+            with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as s:
+                s.sendall(bad)
+                assert s.recv(16) == b""  # dropped, and the service lives on
+        ids = model.tokenizer.encode("The capital of France is")
+        client = TokenClient("127.0.0.1", svc.port)
+        token, ms = client.step(0, ids)
+        assert token == int(model.logits(ids)[-1].argmax()) and ms > 0
+        token2, _ = client.step(len(ids), [token])
+        assert token2 == int(model.logits(ids + [token])[-1].argmax())
+        client.close()
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("argv", [["--rtt", "10,x"], ["--rate", "0"], ["--edge-threads", "0"]])
+def test_bad_options(argv):
+    args = build_parser().parse_args(["bench", "split", "--quick", *argv])
+    with pytest.raises(CfmError):
+        settings_from_args(args)
