@@ -21,6 +21,11 @@ from cfm_runtime.generate import Generator
 from .center_client import CenterClient, CenterFailure
 
 
+# The server went away (not a refusal, not a hang that would cost another timeout): reconnect at
+# once, which behind a Ray Serve proxy lands on another replica (center/ray_serve.py).
+FAILOVER_CODES = frozenset({"UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED", "ABORTED"})
+
+
 @dataclass
 class SplitOptions:
     wire: str = "fp32"  # fp32 (exact), fp16 or bf16 on the wire
@@ -42,6 +47,8 @@ class Telemetry:
     round_trip_ms: float = 0.0
     center_ms: float = 0.0
     batch_sum: int = 0
+    replays: int = 0  # KV caches of the span rebuilt from kept hidden states (new center session or local)
+    replayed_positions: int = 0
 
     def record(self, start: int, end: int, where: str) -> None:
         last = self.segments[-1] if self.segments else None
@@ -66,6 +73,7 @@ class SplitRunner:
         self.n = 0
         self.stream = None
         self.session_id: str | None = None
+        self.remote_valid = 0  # positions of the center session that still match self.sent
         self.log = Telemetry()
         self.span = split
         self.last_attempt = 0.0
@@ -97,6 +105,7 @@ class SplitRunner:
     def truncate(self, n: int) -> None:
         self.n = min(self.n, n)
         self.cache.truncate(self.n)  # the center rewinds on the next step's position
+        self.remote_valid = min(self.remote_valid, self.n)
 
     # ------------------------------------------------------------ the middle span
 
@@ -106,13 +115,17 @@ class SplitRunner:
         self._remember(x, pos)
         if self.stream is None and time.monotonic() - self.last_attempt >= self.opts.reconnect_interval:
             self._reconnect(pos)
-        if self.stream is not None:
+        for attempt in range(2):  # the second try fails over at once (e.g. to another Ray Serve replica)
+            if self.stream is None:
+                break
             try:
                 out = self._remote(x, pos)
                 self.log.record(pos, pos + len(x), "center")
                 return out
             except CenterFailure as e:
                 self._fall_back(pos, e)
+                if attempt == 0 and e.code in FAILOVER_CODES:
+                    self._reconnect(pos)
         out = self._local(pos, pos + len(x))
         self.log.record(pos, pos + len(x), "local")
         return out
@@ -135,6 +148,7 @@ class SplitRunner:
             self.log.center_ms += r.compute_ms
             self.log.batch_sum += r.batch_size
             outs.append(wire.decode(r.hidden, hidden_size=self.d, dtype=self.dtype, max_rows=self.max_step))
+            self.remote_valid = self.stream.n_past
         return torch.cat(outs)
 
     def _local(self, pos: int, stop: int) -> torch.Tensor:
@@ -142,6 +156,9 @@ class SplitRunner:
         a, b = self.span
         assert self.cache[a].offset <= pos, "truncate() keeps every layer at or below n_past"
         outs = []
+        if self.cache[a].offset < pos:
+            self.log.replays += 1
+            self.log.replayed_positions += pos - self.cache[a].offset
         for s in range(self.cache[a].offset, stop, self.chunk):
             e = min(s + self.chunk, stop)
             y = self.t.forward_span(self.sent[s:e][None], a, b, [self.cache])[0]
@@ -207,19 +224,21 @@ class SplitRunner:
         """Reattach to the center and bring its KV cache up to `pos` by replaying sent states."""
         try:
             self._connect()
-            have = min(self.stream.n_past, pos)
+            have = min(self.stream.n_past, self.remote_valid, pos)  # a resumed session may hold stale positions
             if have < pos:
                 self._replay(have, pos)
-            if self.log.fallbacks:
-                self.log.reconnects += 1
+            self.log.reconnects += 1
         except CenterFailure as e:
             self.log.failed_reconnects += 1
             self.log.last_error = str(e)
             self._drop_stream()
 
     def _replay(self, start: int, stop: int) -> None:
+        self.log.replays += 1
+        self.log.replayed_positions += stop - start
         for s in range(start, stop, self.max_step):
             self.stream.step(s, self.sent[s:min(s + self.max_step, stop)])
+        self.remote_valid = stop
 
     # ------------------------------------------------------------ helpers
 
@@ -249,6 +268,7 @@ class SplitRunner:
             "fallbacks": [f for f in self.log.fallbacks if f["position"] >= since],
             "reconnects": self.log.reconnects,
             "failed_reconnects": self.log.failed_reconnects,
+            "replays": self.log.replays, "replayed_positions": self.log.replayed_positions,
             "round_trip_ms": round(self.log.round_trip_ms / n, 2),
             "center_compute_ms": round(self.log.center_ms / n, 2),
             "center_batch_mean": round(self.log.batch_sum / n, 2),

@@ -210,3 +210,52 @@ def test_cli_generate_with_center(center, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["split"]["layers"]["center"] == "2:28" and out["split"]["wire"] == "bf16"
     assert out["split"]["positions_center"] > 0 and out["split"]["positions_local"] == 0
+
+
+def test_resume_after_a_blip_replays_positions_the_center_holds_stale(model, center):
+    """Turn 1 on the center; a blip; turn 2 locally (rewinds below what the center holds);
+    turn 3 resumes the center session, which must replay from the rewind point, not reuse stale KV."""
+    prompts = [[{"role": "user", "content": t}] for t in ("Name a color.", "Name a fruit.", "Name a tree.")]
+
+    def turns(gen, between=lambda i: None):
+        out = []
+        for i, p in enumerate(prompts):
+            between(i)
+            out.append(tokens(gen, model.encode_prompt(p), max_tokens=6)[0])
+        return out
+
+    gen = split_generator(model, center.address, split=(2, 28), reconnect_interval=0)
+    runner = gen.runner
+
+    def blip(i):
+        if i == 1:
+            runner._drop_stream()  # the network drops the stream; the center keeps the session
+            runner.opts.reconnect_interval = 3600
+        if i == 2:
+            runner.opts.reconnect_interval = 0
+
+    assert turns(gen, blip) == turns(model.new_generator())
+    assert [w for _, _, w in runner.log.segments] == ["center", "local", "center"]
+    assert runner.log.reconnects == 1
+
+
+def test_tls_and_token(model, tmp_path):
+    from center.interceptor import Tokens
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    s = CenterServer(model, span=(2, 28), tokens=Tokens(["s3cret"]), tls=(key.read_bytes(), cert.read_bytes())).start()
+    try:
+        runner = SplitRunner(model, s.address, (2, 28), SplitOptions(token="s3cret", tls_ca=cert.read_bytes()))
+        assert runner.forward(model.encode_prompt("Hello there")).shape[-1] == model.config.vocab_size
+        assert runner.report()["positions_center"] > 0
+        with pytest.raises(CfmError, match="not inside"):  # the TLS handshake and token passed: Info was read
+            SplitRunner(model, s.address, (1, 5), SplitOptions(token="s3cret", tls_ca=cert.read_bytes()))
+        plain = SplitRunner(model, s.address, (2, 28), SplitOptions(token="s3cret", timeout=2))  # no TLS: refused
+        assert plain.report()["positions_center"] == 0 and plain.log.fallbacks
+        no_token = SplitRunner(model, s.address, (2, 28), SplitOptions(tls_ca=cert.read_bytes(), timeout=2))
+        assert "UNAUTHENTICATED" in no_token.log.fallbacks[0]["reason"]
+    finally:
+        s.stop()
