@@ -41,8 +41,14 @@ class LocalRunner:
     @torch.inference_mode()
     def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
         outs = []
+        fused = getattr(self.model, "fused", None)  # set by load_model(weights="int4"|"int8"): cfm_runtime.quant
         for s in range(0, len(ids), self.chunk):
             part = ids[s:s + self.chunk]
+            if fused is not None and fused.usable():
+                logits = fused.forward(part, self.cache, all_logits)
+                if all_logits or s + self.chunk >= len(ids):
+                    outs.append(logits)
+                continue
             h = self.model.embed(torch.tensor([part]))
             h = self.model.forward_span(h, 0, self.model.config.n_layers, [self.cache])
             if all_logits or s + self.chunk >= len(ids):

@@ -66,8 +66,8 @@ class KVCache:
         self.k = torch.empty(n_kv_heads, 0, head_dim)
         self.v = torch.empty(n_kv_heads, 0, head_dim)
 
-    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.offset + k.shape[1]
+    def reserve(self, end: int) -> None:
+        """Make room for positions [0, end): grows to a multiple of `step` (a fused kernel writes in place)."""
         assert end <= self.max_len, "caller must check the context length"
         if end > self.k.shape[1]:
             cap = min(self.max_len, -(-end // self.step) * self.step)
@@ -76,6 +76,10 @@ class KVCache:
                 grown = torch.zeros(old.shape[0], cap, old.shape[2], dtype=old.dtype)
                 grown[:, :self.offset] = old[:, :self.offset]
                 setattr(self, name, grown)
+
+    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.offset + k.shape[1]
+        self.reserve(end)
         self.k[:, self.offset:end] = k
         self.v[:, self.offset:end] = v
         self.offset = end
@@ -210,5 +214,8 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [B, T, D] -> logits [B, T, vocab]."""
+        head = getattr(self, "lm_head", None)
+        if head is not None and not isinstance(head, nn.Linear):  # a quantized or sparse head (cfm_runtime.quant)
+            return head(self.norm(h))
         w = self.embed_tokens.weight if self.config.tied_embeddings else self.lm_head.weight
         return F.linear(self.norm(h), w)

@@ -128,13 +128,20 @@ def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
     return HFTokenizer(checkpoint.path)
 
 
-def load_model(path=None, *, threads: int | None = None, progress: bool | None = None, **overrides) -> Model:
+def load_model(path=None, *, threads: int | None = None, progress: bool | None = None, weights: str = "fp32",
+               lm_head: str | None = None, **overrides) -> Model:
     """Load a GGUF file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct).
 
+    `weights` "fp32" | "int8" | "int4" picks the format of the block linears (`cfm_runtime.quant`;
+    int4 re-packs a Q4_1 GGUF exactly); `lm_head` "fp32" | "int8" (default: int8 with quantized weights).
     `overrides` replace config fields read from the file, e.g. activation="relu" for a ReLU model
     whose GGUF does not say so.
     """
-    set_threads(threads)
+    from .quant import check_formats
+
+    lm_head = lm_head or ("fp32" if weights == "fp32" else "int8")
+    check_formats(weights, lm_head)
+    n_threads = set_threads(threads)
     ckpt = load_checkpoint(path, progress=progress, **overrides)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > ckpt.config.vocab_size:
@@ -144,6 +151,12 @@ def load_model(path=None, *, threads: int | None = None, progress: bool | None =
         )
     transformer = Transformer.from_weights(ckpt.config, ckpt.weights)
     ckpt.weights = {}
+    if weights != "fp32":
+        from .kernels.fused import FusedRunner
+        from .quant import quantize_model
+
+        quantize_model(transformer, weights, lm_head, threads=n_threads)
+        transformer.fused = FusedRunner(transformer, n_threads)  # LocalRunner's fast path
     release_freed_memory()
     return Model(transformer, tokenizer, ckpt)
 
