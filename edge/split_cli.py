@@ -100,7 +100,7 @@ def format_report(r: dict) -> str:
     return (f"[split: center {r['center']} layers {r['layers']['center']}, edge {r['layers']['edge']}, wire {r['wire']} | "
             f"positions center {r['positions_center']} local {r['positions_local']} ({segs}) | "
             f"round trip {r['round_trip_ms']} ms, center compute {r['center_compute_ms']} ms, "
-            f"batch {r['center_batch_mean']} | reconnects {r['reconnects']}"
+            f"batch {r['center_batch_mean']} | reconnects {r['reconnects']}, replays {r.get('replays', 0)}"
             + (f" | FALLBACK {falls}" if falls else "") + "]")
 
 
