@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from center.server import CenterServer
+from center.server import CenterLimits, CenterServer
 from cfm_runtime.errors import CfmError
 from edge import cli
 from edge.planner import Measurements, choose, plan
@@ -71,17 +71,22 @@ def test_second_turn_rewinds_the_center_cache(model, center):
     assert stats.cached_tokens > 0 and stats.extra["split"]["positions_local"] == 0
 
 
-def test_fp16_wire_top1_agreement(model, center, eval_ids):
+def test_fp16_wire_top1_agreement_and_chunked_prefill(model, eval_ids):
     ids = (eval_ids["prose"] + eval_ids["code"] + eval_ids["math"])[:300]
     assert len(ids) == 300
     ref = model.logits(ids)
-    runner = SplitRunner(model, center.address, (2, 28), SplitOptions(wire="fp16"))
-    got = runner.forward(ids, all_logits=True).numpy()
-    agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
-    assert agree >= 0.99, agree
-    exact = SplitRunner(model, center.address, (2, 28), SplitOptions(wire="fp32")).forward(ids, all_logits=True)
-    np.testing.assert_allclose(exact.numpy(), ref, atol=1e-3)
-    assert runner.report()["wire"] == "fp16"
+    small = CenterServer(model, span=(2, 28), limits=CenterLimits(max_step_positions=128)).start()
+    try:
+        runner = SplitRunner(model, small.address, (2, 28), SplitOptions(wire="fp16"))
+        got = runner.forward(ids, all_logits=True).numpy()
+        agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        assert agree >= 0.99, agree
+        assert runner.log.round_trips == 3  # 300 positions in steps of at most 128
+        exact = SplitRunner(model, small.address, (2, 28), SplitOptions(wire="fp32")).forward(ids, all_logits=True)
+        np.testing.assert_allclose(exact.numpy(), ref, atol=1e-3)
+        assert runner.report()["wire"] == "fp16"
+    finally:
+        small.stop()
 
 
 def start_center_process(port: int = 0) -> tuple[subprocess.Popen, str]:
