@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     s.add_argument("--idle-timeout", type=float, default=300, help="seconds before an idle session is freed (default 300)")
     s.add_argument("--max-batch", type=int, default=32, help="decode steps computed together at most (default 32)")
     s.set_defaults(func=cmd_serve)
+    from .deploy_cli import add_parsers  # deploy, status: the center on Ray Serve (center/ray_serve.py)
+
+    add_parsers(csub)
 
 
 def _tls(args) -> tuple[bytes, bytes] | None:

@@ -357,3 +357,64 @@ def _validate(replica: ReplicaSpec, scaling: ScalingSpec) -> None:
         raise CfmError("--replicas must be >= 1")
     if scaling.session_positions < 1:
         raise CfmError("--session-positions must be >= 1")
+
+
+# ---------------------------------------------------------------- deploy, status, shutdown
+
+
+def deploy(args: dict, address: str | None = None, grpc_port: int = 9000, num_cpus: int | None = None,
+           name: str = APP_NAME) -> list[str]:
+    """Deploys the center app behind Serve's gRPC proxy; returns the node addresses edges can connect to.
+
+    Connects to the Ray cluster at `address`, or to the one this process already joined, or starts a
+    local one (`num_cpus`). The gRPC port is fixed when Serve first starts on a cluster."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    app = build_app(args)
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+    serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION]),
+                http_options={"host": "127.0.0.1", "port": 0})
+    serve.run(app, name=name)
+    return sorted({n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]})
+
+
+def status(address: str | None = "auto", name: str = APP_NAME) -> dict:
+    """The application's Serve status and the last report of each live replica."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise CfmError(f"no Ray cluster at {address!r} ({e}); give --address HOST:6379 of the head node") from None
+    app = serve.status().applications.get(name)
+    if app is None:
+        raise CfmError(f"no application {name!r} on this Ray cluster; deploy it with `cfm center deploy`")
+    dep = app.deployments.get(DEPLOYMENT_NAME)
+    try:
+        reports = ray.get(ray.get_actor(STATS_ACTOR, namespace=STATS_NAMESPACE).get.remote(), timeout=10)
+    except ValueError:  # no registry yet: no replica has reported
+        reports = []
+    now = time.time()
+    return {"application": name, "status": str(app.status.value if hasattr(app.status, "value") else app.status),
+            "replica_states": {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()},
+            "replicas": [{**r, "age_s": round(now - r["time"], 1)} for r in reports]}
+
+
+def shutdown(name: str = APP_NAME) -> None:
+    """Removes the app, Serve and the stats registry, then leaves Ray (a local Ray stops with it)."""
+    import ray
+    from ray import serve
+
+    serve.delete(name)
+    serve.shutdown()
+    try:
+        ray.kill(ray.get_actor(STATS_ACTOR, namespace=STATS_NAMESPACE))
+    except ValueError:
+        pass
+    ray.shutdown()
