@@ -57,7 +57,7 @@ class Settings:
 
 
 QUICK = Settings(rtts_ms=(1, 80), rates_mbit=(10,), splits=((2, 28),), prompt_tokens=16, decode_tokens=5,
-                 quality_tokens=32, loopback_tokens=8, quick=True)
+                 quality_tokens=24, loopback_tokens=6, quick=True)
 
 
 # ---------------------------------------------------------------- timing loops
@@ -132,6 +132,7 @@ def run_split(model, address: str, split: tuple[int, int], wire_name: str, promp
     center = (logs[1]["center_ms"] - logs[0]["center_ms"]) / trips
     return {"config": f"split {split[0]}:{split[1]} {wire_name}", "kind": "split", "split": list(split),
             "wire": wire_name, **_latency(ttft, steps), "round_trip_ms": round(rt, 2),
+            "ttft_network_ms": round(logs[0]["round_trip_ms"] - logs[0]["center_ms"], 2),
             "center_compute_ms": round(center, 2), "network_ms": round(rt - center, 2),
             "edge_compute_ms": round(float(np.mean(steps)) * 1000 - rt, 2),  # rt is a mean too
             "payload_bytes_per_token": 2 * wire.bytes_per_position(model.config.d_model, wire.parse_dtype(wire_name)),
@@ -157,6 +158,7 @@ def run_center_only(port: int, prompt: list[int], n: int, link: LinkEmulator | N
         client.close()
     return {"config": "center-only", "kind": "center-only", "split": None, "wire": "token ids",
             **_latency(ttft, steps), "center_compute_ms": round(float(np.mean(compute[1:])), 2),
+            "ttft_network_ms": round(ttft * 1000 - compute[0], 2),
             "network_ms": round(float(np.mean(steps)) * 1000 - float(np.mean(compute[1:])), 2),
             "payload_bytes_per_token": REQUEST_BYTES + REPLY_BYTES, **counters.per_token(n)}
 
@@ -263,11 +265,23 @@ def loopback_overhead(model, center: dict, s: Settings, prompt: list[int]) -> di
     with LinkEmulator((HOST, center["grpc_port"]), LinkSpec()) as link:
         proxied = run_split(model, f"{HOST}:{link.port}", split, "fp32", prompt, s.loopback_tokens, link)
     local = run_local(model, prompt, s.loopback_tokens)
-    out = {}
+    out = {"grpc_ping_ms": round(_ping_ms(f"{HOST}:{center['grpc_port']}"), 3)}
     for name, r in (("direct", direct), ("emulator_zero_delay", proxied)):
         out[name] = {"overhead_ms": round(r["round_trip_ms"] - r["center_compute_ms"], 2), "run": r}
     out["local"] = local
     return out
+
+
+def _ping_ms(address: str, n: int = 30) -> float:
+    """Median empty gRPC round trip: the floor of any split step's overhead."""
+    from .center_client import CenterClient
+
+    client = CenterClient(address)
+    try:
+        client.ping()
+        return float(np.median([client.ping() for _ in range(n)])) * 1000
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- quality of the wire dtypes
@@ -369,6 +383,7 @@ def summarize(cells: list[dict], loopback: dict) -> dict:
         "planner_choice_is_best_private": sum(c["planner"]["config"] == c["best_private"] for c in cells),
         "best_per_cell": {f"rtt {c['rtt_ms']:g} ms, {c['rate_mbit']:g} Mbit/s": c["best"] for c in cells},
         "split_overhead_ms_loopback": loopback["direct"]["overhead_ms"],
+        "grpc_empty_ping_ms_loopback": loopback["grpc_ping_ms"],
         "split_overhead_ms_emulator_zero_delay": loopback["emulator_zero_delay"]["overhead_ms"],
         "split_overhead_ms_grid_median": round(float(np.median(overheads)), 2) if overheads else None,
     }

@@ -54,14 +54,16 @@ def test_every_measurement_is_finite_and_positive(quick):
 
 
 def test_latency_grows_with_rtt(quick):
+    """The network part of each latency (less the center's compute, which swings 2x on a shared machine)."""
     result, _ = quick
     cells = sorted(result["cells"], key=lambda c: c["rtt_ms"])
     lo, hi = cells[0], cells[-1]
     gap = hi["rtt_ms"] - lo["rtt_ms"]
-    for config in ("center-only", "split 2:28 fp16"):
+    for config in ("center-only", "split 2:28 fp16", "split 2:28 fp32"):
         a, b = (next(r for r in c["runs"] if r["config"] == config) for c in (lo, hi))
-        assert b["median_ms"] - a["median_ms"] > 0.5 * gap, (config, a["median_ms"], b["median_ms"])
-        assert b["ttft_ms"] - a["ttft_ms"] > 0.5 * gap, (config, a["ttft_ms"], b["ttft_ms"])
+        assert b["network_ms"] - a["network_ms"] > 0.5 * gap, (config, a, b)
+        assert b["ttft_network_ms"] - a["ttft_network_ms"] > 0.5 * gap, (config, a, b)
+        assert b["network_ms"] > hi["rtt_ms"] * 0.9 and b["ttft_network_ms"] > hi["rtt_ms"] * 0.9
 
 
 def test_wire_quality_measured(quick):
@@ -91,13 +93,20 @@ def test_roundtrips():
     assert len((q / step).round().unique()) <= 255
 
 
+def _dropped(s: socket.socket) -> bool:
+    try:
+        return s.recv(16) == b""
+    except ConnectionResetError:  # closed with our bytes unread
+        return True
+
+
 def test_center_only_service_survives_bad_requests(model):
     svc = TokenService(model)
     try:
         for bad in (REQUEST.pack(0, 0), REQUEST.pack(5, 1) + b"\0" * 4, REQUEST.pack(0, 1) + (10**6).to_bytes(4, "little")):
             with socket.create_connection(("127.0.0.1", svc.port), timeout=30) as s:
                 s.sendall(bad)
-                assert s.recv(16) == b""  # dropped, and the service lives on
+                assert _dropped(s)  # and the service lives on
         ids = model.tokenizer.encode("The capital of France is")
         client = TokenClient("127.0.0.1", svc.port)
         token, ms = client.step(0, ids)
