@@ -1,0 +1,167 @@
+"""The center on Ray Serve: a local Ray (2 CPUs), 2 replicas, edges through Serve's real gRPC proxy."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from center.ray_serve import deployment_options, kv_bytes_per_position, parse_args
+from center.server import CenterServer
+from cfm_runtime.errors import CfmError
+from cfm_runtime.generate import SamplingParams
+from edge.split import split_generator
+
+QUESTIONS = ["What is the capital of France?", "Name a color.", "Name a fruit.", "What is 2+2?",
+             "Say hello.", "Name a tree.", "Name an animal.", "What day comes after Monday?"]
+GREEDY = dict(max_tokens=10, temperature=0)
+SPAN = "2:28"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_sessions(model, address: str, on_token=None) -> list[tuple[list[int], dict]]:
+    """One edge session per question, all at once; returns (greedy tokens, split report) per session."""
+    prompts = [model.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+    gens = [split_generator(model, address, split=(2, 28), timeout=60) for _ in prompts]
+    out: list = [None] * len(prompts)
+    errors: list = []
+
+    def run(i):
+        try:
+            toks, report = [], None
+            for chunk in gens[i].stream(prompts[i], SamplingParams(**GREEDY)):
+                toks.append(chunk.token)
+                report = chunk.stats.extra["split"]
+                if on_token:
+                    on_token(i, len(toks))
+            out[i] = (toks, report)
+        except Exception as e:  # surfaced by the assertion below
+            errors.append(e)
+        finally:
+            gens[i].runner.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    """The single-process center's greedy answers to the same 8 concurrent sessions."""
+    server = CenterServer(model, span=(2, 28)).start()
+    try:
+        return [toks for toks, _ in run_sessions(model, server.address)]
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def serve_center():
+    """A local Ray of 2 CPUs with the center app (2 replicas of 1 thread) behind Serve's gRPC proxy."""
+    import ray
+
+    from center.ray_serve import deploy, shutdown
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = _free_port()
+        deploy({"replicas": 2, "layers": SPAN, "threads": 1, "max_sessions": 16}, grpc_port=port)
+        yield f"127.0.0.1:{port}"
+    finally:
+        try:
+            shutdown()
+        finally:
+            ray.shutdown()
+
+
+def replica_reports(min_positions: int = 0, timeout: float = 20.0) -> list[dict]:
+    """Live replica reports, waiting (reports come every second) until they count `min_positions`."""
+    from center.ray_serve import status
+
+    deadline = time.monotonic() + timeout
+    while True:
+        reps = status()["replicas"]
+        if sum(r["positions"] for r in reps) >= min_positions or time.monotonic() > deadline:
+            return reps
+        time.sleep(0.5)
+
+
+def test_eight_sessions_through_the_serve_proxy_equal_the_single_process_center(model, serve_center, reference):
+    from center.ray_serve import status
+
+    results = run_sessions(model, serve_center)
+    assert [toks for toks, _ in results] == reference
+    for _, r in results:  # each stream stayed on one replica: a step anywhere else would have no session
+        assert r["positions_local"] == 0 and r["fallbacks"] == [] and r["replays"] == 0
+    st = status()
+    assert st["status"] == "RUNNING" and st["replica_states"] == {"RUNNING": 2}
+    sent = sum(r["positions_center"] for _, r in results)
+    reps = replica_reports(min_positions=sent)  # the replicas' own counters agree with the edges'
+    assert len(reps) == 2 and sum(r["positions"] for r in reps) == sent
+    assert all(r["steps"] > 0 and r["batch_mean"] >= 1 and r["max_kv_bytes"] > 0 for r in reps)
+
+
+def test_a_replica_killed_mid_answer_costs_no_answer(model, serve_center, reference):
+    victim = max(replica_reports(), key=lambda r: r["attached"] + r["steps"])  # both hold sessions below
+    cmdline = Path(f"/proc/{victim['pid']}/cmdline").read_bytes()
+    assert b"ServeReplica" in cmdline, cmdline  # never kill anything but a replica
+    progress = [0] * len(QUESTIONS)
+    killed = threading.Event()
+
+    def on_token(i, n):
+        progress[i] = n
+        if min(progress) >= 3 and not killed.is_set():  # every session is mid-answer
+            killed.set()
+            os.kill(victim["pid"], signal.SIGKILL)
+
+    results = run_sessions(model, serve_center, on_token)
+    assert killed.is_set()
+    assert [toks for toks, _ in results] == reference
+    hit = [r for _, r in results if r["fallbacks"]]
+    assert hit, "no session was on the killed replica"
+    for r in hit:  # each reopened on the other replica (or ran locally) after replaying its kept states
+        assert r["replays"] >= 1 and r["replayed_positions"] > 0
+    assert sum(r["positions_center"] for _, r in results) > 0
+
+
+def test_app_args_and_the_serve_config_file():
+    kv = kv_bytes_per_position(parse_args({"layers": SPAN})[0])
+    assert kv == 2 * 3 * 64 * 4 * 26  # fp32 K and V, 3 KV heads of 64, 26 layers
+    replica, scaling = parse_args({"autoscale": "1:4", "max_kv_mb": 100, "session_positions": 1000})
+    opts = deployment_options(replica, scaling, kv)
+    assert opts["max_ongoing_requests"] == 100 * 2**20 // (kv * 1000) == 2  # the KV budget bounds streams
+    assert opts["autoscaling_config"]["min_replicas"] == 1 and opts["autoscaling_config"]["max_replicas"] == 4
+    assert "num_replicas" not in opts
+    assert deployment_options(*parse_args({"replicas": 3}), kv)["num_replicas"] == 3
+    for bad, match in [({"autoscale": "4:1"}, "MIN <= MAX"), ({"autoscale": "x"}, "MIN:MAX"),
+                       ({"replicas": 0}, "replicas"), ({"treads": 2}, "unknown center app args")]:
+        with pytest.raises(CfmError, match=match):
+            parse_args(bad)
+    config = yaml.safe_load((Path(__file__).parent.parent / "center" / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    assert app["import_path"] == "center.ray_serve:build_app"
+    assert config["grpc_options"]["grpc_servicer_functions"] == [
+        "center._proto.cfm.v1.center_pb2_grpc.add_CenterServicer_to_server"]
+    parse_args(app["args"])
+
+
+def test_cli_errors_before_ray_starts(capsys):
+    from edge.cli import main
+
+    assert main(["center", "deploy", "--autoscale", "5:2"]) == 2
+    assert "MIN <= MAX" in capsys.readouterr().err
