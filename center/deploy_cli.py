@@ -43,6 +43,9 @@ def add_parsers(csub) -> None:
     s.add_argument("--address", default="auto", metavar="RAY_ADDRESS", help="the Ray cluster (default: auto)")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_status)
+    u = csub.add_parser("undeploy", help="remove the center application, Serve and its stats actor from a Ray cluster")
+    u.add_argument("--address", default="auto", metavar="RAY_ADDRESS", help="the Ray cluster (default: auto)")
+    u.set_defaults(func=cmd_undeploy)
 
 
 def app_args(args) -> dict:
@@ -101,4 +104,18 @@ def cmd_status(args) -> int:
         row = (r["replica"], r["node"], r["pid"], r["sessions"], r["attached"], f"{r['kv_bytes'] / 2**20:.1f}",
                r["steps_per_s"], r["positions_per_s"], r["batch_mean"], f"{r['age_s']:.1f}")
         print("  ".join(f"{v!s:>10}" for v in row))
+    return 0
+
+
+def cmd_undeploy(args) -> int:
+    import ray
+
+    from .ray_serve import shutdown
+
+    try:
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    except ConnectionError as e:
+        raise CfmError(f"no Ray cluster at {args.address!r} ({e}); give --address HOST:6379 of the head node") from None
+    shutdown()
+    print("center application removed", file=sys.stderr)
     return 0

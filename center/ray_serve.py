@@ -411,7 +411,8 @@ def shutdown(name: str = APP_NAME) -> None:
     import ray
     from ray import serve
 
-    serve.delete(name)
+    if name in serve.status().applications:
+        serve.delete(name)
     serve.shutdown()
     try:
         ray.kill(ray.get_actor(STATS_ACTOR, namespace=STATS_NAMESPACE))
