@@ -160,13 +160,26 @@ def test_oversized_message_is_refused(channel):
     assert_still_serving(channel)
 
 
-def test_session_count_and_idle_expiry(server, channel):
-    server.servicer.table.expire()
-    live = len(server.servicer.table.sessions)
-    streams = [run(channel, [opened()])[0][0].opened.session_id for _ in range(64 - live)]  # fill every slot
-    assert_status(run(channel, [opened()])[1], grpc.StatusCode.RESOURCE_EXHAUSTED, "maximum of 64 sessions")
-    time.sleep(1.5)  # idle timeout 1 s: the detached sessions are freed
-    assert_status(run(channel, [opened(resume_session_id=streams[0])])[1], grpc.StatusCode.NOT_FOUND, "expired")
+def test_session_count_limit(model):
+    s = CenterServer(model, span=(2, 28), limits=CenterLimits(max_sessions=3)).start()
+    try:
+        with grpc.insecure_channel(s.address) as ch:
+            for _ in range(3):
+                assert run(ch, [opened()], metadata=None)[1] is None  # detached sessions stay alive (resumable)
+            assert_status(run(ch, [opened()], metadata=None)[1], grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "maximum of 3 sessions")
+            closed, err = run(ch, [opened(resume_session_id=next(iter(s.servicer.table.sessions))),
+                                   pb.SessionRequest(close=pb.CloseSession())], metadata=None)
+            assert err is None and closed[-1].WhichOneof("kind") == "closed"
+            assert run(ch, [opened()], metadata=None)[1] is None  # a closed session frees its slot
+    finally:
+        s.stop()
+
+
+def test_idle_sessions_expire(channel):
+    sid = run(channel, [opened(), step(0, torch.randn(2, D))])[0][0].opened.session_id
+    time.sleep(1.5)  # idle timeout of the module's server: 1 s
+    assert_status(run(channel, [opened(resume_session_id=sid)])[1], grpc.StatusCode.NOT_FOUND, "expired")
     assert_still_serving(channel)
 
 
