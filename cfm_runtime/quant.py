@@ -27,7 +27,7 @@ from .kernels.graph import ACCURACY_LEVEL, FLOAT, GraphBuilder
 from .kernels.packing import Packed, pack, unpack
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
-HEAD_FORMATS = ("fp32", "int8", "sparse")
+HEAD_FORMATS = ("fp32", "int8")
 _BODY = {"int4": (4, "min"), "int8": (8, "asym")}
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -130,8 +130,13 @@ def check_formats(weights: str, lm_head: str) -> None:
         raise CfmError("a quantized or sparse LM head needs quantized weights (--weights int8 or int4)")
 
 
-def quantize_model(transformer, weights: str = "int4", lm_head: str = "int8", threads: int | None = None):
-    """Replace the block linears by QuantizedLinear (in place) and install the LM head; returns transformer."""
+def quantize_model(transformer, weights: str = "int4", lm_head: str = "int8", threads: int | None = None,
+                   accuracy: int | None = None):
+    """Replace the block linears by QuantizedLinear (in place) and install the LM head; returns transformer.
+
+    accuracy: None = int8 activations except at the down projections (fast); 0 = fp32 activations
+    everywhere (slower; int4 from a Q4_1 file then gives the fp32 logits to ~1e-4).
+    """
     check_formats(weights, lm_head)
     if weights == "fp32":
         return transformer
@@ -141,15 +146,23 @@ def quantize_model(transformer, weights: str = "int4", lm_head: str = "int8", th
             parent = getattr(layer, parent_name)
             module = getattr(parent, attr)
             if isinstance(module, nn.Linear):
-                accuracy = 0 if attr == "down_proj" else ACCURACY_LEVEL
-                setattr(parent, attr, QuantizedLinear.from_linear(module, weights, threads, accuracy))
+                acc = accuracy if accuracy is not None else 0 if attr == "down_proj" else ACCURACY_LEVEL
+                setattr(parent, attr, QuantizedLinear.from_linear(module, weights, threads, acc))
     w = transformer.embed_tokens.weight if transformer.config.tied_embeddings else transformer.lm_head.weight
-    head = QuantizedHead.from_weight(w.data, threads)
-    if lm_head == "sparse":
-        from .kernels.sparse_head import SparseHead
+    if lm_head == "int8":
+        transformer.lm_head = QuantizedHead.from_weight(w.data, threads)
+        transformer.lm_head.accuracy = ACCURACY_LEVEL if accuracy is None else accuracy
+    return transformer
 
-        head = SparseHead(head, w.data)
-    transformer.lm_head = head
+
+def install(transformer, weights: str = "int4", lm_head: str = "int8", threads: int | None = None,
+            accuracy: int | None = None):
+    """quantize_model plus the fused decode graph that `LocalRunner` uses while the modules are stock."""
+    from .kernels.fused import FusedRunner
+
+    quantize_model(transformer, weights, lm_head, threads, accuracy)
+    if weights != "fp32":
+        transformer.fused = FusedRunner(transformer, threads or torch.get_num_threads())
     return transformer
 
 

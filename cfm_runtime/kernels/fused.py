@@ -99,7 +99,9 @@ class FusedSpan:
             last = g.op("Slice", [out, g.const(np.array([-1], np.int64)), g.const(np.array([2**31], np.int64)),
                                   g.const(np.array([1], np.int64))])[0]
             _, normed = self._norm(g, last, None, self.t.norm)
-            g.output(g.linear(normed, self.t.lm_head.packed, rank=3, accuracy=self.t.lm_head.accuracy), "logits", FLOAT, [1, 1, c.vocab_size])
+            head = self.t.lm_head
+            g.output(g.linear(normed, head.packed, rank=3, accuracy=head.accuracy), "logits", FLOAT,
+                     [1, 1, c.vocab_size])
         return g.session(threads)
 
     def _norm(self, g: GraphBuilder, x: str, pending: str | None, norm) -> tuple[str, str]:
@@ -205,13 +207,18 @@ class FusedRunner:
     def usable(self) -> bool:
         if self._span is not None:
             return self._span.usable()
-        return supported(self.t, 0, self.t.config.n_layers, head=True)
+        return supported(self.t, 0, self.t.config.n_layers)
 
     def forward(self, ids: list[int], cache: SpanCache, all_logits: bool = False) -> torch.Tensor:
         """Logits [len(ids) or 1, vocab] (a fresh tensor); appends len(ids) positions to cache."""
-        if self._span is None:
-            self._span = FusedSpan(self.t, 0, self.t.config.n_layers, self.threads, head=True)
-        h, logits = self._span.forward(self.t.embed(torch.tensor([ids])), cache)
+        t = self.t
+        if self._span is None:  # built on first use: ~2 s, and no memory for it unless this path runs
+            head = supported(t, 0, t.config.n_layers, head=True)
+            self._span = FusedSpan(t, 0, t.config.n_layers, self.threads, head=head)
+        out = self._span.forward(t.embed(torch.tensor([ids])), cache)
+        h, logits = out if self._span.head else (out, None)
         if all_logits:
-            return self.t.head(h)[0]
+            return t.head(h)[0]
+        if logits is None:
+            return t.head(h[:, -1:])[0]
         return logits[None].clone()

@@ -1,0 +1,315 @@
+"""Decode and prompt speed of every weight format vs llama-cpp-python, with bytes per token and quality.
+
+One process, one prompt set, runs alternate (llama.cpp, cfm fp32, cfm int8, cfm int4, ... then again)
+so machine noise hits every runtime alike; medians over the repetitions and ratios to llama.cpp.
+Also: weight bytes read per token, a physical limit (measured read bandwidth / bytes per token),
+model RSS, perplexity and top-1 agreement against cfm fp32 on tests/data/eval_texts.json, and an
+onnxruntime profile of one int4 decode step (where the time goes).
+
+    python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--decode 64] [--configs fp32,int8,int4]
+
+Saves benchmarks/results/decode.json and decode.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import PROMPT, RESULTS, environment, median, save  # noqa: E402
+
+import cfm_runtime  # noqa: E402
+from cfm_runtime.gguf_file import read_gguf  # noqa: E402
+from cfm_runtime.quant import weight_bytes_per_token  # noqa: E402
+from cfm_runtime.runtime import release_freed_memory  # noqa: E402
+from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402
+
+EVAL = Path(__file__).parents[1] / "tests" / "data" / "eval_texts.json"
+PROMPTS = [
+    [{"role": "user", "content": PROMPT}],
+    [{"role": "user", "content": "Write a Python function that checks whether a string is a palindrome, "
+                                 "then explain how it works."}],
+]
+
+
+# ---------------------------------------------------------------- runs
+
+
+def run_llama_cpp(llm, ids: list[int], n_decode: int) -> tuple[float, float]:
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t_prompt = time.perf_counter() - t0
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return len(ids) / t_prompt, n_decode / (time.perf_counter() - t0)
+
+
+def run_cfm(model, ids: list[int], n_decode: int) -> tuple[float, float]:
+    runner = model.new_runner()
+    t0 = time.perf_counter()
+    logits = runner.forward(ids)[-1]
+    t_prompt = time.perf_counter() - t0
+    tok = int(torch.argmax(logits))
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        tok = int(torch.argmax(runner.forward([tok])[-1]))
+    return len(ids) / t_prompt, n_decode / (time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------- quality
+
+
+def eval_ids(model) -> dict[str, list[int]]:
+    d = json.loads(EVAL.read_text())
+    ids = {k: model.tokenizer.encode(t) for k, t in d["texts"].items()}
+    ids["chat"] = model.encode_prompt(d["chat"])
+    return ids
+
+
+def perplexity(all_logits: dict[str, np.ndarray], ids: dict[str, list[int]]) -> float:
+    nll = n = 0.0
+    for name, lg in all_logits.items():
+        lp = torch.log_softmax(torch.from_numpy(lg[:-1]), -1)
+        nll -= float(lp.gather(1, torch.tensor(ids[name][1:])[:, None]).sum())
+        n += len(ids[name]) - 1
+    return float(np.exp(nll / n))
+
+
+def llama_cpp_logits(path, ids: list[int], threads: int) -> np.ndarray:
+    import llama_cpp
+
+    with quiet_stderr():
+        llm = llama_cpp.Llama(str(path), n_ctx=max(512, len(ids) + 8), n_batch=512, logits_all=True,
+                              n_threads=threads, verbose=False)
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def quality(logits: dict[str, dict], ids: dict[str, list[int]]) -> dict:
+    ref = logits["cfm_fp32"]
+    base = perplexity(ref, ids)
+    out = {}
+    for name, lg in logits.items():
+        ppl = perplexity(lg, ids)
+        agree = np.mean(np.concatenate([lg[k].argmax(-1) == ref[k].argmax(-1) for k in ids]))
+        out[name] = {"perplexity": ppl, "perplexity_delta_pct": 100 * (ppl / base - 1),
+                     "top1_agreement_vs_fp32": float(agree)}
+    return out
+
+
+# ---------------------------------------------------------------- bytes and bandwidth
+
+
+def llama_cpp_bytes_per_token(path) -> int:
+    """llama.cpp reads every tensor once per token (token_embd doubles as the tied LM head)."""
+    _, tensors = read_gguf(path)
+    return sum(t.n_bytes for t in tensors)
+
+
+def read_bandwidth(threads: int, mb: int = 512, reps: int = 5) -> float:
+    """Bytes/s of a streaming read (sum over a buffer much larger than the caches)."""
+    torch.set_num_threads(threads)
+    a = torch.ones(mb * 2**20 // 4)
+    a.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    return a.numel() * 4 / min(times)
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+# ---------------------------------------------------------------- profile
+
+
+def profile_decode_step(model, threads: int, steps: int = 20) -> dict:
+    """Per-operator time of fused decode steps (onnxruntime profiler), microseconds per step."""
+    from cfm_runtime.kernels import graph
+    from cfm_runtime.kernels.fused import FusedSpan
+
+    t = model.transformer
+    options = graph.session_options
+
+    def profiled(n):
+        so = options(n)
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "cfm_decode_profile")
+        return so
+
+    graph.session_options = profiled
+    try:
+        span = FusedSpan(t, 0, t.config.n_layers, threads, head=True)
+    finally:
+        graph.session_options = options
+    cache = t.new_cache()
+    span.forward(t.embed(torch.tensor([list(range(100, 300))])), cache)
+    x = t.embed(torch.tensor([[42]]))
+    for _ in range(steps):
+        span.forward(x, cache)
+    events = json.loads(Path(span.session.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    start = runs[0]["ts"] + runs[0]["dur"]  # skip the prefill run
+    per_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] > start:
+            per_op[e["args"]["op_name"]] += e["dur"] / steps
+    step = median([e["dur"] for e in runs[1:]])
+    return {"step_us": step, "kernels_us": sum(per_op.values()),
+            "per_op_us": dict(sorted(per_op.items(), key=lambda kv: -kv[1]))}
+
+
+# ---------------------------------------------------------------- plot
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    dec = [summary[n]["decode_tps"] for n in names]
+    a.bar(names, dec, color=["#888"] + ["#3a7"] * (len(names) - 1))
+    for i, n in enumerate(names):
+        lim = summary[n].get("bandwidth_limit_tps")
+        if lim:
+            a.plot([i - 0.4, i + 0.4], [lim, lim], "r--", lw=1)
+    a.set_title("decode tok/s (red: read bandwidth / bytes per token)")
+    a.tick_params(axis="x", rotation=20)
+    b.bar(names, [summary[n]["prompt_tps"] for n in names], color=["#888"] + ["#37a"] * (len(names) - 1))
+    b.set_title("prompt tok/s")
+    b.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ---------------------------------------------------------------- main
+
+
+def load_all(args) -> tuple[dict, dict]:
+    models, rss = {}, {}
+    for fmt in args.configs.split(","):
+        weights, _, head = fmt.partition("+")
+        before = rss_mb()
+        models[f"cfm_{fmt}"] = cfm_runtime.load_model(args.model, threads=args.threads, weights=weights,
+                                                      lm_head=head or None)
+        release_freed_memory()
+        rss[f"cfm_{fmt}"] = rss_mb() - before
+    return models, rss
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--configs", default="fp32,int8,int4", help="comma-separated weight formats")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args(argv)
+
+    import llama_cpp
+
+    base_rss = rss_mb()
+    models, rss = load_all(args)
+    first = next(iter(models.values()))
+    path = first.path
+    with quiet_stderr():
+        llm = llama_cpp.Llama(str(path), n_ctx=2048, n_batch=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, verbose=False)
+    rss = {"llama_cpp": None, **rss}
+    prompts = [first.encode_prompt(p) for p in PROMPTS]
+
+    runners = {"llama_cpp": lambda ids: run_llama_cpp(llm, ids, args.decode)}
+    for name, m in models.items():
+        runners[name] = lambda ids, m=m: run_cfm(m, ids, args.decode)
+    for name, run in runners.items():  # warm-up (builds the fused graphs)
+        run(prompts[0][:16])
+    raw = {name: [] for name in runners}
+    for rep in range(args.reps):
+        for ids in prompts:
+            for name, run in runners.items():
+                raw[name].append(run(ids))
+        print(f"rep {rep + 1}: " + ", ".join(f"{n} {raw[n][-1][1]:.1f}" for n in runners), flush=True)
+
+    bandwidth = read_bandwidth(args.threads)
+    ids = eval_ids(first)
+    logits = {name: {k: m.logits(v) for k, v in ids.items()} for name, m in models.items()}
+    logits["llama_cpp"] = {k: llama_cpp_logits(path, v, args.threads) for k, v in ids.items()}
+    q = quality(logits, ids) if "cfm_fp32" in logits else {}
+
+    bytes_per_token = {"llama_cpp": llama_cpp_bytes_per_token(path)}
+    bytes_per_token.update({n: weight_bytes_per_token(m.transformer) for n, m in models.items()})
+    summary = {}
+    for name, runs in raw.items():
+        s = {"prompt_tps": median([r[0] for r in runs]), "decode_tps": median([r[1] for r in runs]),
+             "weight_mb_per_token": bytes_per_token[name] / 1e6,
+             "bandwidth_limit_tps": bandwidth / bytes_per_token[name],
+             "model_rss_mb": rss[name], **q.get(name, {})}
+        summary[name] = s
+    base = summary["llama_cpp"]
+    for s in summary.values():
+        s["prompt_ratio_vs_llama_cpp"] = s["prompt_tps"] / base["prompt_tps"]
+        s["decode_ratio_vs_llama_cpp"] = s["decode_tps"] / base["decode_tps"]
+        s["decode_fraction_of_limit"] = s["decode_tps"] / s["bandwidth_limit_tps"]
+
+    profile = None
+    fast = [n for n in models if n.startswith("cfm_int4")]
+    if fast and summary[fast[0]]["decode_ratio_vs_llama_cpp"] < 1.0:
+        profile = profile_decode_step(models[fast[0]], args.threads)
+
+    result = {
+        "benchmark": "decode",
+        "model": str(path),
+        "prompt_tokens": [len(p) for p in prompts],
+        "decode_tokens": args.decode,
+        "reps": args.reps,
+        "read_bandwidth_gb_s": bandwidth / 1e9,
+        "process_rss_before_models_mb": base_rss,
+        "environment": environment(args.threads),
+        "summary": summary,
+        "decode_step_profile": profile,
+        "raw": {k: [{"prompt_tps": p, "decode_tps": d} for p, d in v] for k, v in raw.items()},
+    }
+    out_dir = Path(args.out or RESULTS)
+    saved = save("decode", result, out_dir)
+    plot(summary, out_dir / "decode.png")
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'runtime':<16} {'prompt':>8} {'decode':>8} {'prompt x':>9} {'decode x':>9} {'MB/tok':>7} "
+          f"{'limit':>6} {'ppl':>7} {'dppl %':>7} {'top1':>6}")
+    for name, s in summary.items():
+        print(f"{name:<16} {s['prompt_tps']:>8.1f} {s['decode_tps']:>8.1f} {s['prompt_ratio_vs_llama_cpp']:>9.2f} "
+              f"{s['decode_ratio_vs_llama_cpp']:>9.2f} {s['weight_mb_per_token']:>7.1f} "
+              f"{s['bandwidth_limit_tps']:>6.0f} {s.get('perplexity', float('nan')):>7.3f} "
+              f"{s.get('perplexity_delta_pct', float('nan')):>7.2f} {s.get('top1_agreement_vs_fp32', float('nan')):>6.3f}")
+    if profile:
+        print(f"int4 decode step {profile['step_us']:.0f} us, kernels {profile['kernels_us']:.0f} us:",
+              ", ".join(f"{k} {v:.0f}" for k, v in list(profile["per_op_us"].items())[:8]))
+    print(f"saved {saved} and decode.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
