@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from center import wire
+from center.errors import InvalidArgument
 from center.proto import pb
 from cfm_runtime.errors import CfmError
 from cfm_runtime.generate import Generator
@@ -147,9 +148,19 @@ class SplitRunner:
             self.log.round_trip_ms += (time.perf_counter() - t0) * 1000
             self.log.center_ms += r.compute_ms
             self.log.batch_sum += r.batch_size
-            outs.append(wire.decode(r.hidden, hidden_size=self.d, dtype=self.dtype, max_rows=self.max_step))
+            outs.append(self._decode(r.hidden, min(self.max_step, x.shape[0] - s)))
             self.remote_valid = self.stream.n_past
         return torch.cat(outs)
+
+    def _decode(self, t: pb.Tensor, rows: int) -> torch.Tensor:
+        """The center's answer, validated like any input: a broken center means fallback, never garbage."""
+        try:
+            y = wire.decode(t, hidden_size=self.d, dtype=self.dtype, max_rows=rows)
+        except InvalidArgument as e:
+            raise CenterFailure("BAD_RESPONSE", f"the center sent unusable hidden states: {e}") from None
+        if y.shape[0] != rows:
+            raise CenterFailure("BAD_RESPONSE", f"the center answered {y.shape[0]} positions for {rows}")
+        return y
 
     def _local(self, pos: int, stop: int) -> torch.Tensor:
         """Layers [a, b) here: replay the sent states this cache has not seen, then the new [pos, stop)."""
@@ -228,7 +239,7 @@ class SplitRunner:
             if have < pos:
                 self._replay(have, pos)
             self.log.reconnects += 1
-        except CenterFailure as e:
+        except (CenterFailure, CfmError) as e:  # CfmError: e.g. the center now serves other weights
             self.log.failed_reconnects += 1
             self.log.last_error = str(e)
             self._drop_stream()
