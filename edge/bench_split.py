@@ -32,9 +32,9 @@ import torch
 from center import wire
 from cfm_runtime.errors import CfmError
 
+from .bench_runs import HOST, CenterOnlyRun, LocalRun, SplitRun, close_all, interleaved
 from .link import LinkEmulator, LinkSpec
 
-HOST = "127.0.0.1"
 EVAL_TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "eval_texts.json"
 PROMPT = ("You are reading a report about the history of computing. The first electronic computers filled whole "
           "rooms and used vacuum tubes that failed often. Transistors replaced the tubes in the late 1950s, and "
@@ -53,117 +53,52 @@ class Settings:
     loopback_tokens: int = 24
     edge_threads: int = 1  # the device is slower than its server: 1 core vs 2
     center_threads: int = 2
+    local_variants: bool = True  # int4 weights and the sparse FFN, measured once
     quick: bool = False
 
 
 QUICK = Settings(rtts_ms=(1, 80), rates_mbit=(10,), splits=((2, 28),), prompt_tokens=16, decode_tokens=5,
-                 quality_tokens=24, loopback_tokens=6, quick=True)
+                 quality_tokens=24, loopback_tokens=6, local_variants=False, quick=True)
 
 
-# ---------------------------------------------------------------- timing loops
+# ---------------------------------------------------------------- the edge alone
 
 
-def _argmax(logits: torch.Tensor) -> int:
-    return int(logits[-1].argmax())
+def local_variants(model_path, s: Settings, prompt: list[int]) -> list[dict]:
+    """Other ways to run everything on the edge, measured once (they do not depend on the link).
 
+    Both come from other subsystems (`cfm_runtime.quant`, `cfm_runtime.sparse`); a failure to load is
+    recorded in the result with its reason, not hidden."""
+    from cfm_runtime.runtime import load_model, release_freed_memory
 
-def _timed(forward, prompt: list[int], n: int, mark=None) -> tuple[float, list[float]]:
-    """forward(ids) -> next token: (seconds to the first token, seconds of each of n decode steps).
-
-    `mark()` is called between the prompt and the decode steps (telemetry snapshots)."""
-    t0 = time.perf_counter()
-    token = forward(prompt)
-    ttft, steps = time.perf_counter() - t0, []
-    if mark:
-        mark()
-    for _ in range(n):
+    loaders = {"local int4": lambda: load_model(model_path, threads=s.edge_threads, weights="int4", progress=False),
+               "local sparse": lambda: _load_sparse(model_path, s.edge_threads)}
+    out = []
+    for name, load in loaders.items():
         t0 = time.perf_counter()
-        token = forward([token])
-        steps.append(time.perf_counter() - t0)
-    return ttft, steps
+        try:
+            m = load()
+            r = measure([LocalRun(m, name)], prompt, 2 * s.decode_tokens)[0]
+        except Exception as e:  # noqa: BLE001 -- another subsystem's error, reported in the JSON
+            out.append({"config": name, "kind": "local-variant", "error": f"{type(e).__name__}: {e}"})
+            continue
+        finally:
+            m = None
+            release_freed_memory()
+        out.append(r | {"config": name, "kind": "local-variant", "load_s": round(time.perf_counter() - t0, 1)})
+    return out
 
 
-def _latency(ttft: float, steps: list[float]) -> dict:
-    ms = [s * 1000 for s in steps]
-    return {"ttft_ms": round(ttft * 1000, 2), "per_token_ms": [round(x, 2) for x in ms],
-            "median_ms": round(float(np.median(ms)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2)}
+def _load_sparse(model_path, threads: int):
+    """The predictor-sparse FFN (default density), if its neuron pack was built; building one takes minutes."""
+    from cfm_runtime.loading import resolve_model_path
+    from cfm_runtime.sparse import load_sparse
+    from cfm_runtime.sparse.load import pack_dir, source_digest
 
-
-class _Counters:
-    """Snapshots of a link's byte counters around the decode steps."""
-
-    def __init__(self, link: LinkEmulator | None):
-        self.link, self.start = link, None
-
-    def mark(self) -> None:
-        self.start = list(self.link.bytes_forwarded) if self.link else None
-
-    def per_token(self, n: int) -> dict:
-        if not self.link:
-            return {}
-        up, down = (now - then for now, then in zip(self.link.bytes_forwarded, self.start))
-        return {"bytes_up_per_token": round(up / n, 1), "bytes_down_per_token": round(down / n, 1)}
-
-
-def run_local(model, prompt: list[int], n: int) -> dict:
-    runner = model.new_runner()
-    return {"config": "local", "kind": "local", "split": None, "wire": None,
-            **_latency(*_timed(lambda ids: _argmax(runner.forward(ids)), prompt, n))}
-
-
-def run_split(model, address: str, split: tuple[int, int], wire_name: str, prompt: list[int], n: int,
-              link: LinkEmulator | None = None) -> dict:
-    """One split generation through `address`; round-trip telemetry of the decode steps only."""
-    from .split import SplitOptions, SplitRunner
-
-    runner = SplitRunner(model, address, split, SplitOptions(wire=wire_name, timeout=60.0))
-    if runner.stream is None:
-        raise CfmError(f"the benchmark cannot reach its center at {address}: {runner.log.fallbacks}")
-    counters, logs = _Counters(link), []
-    try:
-        ttft, steps = _timed(lambda ids: _argmax(runner.forward(ids)), prompt, n,
-                             lambda: (counters.mark(), logs.append(asdict(runner.log))))
-        logs.append(asdict(runner.log))
-        report = runner.report()
-    finally:
-        runner.close()
-    trips = max(1, logs[1]["round_trips"] - logs[0]["round_trips"])
-    rt = (logs[1]["round_trip_ms"] - logs[0]["round_trip_ms"]) / trips
-    center = (logs[1]["center_ms"] - logs[0]["center_ms"]) / trips
-    return {"config": f"split {split[0]}:{split[1]} {wire_name}", "kind": "split", "split": list(split),
-            "wire": wire_name, **_latency(ttft, steps), "round_trip_ms": round(rt, 2),
-            "ttft_network_ms": round(logs[0]["round_trip_ms"] - logs[0]["center_ms"], 2),
-            "center_compute_ms": round(center, 2), "network_ms": round(rt - center, 2),
-            "edge_compute_ms": round(float(np.mean(steps)) * 1000 - rt, 2),  # rt is a mean too
-            "payload_bytes_per_token": 2 * wire.bytes_per_position(model.config.d_model, wire.parse_dtype(wire_name)),
-            **counters.per_token(n), "fallbacks": report["fallbacks"], "positions_local": report["positions_local"]}
-
-
-def run_center_only(port: int, prompt: list[int], n: int, link: LinkEmulator | None = None) -> dict:
-    """The privacy-losing baseline: token ids to a server running the whole model."""
-    from .bench_center import TokenClient
-
-    client, pos, compute, counters = TokenClient(HOST, port), 0, [], _Counters(link)
-
-    def forward(ids):
-        nonlocal pos
-        token, ms = client.step(pos, ids)
-        pos += len(ids)
-        compute.append(ms)
-        return token
-
-    try:
-        ttft, steps = _timed(forward, prompt, n, counters.mark)
-    finally:
-        client.close()
-    return {"config": "center-only", "kind": "center-only", "split": None, "wire": "token ids",
-            **_latency(ttft, steps), "center_compute_ms": round(float(np.mean(compute[1:])), 2),
-            "ttft_network_ms": round(ttft * 1000 - compute[0], 2),
-            "network_ms": round(float(np.mean(steps)) * 1000 - float(np.mean(compute[1:])), 2),
-            "payload_bytes_per_token": REQUEST_BYTES + REPLY_BYTES, **counters.per_token(n)}
-
-
-REQUEST_BYTES, REPLY_BYTES = 12, 8  # center-only decode step: position, count, one id; token, compute ms
+    path = resolve_model_path(model_path)
+    if not (pack_dir(path, source_digest(path)) / "manifest.json").is_file():
+        raise CfmError(f"no neuron pack for {path.name}: build it once with `cfm profile`, then rerun")
+    return load_sparse(model_path, threads=threads, sparse=True, progress=False)
 
 
 # ---------------------------------------------------------------- the planner
@@ -228,20 +163,26 @@ def run_cell(model, center: dict, rtt_ms: float, rate_mbit: float | None, s: Set
         address = f"{HOST}:{glink.port}"
         choice, m = plan_cell(model, address, rate_mbit, s.wires)
         splits = list(dict.fromkeys([tuple(x) for x in s.splits] + ([tuple(choice["split"])] if choice["split"] else [])))
-        runs = [run_local(model, prompt, s.decode_tokens)]
-        for split in splits:
-            for w in s.wires:
-                runs.append(run_split(model, address, split, w, prompt, s.decode_tokens, glink))
-        runs.append(run_center_only(tlink.port, prompt, s.decode_tokens, tlink))
-    for r in runs:
+        runs = [LocalRun(model)]
+        runs += [SplitRun(model, address, split, w, glink) for split in splits for w in s.wires]
+        runs.append(CenterOnlyRun(tlink.port, tlink))
+        results = measure(runs, prompt, s.decode_tokens)
+    for r in results:
         p = predict(m, r)
         r["predicted_ms"] = None if p is None else round(p, 2)
         if r["kind"] == "split":
             transfer = (r["bytes_up_per_token"] + r["bytes_down_per_token"]) * 8 / (rate_mbit * 1e3) if rate_mbit else 0
-            r["overhead_ms"] = round(r["round_trip_ms"] - r["center_compute_ms"] - rtt_ms - transfer, 2)
+            r["overhead_ms"] = round(r["network_ms"] - rtt_ms - transfer, 2)
     int8 = {f"{a}:{b}": round(predict(m, {"kind": "split", "wire": "int8", "split": (a, b)}), 2) for a, b in splits}
-    return {"rtt_ms": rtt_ms, "rate_mbit": rate_mbit, "planner": choice, "runs": runs,
-            "int8_predicted_ms": int8, **judge(runs, choice)}
+    return {"rtt_ms": rtt_ms, "rate_mbit": rate_mbit, "planner": choice, "runs": results,
+            "int8_predicted_ms": int8, **judge(results, choice)}
+
+
+def measure(runs: list, prompt: list[int], n: int) -> list[dict]:
+    try:
+        return interleaved(runs, prompt, n)
+    finally:
+        close_all(runs)
 
 
 def judge(runs: list[dict], choice: dict) -> dict:
@@ -261,13 +202,13 @@ def judge(runs: list[dict], choice: dict) -> dict:
 def loopback_overhead(model, center: dict, s: Settings, prompt: list[int]) -> dict:
     """Split per-token cost beyond compute, straight on loopback and through a zero-delay emulator."""
     split = tuple(s.splits[0])
-    direct = run_split(model, f"{HOST}:{center['grpc_port']}", split, "fp32", prompt, s.loopback_tokens)
     with LinkEmulator((HOST, center["grpc_port"]), LinkSpec()) as link:
-        proxied = run_split(model, f"{HOST}:{link.port}", split, "fp32", prompt, s.loopback_tokens, link)
-    local = run_local(model, prompt, s.loopback_tokens)
+        direct, proxied, local = measure([SplitRun(model, f"{HOST}:{center['grpc_port']}", split, "fp32"),
+                                          SplitRun(model, f"{HOST}:{link.port}", split, "fp32", link),
+                                          LocalRun(model)], prompt, s.loopback_tokens)
     out = {"grpc_ping_ms": round(_ping_ms(f"{HOST}:{center['grpc_port']}"), 3)}
     for name, r in (("direct", direct), ("emulator_zero_delay", proxied)):
-        out[name] = {"overhead_ms": round(r["round_trip_ms"] - r["center_compute_ms"], 2), "run": r}
+        out[name] = {"overhead_ms": r["network_ms"], "run": r}
     out["local"] = local
     return out
 
@@ -368,7 +309,7 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def summarize(cells: list[dict], loopback: dict) -> dict:
+def summarize(cells: list[dict], loopback: dict, variants: list[dict]) -> dict:
     preds = [(r["predicted_ms"], r["median_ms"], r["kind"]) for c in cells for r in c["runs"] if r["predicted_ms"]]
     within = [abs(p - m) <= 0.25 * m for p, m, _ in preds]
     overheads = [r["overhead_ms"] for c in cells for r in c["runs"] if "overhead_ms" in r]
@@ -382,10 +323,13 @@ def summarize(cells: list[dict], loopback: dict) -> dict:
         "planner_choice_within_10pct_of_best_private": sum(c["planner_within_10pct"] for c in cells),
         "planner_choice_is_best_private": sum(c["planner"]["config"] == c["best_private"] for c in cells),
         "best_per_cell": {f"rtt {c['rtt_ms']:g} ms, {c['rate_mbit']:g} Mbit/s": c["best"] for c in cells},
+        "best_private_per_cell": {f"rtt {c['rtt_ms']:g} ms, {c['rate_mbit']:g} Mbit/s": c["best_private"]
+                                  for c in cells},
         "split_overhead_ms_loopback": loopback["direct"]["overhead_ms"],
         "grpc_empty_ping_ms_loopback": loopback["grpc_ping_ms"],
         "split_overhead_ms_emulator_zero_delay": loopback["emulator_zero_delay"]["overhead_ms"],
         "split_overhead_ms_grid_median": round(float(np.median(overheads)), 2) if overheads else None,
+        "local_variants_ms_per_token": {v["config"]: v.get("median_ms", v.get("error")) for v in variants},
     }
 
 
@@ -417,8 +361,11 @@ def run(s: Settings, out_dir: Path, model_path=None) -> dict:
         center = cp.info
         env = environment(model, s, center)
         _log(f"center pid {center['pid']} serving {center['span']}; loopback overhead")
-        run_local(model, prompt[:8], 2)  # warm-up
+        measure([LocalRun(model)], prompt[:8], 2)  # warm-up
         loopback = loopback_overhead(model, center, s, prompt)
+        variants = local_variants(model_path, s, prompt) if s.local_variants else []
+        for v in variants:
+            _log(f"{v['config']}: " + (v.get("error") or f"{v['median_ms']} ms per token, TTFT {v['ttft_ms']} ms"))
         cells = []
         for rate in s.rates_mbit:
             for rtt in s.rtts_ms:
@@ -430,9 +377,9 @@ def run(s: Settings, out_dir: Path, model_path=None) -> dict:
     _log(f"wire quality at {splits}")
     quality = wire_quality(model, eval_texts(model, s.quality_tokens), splits)
     env |= {"loadavg_end": os.getloadavg(), "elapsed_s": round(time.perf_counter() - t_start, 1)}
-    result = {"benchmark": "split", "settings": asdict(s), "environment": env, "summary": summarize(cells, loopback),
+    result = {"benchmark": "split", "settings": asdict(s), "environment": env, "summary": summarize(cells, loopback, variants),
               "loopback": loopback, "quality": quality, "cells": cells,
-              "sparse_local": sparse_status(), "notes": NOTES}
+              "local_variants": variants, "notes": NOTES}
     (out_dir / "split.json").write_text(json.dumps(result, indent=1, default=_json_default))
     from .bench_split_plots import plot_all
 
@@ -455,11 +402,6 @@ NOTES = [
     "overhead_ms = round trip - center compute - emulated RTT - bytes at the emulated rate (gRPC, serialisation, "
     "scheduling, the emulator's own proxying).",
 ]
-
-
-def sparse_status() -> str:
-    return ("not measured: cfm_runtime.sparse has profiling and predictors but no runtime FFN module to load yet; "
-            "local-only is the dense fp32 model")
 
 
 # ---------------------------------------------------------------- CLI

@@ -25,10 +25,13 @@ def _configs(cells: list[dict]) -> list[str]:
     return sorted(names, key=lambda n: (n != "local", n == "center-only", n))
 
 
-def _style(name: str, i: int) -> dict:
+def _style(name: str, splits: list[str]) -> dict:
+    """One colour per split, solid for fp32 and dashed for fp16."""
     if name in KIND_STYLE:
         return KIND_STYLE[name]
-    return dict(color=plt.cm.tab10(i % 10), ls="--" if name.endswith("fp16") else "-", marker="^")
+    split = name.rsplit(" ", 1)[0]
+    return dict(color=plt.cm.tab10(splits.index(split) % 10), ls="--" if name.endswith("fp16") else "-",
+                marker="^" if name.endswith("fp16") else "v")
 
 
 def latency_vs_rtt(result: dict, path: Path) -> Path:
@@ -37,10 +40,15 @@ def latency_vs_rtt(result: dict, path: Path) -> Path:
     for col, rate in enumerate(rates):
         row = sorted((c for c in cells if c["rate_mbit"] == rate), key=lambda c: c["rtt_ms"])
         rtts = [c["rtt_ms"] for c in row]
-        for i, name in enumerate(_configs(cells)):
+        names = _configs(cells)
+        splits = list(dict.fromkeys(n.rsplit(" ", 1)[0] for n in names if n.startswith("split")))
+        for name in names:
             for ax, key in ((axes[0][col], "median_ms"), (axes[1][col], "ttft_ms")):
                 ys = [next((r[key] for r in c["runs"] if r["config"] == name), np.nan) for c in row]
-                ax.plot(rtts, ys, label=name, **_style(name, i))
+                ax.plot(rtts, ys, label=name, **_style(name, splits))
+        for k, v in enumerate(v for v in result.get("local_variants", []) if "median_ms" in v):
+            axes[0][col].axhline(v["median_ms"], color="grey", ls=(0, (1, 2 + k)), lw=1.5,
+                                 label=f"{v['config']} (measured once)")
         chosen = [next(r["median_ms"] for r in c["runs"] if r["config"] == c["planner"]["config"]) for c in row]
         axes[0][col].scatter(rtts, chosen, s=220, facecolors="none", edgecolors="tab:green", linewidths=2,
                              label="planner's choice", zorder=5)
@@ -50,7 +58,7 @@ def latency_vs_rtt(result: dict, path: Path) -> Path:
     axes[0][0].set_ylabel("ms per token")
     axes[1][0].set_ylabel("ms")
     axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.suptitle(_title(result))
+    fig.suptitle(_title(result), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -65,19 +73,20 @@ def best_config_map(result: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(2.3 * len(rtts) + 2, 1.6 * len(rates) + 2))
     for c in cells:
         i, j = rates.index(c["rate_mbit"]), rtts.index(c["rtt_ms"])
-        grid[i, j] = names.index(c["best"])
+        grid[i, j] = names.index(c["best_private"])
         mark = "✓" if c["planner_within_10pct"] else "✗"
-        ax.text(j, i, f"best: {c['best']}\n{c['best_ms']:.0f} ms/tok\n"
-                      f"planner: {c['planner']['config']}\n{c['planner_measured_ms']:.0f} ms {mark}",
-                ha="center", va="center", fontsize=7)
+        center_only = next(r["median_ms"] for r in c["runs"] if r["kind"] == "center-only")
+        ax.text(j, i, f"best: {c['best_private']}\n{c['best_private_ms']:.0f} ms/tok\n"
+                      f"planner: {c['planner']['config']}\n{c['planner_measured_ms']:.0f} ms {mark}\n"
+                      f"(center-only {center_only:.0f} ms)", ha="center", va="center", fontsize=7)
     cmap = plt.get_cmap("Pastel1", max(len(names), 2))
     ax.imshow(grid, cmap=cmap, vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
     ax.set_xticks(range(len(rtts)), [f"{r:g}" for r in rtts])
     ax.set_yticks(range(len(rates)), [f"{r:g}" for r in rates])
     ax.set_xlabel("emulated RTT (ms)")
     ax.set_ylabel("bandwidth (Mbit/s)")
-    ax.set_title("fastest configuration per cell (colour); planner's choice, ✓ = within 10% of the best private one",
-                 fontsize=9)
+    ax.set_title("fastest configuration that keeps text on the edge (colour, median ms per token);\n"
+                 "planner's choice, ✓ = within 10% of it; center-only (token ids sent) for reference", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -113,6 +122,6 @@ def planner_vs_measured(result: dict, path: Path) -> Path:
 
 def _title(result: dict) -> str:
     e = result["environment"]
-    return (f"{e['model_name']}: edge {e['edge_threads']} thread(s), center {e['center_threads']} "
-            f"(span {e['center_span'][0]}:{e['center_span'][1]}), load {e['loadavg_start'][0]:.1f}; "
-            f"{result['settings']['decode_tokens']} decode tokens per run")
+    return (f"edge {e['edge_threads']} thread(s), center {e['center_threads']} "
+            f"(serving {e['center_span'][0]}:{e['center_span'][1]}), load average {e['loadavg_start'][0]:.1f};\n"
+            f"{result['settings']['prompt_tokens']} prompt + {result['settings']['decode_tokens']} decode tokens per run")
