@@ -94,7 +94,26 @@ def main() -> None:
     print(summary)
     path = save("center_load", {"env": environment(args.threads), "span": list(SPAN), "prefill": PREFILL,
                                 "steps_per_session": args.steps, "results": rows, "summary": summary})
-    print(f"saved {path}")
+    print(f"saved {path} and {plot(rows, path.with_suffix('.png'))}")
+
+
+def plot(rows: dict, path: Path) -> Path:
+    """Bar chart of aggregate decode tokens/s per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = list(rows)
+    bars = ax.bar(names, [rows[n]["tokens_per_s"] for n in names], color=["#888", "#2a7", "#c63"])
+    ax.bar_label(bars, [f"{rows[n]['tokens_per_s']:.0f} tok/s\nbatch {rows[n]['mean_batch']}" for n in names])
+    ax.set_ylabel("aggregate decode tok/s")
+    ax.set_title(f"center layers {SPAN[0]}:{SPAN[1]}, loopback")
+    ax.margins(y=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 if __name__ == "__main__":
