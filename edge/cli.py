@@ -8,12 +8,14 @@ import sys
 
 from cfm_runtime.errors import CfmError
 from edge import bench_split, link, serve_cli, split_cli
+from edge import profile_cli
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores available)")
+    profile_cli.add_sparse_args(p)
     p.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
                    help="weight format of the layers: int4 re-packs Q4_1 exactly and decodes fastest (default fp32)")
     p.add_argument("--lm-head", choices=("fp32", "int8"), default=None,
@@ -65,13 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub)
     link.add_parser(sub)
     split_cli.add_parser(sub)
+    profile_cli.add_parser(sub)
     bench_split.add_parser(sub)
     return parser
 
 
 def runtime_options(args) -> dict:
     """Options of `add_model_args` passed on to load_model (each feature adds its own here)."""
-    return {"weights": args.weights, "lm_head": args.lm_head}
+    return {"weights": args.weights, "lm_head": args.lm_head, **profile_cli.sparse_options(args)}
 
 
 def load(args):
@@ -122,6 +125,8 @@ def print_stats(stats) -> None:
           f"peak RSS {d['peak_rss_mb']:.0f} MB | finish {d['finish_reason']}]", file=sys.stderr)
     if "split" in stats.extra:
         print(split_cli.format_report(stats.extra["split"]), file=sys.stderr)
+    if "sparse" in stats.extra:
+        print(profile_cli.format_report(stats.extra["sparse"]), file=sys.stderr)
 
 
 def cmd_chat(args) -> int:

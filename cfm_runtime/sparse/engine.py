@@ -1,0 +1,163 @@
+"""The sparse runtime shared by a model's SparseFFN modules: staging, prefetch, step counter, telemetry.
+
+Prefetch: while layer i computes, layer i+1's bundles are read in the background. In dense mode
+(prefill, density 1.0) that is i+1's whole cold region into the other of two staging buffers; in
+predictor mode it is the neurons i+1's predictor picks from layer i's FFN input (the residual
+stream changes little from one layer to the next), into i+1's cache.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import psutil
+
+from ..generate import Generator
+from .ffn import FlashStore, SparseFFN, topk_positions
+
+
+class SparseEngine:
+    def __init__(self, modules: list[SparseFFN], file=None, staging_rows: int = 0, row_shape=(3, 1),
+                 budget: dict | None = None):
+        self.modules, self.file = modules, file
+        self.step = 0
+        self.phase = "prefill"
+        self.staging = [np.zeros((staging_rows, *row_shape), dtype=np.float16) for _ in range(2 if file else 0)]
+        self.junk = np.zeros(row_shape, dtype=np.float16)  # gap bundles read only to merge requests
+        self.pending: dict[int, tuple[Future, np.ndarray | None]] = {}
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="cfm-prefetch") if file else None
+        self.budget = budget or {}
+        self.phase_bytes = {"prefill": 0, "decode": 0}
+        self.phase_reads = {"prefill": 0, "decode": 0}
+        self._mark = (0, 0)
+        for m in modules:
+            m.shared = self
+
+    # ------------------------------------------------------------ per-layer hooks
+
+    def before(self, module: SparseFFN, x, sparse: bool) -> None:
+        if module.layer == self.modules[0].layer:
+            self._account()
+            self.phase = "prefill" if x.shape[1] > 1 else "decode"
+            if self.phase == "decode":
+                self.step += 1
+        if not isinstance(module.store, FlashStore):
+            return
+        self._wait(module.layer)
+        nxt = self._next(module)
+        if nxt is None or not isinstance(nxt.store, FlashStore):
+            return
+        if not nxt.sparse_now(x.shape[1]):
+            self._prefetch_dense(nxt)
+        elif nxt.strategy == "predictor" and not nxt.measure:
+            positions = topk_positions(nxt.scores(x), nxt.k).reshape(-1).unique().numpy()
+            fut = self.background.submit(nxt.store.prefetch, positions, self.step, nxt.stats)
+            self.pending[nxt.layer] = (fut, None)
+
+    def staged(self, store: FlashStore) -> np.ndarray:
+        """The staging buffer holding `store`'s cold bundles (read now if no prefetch brought them)."""
+        entry = self.pending.pop(store.layer, None)
+        if entry is not None and entry[1] is not None:
+            entry[0].result()
+            return entry[1]
+        buf = self._free_buffer()
+        store.read_cold(buf)
+        return buf
+
+    def _next(self, module: SparseFFN) -> SparseFFN | None:
+        i = self.modules.index(module)
+        return self.modules[i + 1] if i + 1 < len(self.modules) else None
+
+    def _free_buffer(self) -> np.ndarray:
+        """The staging buffer no pending layer holds (at most two layers are in flight: this and the next)."""
+        busy = {id(b) for _, b in self.pending.values() if b is not None}
+        return next(b for b in self.staging if id(b) not in busy)
+
+    def _prefetch_dense(self, nxt: SparseFFN) -> None:
+        buf = self._free_buffer()
+        self.pending[nxt.layer] = (self.background.submit(nxt.store.read_cold, buf), buf)
+
+    def _wait(self, layer: int) -> None:
+        entry = self.pending.get(layer)
+        if entry is not None and entry[1] is None:  # a cache prefetch: done before the layer reads its cache
+            self.pending.pop(layer)[0].result()
+
+    def _account(self) -> None:
+        if self.file is None:
+            return
+        b, r = self.file.io.bytes, self.file.io.reads
+        self.phase_bytes[self.phase] += b - self._mark[0]
+        self.phase_reads[self.phase] += r - self._mark[1]
+        self._mark = (b, r)
+
+    # ------------------------------------------------------------ settings and telemetry
+
+    def configure(self, strategy: str | None = None, density: float | None = None, densities=None,
+                  measure: bool | None = None) -> None:
+        for i, m in enumerate(self.modules):
+            if strategy is not None:
+                m.strategy = strategy
+            if densities is not None:
+                m.density = densities[i]
+            elif density is not None:
+                m.density = density
+            if measure is not None:
+                m.measure = measure
+
+    def counters(self) -> dict:
+        self._account()
+        return {
+            "steps": sum(m.stats.steps for m in self.modules),
+            "computed": sum(m.stats.computed for m in self.modules),
+            "hits": sum(m.stats.hits for m in self.modules),
+            "misses": sum(m.stats.misses for m in self.modules),
+            "decode_bytes": self.phase_bytes["decode"], "decode_reads": self.phase_reads["decode"],
+            "prefill_bytes": self.phase_bytes["prefill"],
+            "decode_tokens": self.step,
+        }
+
+    def report(self, since: dict) -> dict:
+        """Telemetry since the `counters()` snapshot `since` (one generation)."""
+        now = self.counters()
+        d = {k: now[k] - since[k] for k in now}
+        n = self.modules[0].n
+        tokens = max(1, d["decode_tokens"])
+        lookups = d["hits"] + d["misses"]
+        rss = psutil.Process(os.getpid()).memory_info().rss / 2**20
+        return {
+            "strategy": self.modules[0].strategy,
+            "density_mean": round(float(np.mean([m.density for m in self.modules])), 3),
+            "neurons_computed_pct": round(100 * d["computed"] / (d["steps"] * n), 1) if d["steps"] else 100.0,
+            "flash_mb_per_token": round(d["decode_bytes"] / tokens / 2**20, 3),
+            "flash_reads_per_token": round(d["decode_reads"] / tokens, 1),
+            "prefill_flash_mb": round(d["prefill_bytes"] / 2**20, 1),
+            "cache_hit_rate": round(d["hits"] / lookups, 3) if lookups else None,
+            "rss_mb": round(rss, 1),
+            **self.budget,
+            "fixed_overhead_mb": round(rss - self.budget.get("ffn_weights_mb", 0.0), 1),
+        }
+
+    def generator(self, runner, tokenizer, context_length: int) -> "SparseGenerator":
+        return SparseGenerator(runner, tokenizer, context_length, self)
+
+    def close(self) -> None:
+        if self.background is not None:
+            self.background.shutdown(wait=True)
+        if self.file is not None:
+            self.file.close()
+
+
+class SparseGenerator(Generator):
+    """A Generator whose stats carry `extra["sparse"]`: flash traffic, cache hits, neurons computed, RSS."""
+
+    def __init__(self, runner, tokenizer, context_length: int, engine: SparseEngine):
+        super().__init__(runner, tokenizer, context_length)
+        self.engine = engine
+
+    def stream(self, prompt_ids, params):
+        since = self.engine.counters()
+        for chunk in super().stream(prompt_ids, params):
+            chunk.stats.extra["sparse"] = self.engine.report(since)
+            yield chunk

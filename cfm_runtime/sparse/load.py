@@ -1,0 +1,171 @@
+"""`load_sparse(...)`: a Model whose FFNs are SparseFFN modules, weights in RAM or on flash.
+
+With a RAM budget and a GGUF file the FFN weights are never dequantized: the checkpoint is read
+without them (meta tensors), so peak memory stays near the budgeted size, not the dense model's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CfmError
+from ..loading import check_weights, dequantize, gguf_config_values, gguf_weight_name, resolve_model_path, Checkpoint
+from ..config import ModelConfig
+from . import pack as packfmt
+from .engine import SparseEngine
+from .ffn import STRATEGIES, FlashStore, RamStore, SparseFFN
+from .io import BundleFile, NeuronCache
+from .plan import covered_mass, densities, hot_counts
+from .profile import predictor_from
+
+
+def source_digest(path: Path) -> str:
+    """blake2b of a checkpoint's weight bytes as stored (GGUF tensor data or safetensors files)."""
+    from ..gguf_file import read_gguf
+
+    h = hashlib.blake2b(digest_size=16)
+    if path.is_dir():
+        for f in sorted(path.glob("*.safetensors")):
+            h.update(packfmt.file_digest(f).encode())
+        return h.hexdigest()
+    _, tensors = read_gguf(path)
+    for t in tensors:
+        h.update(f"{t.name}{tuple(t.shape)}{t.qtype.name}".encode())
+        h.update(memoryview(np.ascontiguousarray(t.data)).cast("B"))
+    return h.hexdigest()
+
+
+def pack_dir(path: Path, digest: str, root: Path | None = None) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem if path.is_file() else path.name)
+    return Path(root or packfmt.default_root()) / f"{slug}-{digest[:16]}"
+
+
+def lean_gguf_checkpoint(path: Path, **overrides) -> Checkpoint:
+    """A GGUF checkpoint whose FFN weights are meta tensors (shapes only; no memory)."""
+    from ..gguf_file import read_gguf
+
+    meta, tensors = read_gguf(path)
+    values = gguf_config_values(meta, path, **overrides)
+    weights, rope = {}, None
+    _mmap_large_allocations()  # dequantization temporaries go back to the OS at once
+    for t in tensors:
+        if t.name == "rope_freqs.weight":
+            rope = dequantize(t).reshape(-1).tolist()
+            continue
+        name = gguf_weight_name(t.name)
+        if name is None:
+            continue
+        weights[name] = (torch.empty(tuple(t.shape), device="meta") if ".mlp." in name
+                         else torch.from_numpy(dequantize(t)))
+    values["vocab_size"] = int(weights["embed_tokens.weight"].shape[0])
+    values["tied_embeddings"] = "lm_head.weight" not in weights
+    values["rope_freq_factors"] = rope
+    config = ModelConfig.from_dict(values)
+    check_weights(config, weights, path)
+    return Checkpoint(config, weights, path, "gguf", meta)
+
+
+def _mmap_large_allocations() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+    except (OSError, AttributeError):
+        pass
+
+
+def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, cache_fraction: float) -> dict:
+    """Hot neuron counts per layer and the byte split of the budget (hot, cache, staging, predictors)."""
+    man = pack.manifest
+    bb, cluster, n = pack.bundle_bytes, man["cluster"], man["model"]["d_ff"]
+    budget = int(ram_budget_mb * 2**20)
+    predictors = sum(v.numel() * v.element_size() for k, v in pack.tables.items() if ".predictor." in k)
+    predictors = predictors if sparse else 0
+    cache = int(budget * cache_fraction) if sparse else 0
+    staging = 2 * n * bb
+    cmass = [pack.cluster_mass(i) for i in range(pack.n_layers)]
+    counts = [0] * pack.n_layers
+    for _ in range(3):  # staging shrinks with the hot set: iterate to a fixed point
+        left = budget - predictors - cache - staging
+        if left < 0:
+            raise CfmError(f"--ram-budget {ram_budget_mb:g} MB is below this model's minimum of "
+                           f"{(predictors + cache + 2 * bb * cluster) / 2**20 + 1:.0f} MB "
+                           f"(staging, cache and predictors); raise it")
+        counts = hot_counts(cmass, cluster, left // (cluster * bb))
+        staging = 2 * max(n - c for c in counts) * bb
+    hot = sum(counts) * bb
+    return {"counts": counts, "cache_rows": cache // bb // pack.n_layers, "staging_rows": staging // (2 * bb),
+            "report": {"ram_budget_mb": ram_budget_mb,
+                       "ffn_weights_mb": round((hot + cache + staging + predictors) / 2**20, 1),
+                       "hot_mb": round(hot / 2**20, 1), "cache_mb": round(cache / 2**20, 1),
+                       "staging_mb": round(staging / 2**20, 1), "predictors_mb": round(predictors / 2**20, 1),
+                       "hot_neurons_pct": round(100 * sum(counts) / (n * pack.n_layers), 1),
+                       "hot_mass_covered": round(covered_mass(cmass, counts, cluster), 3)}}
+
+
+def layer_densities(pack: packfmt.NeuronPack, density: float) -> list[float]:
+    d = pack.manifest["density"]
+    if density >= 1.0:
+        return [1.0] * pack.n_layers
+    return densities(d["levels"], np.array(d["loss_increase"]), density)
+
+
+def attach(model, pack: packfmt.NeuronPack, *, ram_budget_mb: float | None = None, strategy: str = "dense",
+           density: float = 1.0, cache_fraction: float = 0.25, max_gap: int = 4, threads: int = 8) -> SparseEngine:
+    """Replace every layers[i].mlp by a SparseFFN over `pack`; returns the engine (also `transformer.sparse`)."""
+    if strategy not in STRATEGIES:
+        raise CfmError(f"sparse strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+    if not 0.0 < density <= 1.0:
+        raise CfmError(f"density must be in (0, 1], got {density}")
+    layers = model.transformer.layers
+    rank = pack.manifest["predictor_rank"]
+    use_pred = strategy == "predictor"
+    dens = layer_densities(pack, density)
+    if ram_budget_mb is None:
+        modules = [_ram_module(i, layer.mlp, pack, rank if use_pred else 0) for i, layer in enumerate(layers)]
+        engine = SparseEngine(modules)
+    else:
+        engine = _flash_engine(model, pack, ram_budget_mb, use_pred, cache_fraction, max_gap, threads)
+    engine.configure(strategy=strategy, densities=dens)
+    for layer, m in zip(layers, engine.modules):
+        layer.mlp = m
+    model.transformer.sparse = engine
+    _release()
+    return engine
+
+
+def _ram_module(i: int, mlp, pack, rank: int) -> SparseFFN:
+    order = pack.order(i)
+    rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T), dim=1)
+    net = predictor_from(pack.tables, i, order, rank) if rank else None
+    return SparseFFN(i, RamStore(rows[torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net)
+
+
+def _flash_engine(model, pack, ram_budget_mb, use_pred, cache_fraction, max_gap, threads) -> SparseEngine:
+    plan = budget_plan(pack, ram_budget_mb, use_pred, cache_fraction)
+    d, n, rank = model.config.d_model, model.config.d_ff, pack.manifest["predictor_rank"]
+    file = BundleFile(pack.neurons_path, [pack.layer(i)["offset"] for i in range(pack.n_layers)],
+                      pack.bundle_bytes, threads)
+    modules = []
+    for i, layer in enumerate(model.transformer.layers):
+        hot = np.empty((plan["counts"][i], 3, d), dtype=np.float16)
+        file.read_block(i, 0, hot)
+        cache = NeuronCache(plan["cache_rows"], n, (3, d)) if use_pred else None
+        store = FlashStore(i, torch.from_numpy(hot), n, file, None, cache, max_gap)
+        net = predictor_from(pack.tables, i, pack.order(i), rank) if use_pred else None
+        modules.append(SparseFFN(i, store, layer.mlp.act, n, predictor=net))
+    file.io.bytes = file.io.reads = 0
+    engine = SparseEngine(modules, file, plan["staging_rows"], (3, d), plan["report"])
+    for m in modules:
+        m.store.shared = engine
+    return engine
+
+
+def _release() -> None:
+    from ..runtime import release_freed_memory
+
+    release_freed_memory()
