@@ -254,3 +254,28 @@ def test_wire_fp16_scales_massive_activations():
     torch.testing.assert_close(back, h, rtol=1e-3, atol=2e-3)
     exact = wire.decode(wire.encode(h, F32), hidden_size=D, dtype=F32, max_rows=4)
     assert torch.equal(exact, h)
+
+
+def test_tokens_from_file_and_env(tmp_path, monkeypatch):
+    from cfm_runtime.errors import CfmError
+
+    f = tmp_path / "tokens.txt"
+    f.write_text("# edge devices\nalpha\n\nbeta\n")
+    monkeypatch.setenv("CFM_CENTER_TOKENS", "gamma, delta")
+    tokens = Tokens.load(str(f))
+    ids = {tokens.caller([("authorization", f"Bearer {t}")]) for t in ("alpha", "beta", "gamma", "delta")}
+    assert len(ids) == 4  # each token is its own caller
+    monkeypatch.delenv("CFM_CENTER_TOKENS")
+    assert Tokens.load(None) is None  # no tokens configured: no auth
+    with pytest.raises(CfmError, match="does not exist"):
+        Tokens.load(str(tmp_path / "missing.txt"))
+
+
+def test_span_option():
+    from center.server import parse_span
+    from cfm_runtime.errors import CfmError
+
+    assert parse_span(None, 30) == (2, 28) and parse_span("4:20", 30) == (4, 20)
+    for bad in ("4-20", "20:4", "0:31"):
+        with pytest.raises(CfmError, match="--layers"):
+            parse_span(bad, 30)
