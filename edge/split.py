@@ -63,7 +63,7 @@ class SplitRunner:
     """Runner over layers [0, a) local, [a, b) on a center (or locally as fallback), [b, n) local + head."""
 
     def __init__(self, model, center: str, split: tuple[int, int] | None = None,
-                 options: SplitOptions | None = None, chunk: int = 256):
+                 options: SplitOptions | None = None, chunk: int = 512):
         self.model, self.t = model, model.transformer
         self.address, self.opts = center, options or SplitOptions()
         self.dtype = wire.parse_dtype(self.opts.wire)
@@ -73,6 +73,7 @@ class SplitRunner:
         self.sent = torch.empty(0, self.d)  # hidden states entering layer a, as the center decoded them
         self.n = 0
         self.stream = None
+        self.client: CenterClient | None = None
         self.session_id: str | None = None
         self.remote_valid = 0  # positions of the center session that still match self.sent
         self.log = Telemetry()
@@ -201,11 +202,21 @@ class SplitRunner:
         """Info, fingerprint check, open (or resume) a session. Raises CenterFailure or CfmError."""
         self.last_attempt = time.monotonic()
         client = CenterClient(self.address, self.opts.token, self.opts.tls_ca, self.opts.tls, self.opts.timeout)
+        try:
+            info = self._attach(client)
+        except BaseException:
+            client.close()
+            raise
+        if self.client is not None:
+            self.client.close()
+        self.client = client
+        return info
+
+    def _attach(self, client: CenterClient) -> pb.InfoResponse:
         info = client.info()
         self._check_span(self.span or (info.span_start, info.span_end), info)
         mine = self.model.fingerprint(info.span_start, info.span_end)
         if info.fingerprint != mine:
-            client.close()
             raise CfmError(f"the center at {self.address} serves different weights for layers "
                            f"{info.span_start}:{info.span_end} (fingerprint {info.fingerprint}, this model's is {mine}); "
                            "run the same model file on both ends")
@@ -215,10 +226,10 @@ class SplitRunner:
         fit = (info.limits.max_message_bytes - 4096) // wire.bytes_per_position(self.d, self.dtype)
         self.max_step = max(1, min(info.limits.max_step_positions, fit))
         a, b = self.span or (info.span_start, info.span_end)
-        self.stream = self._open(client, a, b)
+        self.stream = self._open(client, a, b, min(self.model.config.context_length, info.limits.max_positions))
         return info
 
-    def _open(self, client: CenterClient, a: int, b: int):
+    def _open(self, client: CenterClient, a: int, b: int, max_positions: int):
         if self.session_id:
             try:
                 stream = client.session(pb.OpenSession(resume_session_id=self.session_id))
@@ -227,7 +238,7 @@ class SplitRunner:
                 if e.code not in ("NOT_FOUND", "PERMISSION_DENIED", "FAILED_PRECONDITION"):
                     raise
         stream = client.session(pb.OpenSession(span_start=a, span_end=b, dtype=self.dtype,
-                                               max_positions=self.model.config.context_length))
+                                               max_positions=max_positions))
         self.session_id = stream.id
         return stream
 
@@ -261,9 +272,13 @@ class SplitRunner:
             raise CfmError(f"split {a}:{b} is not inside the center's span {info.span_start}:{info.span_end}")
 
     def close(self) -> None:
+        """Close the center session (freeing its KV cache there) and the channel."""
         if self.stream is not None:
             self.stream.close()
             self.stream = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     def report(self, since: int = 0) -> dict:
         """Where positions >= since were computed, fallbacks and round-trip telemetry."""
