@@ -11,10 +11,12 @@ from pathlib import Path
 
 
 def _load():
+    from google.protobuf.runtime_version import VersionError
+
     try:
         from center._proto.cfm.v1 import center_pb2, center_pb2_grpc
         return center_pb2, center_pb2_grpc
-    except (ImportError, RuntimeError):  # missing, or a grpc/protobuf version check failed
+    except (ImportError, RuntimeError, VersionError):  # missing, or generated for another grpc/protobuf
         from center.protogen import generate
 
         generate(Path(__file__).resolve().parent.parent)
