@@ -7,7 +7,7 @@ import json
 import sys
 
 from cfm_runtime.errors import CfmError
-from edge import bench_split, link, serve_cli, split_cli
+from edge import bench_split, bricks_cli, link, serve_cli, split_cli
 from edge import profile_cli
 
 
@@ -15,6 +15,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores available)")
+    bricks_cli.add_bricks_arg(p)
     profile_cli.add_sparse_args(p)
     p.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
                    help="weight format of the layers: int4 re-packs Q4_1 exactly and decodes fastest (default fp32)")
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     # Subsystems register their own subcommands here, one line each: module.add_parser(sub)
+    bricks_cli.add_parser(sub)
     serve_cli.add_parser(sub)
     link.add_parser(sub)
     split_cli.add_parser(sub)
@@ -80,14 +82,16 @@ def runtime_options(args) -> dict:
 def load(args):
     from cfm_runtime import load_model
 
-    return load_model(args.model, threads=args.threads, **runtime_options(args))
+    model = load_model(args.model, threads=args.threads, **runtime_options(args))
+    bricks_cli.apply_args(args, model)
+    return model
 
 
 def new_generator(args, model):
     """The generator for a run: local by default (features that change where layers run hook in here)."""
     if getattr(args, "center", None):
-        return split_cli.new_generator(args, model)
-    return model.new_generator()
+        return bricks_cli.wrap_generator(args, model, split_cli.new_generator(args, model))
+    return bricks_cli.wrap_generator(args, model, model.new_generator())
 
 
 def chat_messages(text: str, system: str | None) -> list[dict]:
