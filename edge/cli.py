@@ -8,6 +8,7 @@ import sys
 
 from cfm_runtime.errors import CfmError
 from edge import bench_split, bricks_cli, link, serve_cli, split_cli
+from edge import analyze_cli
 from edge import profile_cli
 
 
@@ -65,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     # Subsystems register their own subcommands here, one line each: module.add_parser(sub)
+    analyze_cli.add_parser(sub)
     bricks_cli.add_parser(sub)
+    profile_cli.add_parser(sub)
     serve_cli.add_parser(sub)
     link.add_parser(sub)
     split_cli.add_parser(sub)
-    profile_cli.add_parser(sub)
     bench_split.add_parser(sub)
     return parser
 

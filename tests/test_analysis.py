@@ -1,0 +1,148 @@
+"""The emergent-brick analysis on a small subset of the labelled set (3 prompts per function)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from cfm_runtime.analysis import FUNCTIONS, Analysis, AnalysisOptions, MaskedMLP, load_prompts, masked
+from cfm_runtime.analysis.prefetch import probe_features, train_classifier
+from cfm_runtime.analysis.prompts import stored_responses
+from cfm_runtime.analysis.scores import average_precision_columns, partition_similarity, top_sets
+
+
+@pytest.fixture(scope="module")
+def analysis(model, tmp_path_factory):
+    opts = AnalysisOptions(per_function=3, responses="stored", mask_levels=(0.0, 0.3, 0.9), mask_texts=1,
+                           perturb_texts=1, hot_fractions=(0.2,), progress=False)
+    an = Analysis(model, tmp_path_factory.mktemp("analysis"), opts)
+    an.run("all")
+    return an
+
+
+def read(an, name: str) -> dict:
+    return json.loads((an.out / name).read_text())
+
+
+def test_prompt_set_is_large_varied_and_labelled():
+    prompts = load_prompts()
+    assert list(prompts) == list(FUNCTIONS)
+    everything = [p.strip().lower() for ps in prompts.values() for p in ps]
+    assert len(everything) == len(set(everything)), "duplicate prompts"
+    for f, ps in prompts.items():
+        assert len(ps) >= 40, f
+    stored = stored_responses()
+    for f, ps in prompts.items():
+        answers = stored["responses"][f]
+        assert len(answers) == len(ps) and all(a.strip() for a in answers), f
+
+
+def test_every_analysis_writes_json_and_png(analysis):
+    for name in ("sparsity", "functions", "partition", "perturb", "prefetch"):
+        json.loads((analysis.out / f"{name}.json").read_text())
+    pngs = sorted(p.name for p in analysis.out.glob("*.png"))
+    assert pngs == ["functions_layers.png", "partition.png", "perturb.png", "prefetch.png",
+                    "sparsity_cdf.png", "sparsity_masking.png"]
+    for p in analysis.out.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size < 200_000
+
+
+def test_sparsity_cdf_and_masking_curves(analysis):
+    c = analysis.collection
+    n_layers, d_ff = analysis.model.config.n_layers, analysis.model.config.d_ff
+    assert c.mean_act.shape == (21, n_layers, d_ff) and (c.mean_act >= 0).all()
+    cdf = np.cumsum(c.cdf_hist, 1) / c.cdf_hist.sum(1, keepdims=True)
+    assert (np.diff(cdf, axis=1) >= 0).all() and np.allclose(cdf[:, -1], 1.0)
+    s = read(analysis, "sparsity")
+    below = list(s["fraction_below_fraction_of_max"].values())
+    assert below == sorted(below) and 0 < below[0] < 1
+    for by in ("act", "output"):
+        change = s["masking"][by]["loss_change"]
+        assert change[0] == 0.0, "masking 0% must leave the model unchanged"
+        assert change[-1] > change[1] > 0, "masking 90% must hurt more than 30%"
+    assert 0 < s["neurons_for_90pct_l1_mass_mean"] < 1
+
+
+def test_functionality_scores_are_average_precisions(analysis):
+    ap = analysis.ap
+    assert ap.shape == (7, analysis.model.config.n_layers, analysis.model.config.d_ff)
+    assert np.isfinite(ap).all() and ap.min() >= 0 and ap.max() <= 1
+    f = read(analysis, "functions")
+    assert f["max_abs_diff_vs_sklearn"] < 1e-6
+    assert len(f["best_per_layer"]) == analysis.model.config.n_layers
+    # with 2 positives among 14, some neuron separates each function perfectly; shuffled labels less so
+    assert min(f["best_per_function"].values()) > max(f["random_top5_per_layer"])
+
+
+def test_vectorised_ap_matches_sklearn_with_ties():
+    rng = np.random.default_rng(1)
+    y = np.array([1, 0, 0, 1, 0, 1, 0, 0, 0, 1])
+    scores = np.round(rng.random((10, 40)) * 3)  # many tied scores
+    ref = [average_precision_score(y, scores[:, j]) for j in range(40)]
+    assert np.allclose(average_precision_columns(y, scores), ref, atol=1e-12)
+
+
+def test_partition_and_perturbation_matrices(analysis):
+    p = read(analysis, "partition")
+    overlap = np.array(p["overlap"])
+    assert overlap.shape == (7, 7) and np.allclose(np.diag(overlap), 1.0)
+    assert ((overlap >= 0) & (overlap <= 1)).all() and np.allclose(overlap, overlap.T)
+    m = np.array(read(analysis, "perturb")["increase_pct"])
+    assert m.shape == (7, 7) and np.isfinite(m).all()
+    assert analysis.top.sum(-1).min() == round(0.05 * analysis.model.config.d_ff)
+
+
+def test_partition_similarity_of_random_sets_is_near_the_set_fraction():
+    ap = np.random.default_rng(0).random((7, 30, 1536))
+    sim = partition_similarity(top_sets(ap, 0.05))["overlap"]
+    off = sim[~np.eye(7, dtype=bool)]
+    assert abs(off.mean() - 0.05) < 0.01
+
+
+def test_masked_mlp_keeps_or_drops_neurons(model):
+    t = model.transformer
+    x = torch.randn(1, 3, model.config.d_model)
+    mlp = t.layers[5].mlp
+    dense = mlp(x)
+    assert torch.equal(MaskedMLP(mlp)(x), dense)
+    keep = torch.ones(model.config.d_ff, dtype=torch.bool)
+    keep[:100] = False
+    manual = mlp.down_proj((mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x)) * keep)
+    assert torch.allclose(MaskedMLP(mlp, keep=keep)(x), manual)
+    with masked(t, lambda i, m: MaskedMLP(m) if i == 5 else None):
+        assert isinstance(t.layers[5].mlp, MaskedMLP) and not isinstance(t.layers[4].mlp, MaskedMLP)
+    assert t.layers[5].mlp is mlp
+
+
+def test_function_classifier_beats_chance_on_held_out_prompts(model):
+    prompts = load_prompts()
+    train, test = [], []
+    for label, f in enumerate(FUNCTIONS):
+        train += [(p, label) for p in prompts[f][:12]]
+        test += [(p, label) for p in prompts[f][30:36]]
+    x_train = probe_features(model, [p for p, _ in train], layer=3)
+    x_test = probe_features(model, [p for p, _ in test], layer=3)
+    clf = train_classifier(x_train, np.array([y for _, y in train]))
+    accuracy = (clf.predict(x_test) == np.array([y for _, y in test])).mean()
+    assert accuracy > 0.5, f"held-out accuracy {accuracy:.2f} (chance 0.14)"
+
+
+def test_prefetch_report_is_sane(analysis):
+    p = read(analysis, "prefetch")
+    per_fn = p["sizes"]["0.2"]["per_function"]
+    assert set(per_fn) == set(FUNCTIONS)
+    for d in per_fn.values():
+        for k in ("static", "function_top_ap", "function_freq", "function_freq_oracle"):
+            assert 0 <= d[k] <= 1
+        assert d["flash_mb_per_token_static"] > 0
+
+
+def test_cli_rejects_bad_options(tmp_path, capsys):
+    from edge.cli import main
+
+    assert main(["analyze", "sparsity", "--top", "2", "--out", str(tmp_path)]) == 2
+    assert "--top" in capsys.readouterr().err
+    assert not Path(tmp_path / "sparsity.json").exists()
