@@ -116,6 +116,24 @@ def test_eight_sessions_through_the_serve_proxy_equal_the_single_process_center(
     assert all(r["steps"] > 0 and r["batch_mean"] >= 1 and r["max_kv_bytes"] > 0 for r in reps)
 
 
+def test_errors_keep_their_status_through_the_proxy(model, serve_center):
+    import torch
+
+    from center.proto import pb
+    from edge.center_client import CenterClient, CenterFailure
+
+    client = CenterClient(serve_center, timeout=30)
+    assert client.info().fingerprint == model.fingerprint(2, 28)
+    stream = client.session(pb.OpenSession(span_start=2, span_end=28, dtype=pb.DTYPE_FLOAT32))
+    with pytest.raises(CenterFailure) as e:
+        stream.step(0, torch.zeros(1, 100))  # wrong hidden size
+    assert e.value.code == "INVALID_ARGUMENT" and "hidden size" in e.value.message
+    with pytest.raises(CenterFailure) as e:
+        client.session(pb.OpenSession(span_start=1, span_end=28, dtype=pb.DTYPE_FLOAT32))
+    assert e.value.code == "OUT_OF_RANGE"
+    client.close()
+
+
 def test_a_replica_killed_mid_answer_costs_no_answer(model, serve_center, reference):
     victim = max(replica_reports(), key=lambda r: r["attached"] + r["steps"])  # both hold sessions below
     cmdline = Path(f"/proc/{victim['pid']}/cmdline").read_bytes()
