@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import CfmError
 from .formats import from_model_layout
-from .lora import TARGET_KINDS, LoraPair, attach, attached, detach, set_weight
+from .lora import TARGET_KINDS, LoraPair, attach, attached, detach
 
 FrozenFn = Callable[[list[int]], torch.Tensor]
 
@@ -263,12 +263,13 @@ def _load_checkpoint(path: Path, pairs, opt, cfg, digest) -> tuple[int, list[flo
 
 def train_lora(model, examples: list[Example], cfg: TrainConfig, frozen: FrozenFn | None = None,
                checkpoint: Path | None = None, resume: bool = False, progress: bool = True,
-               log: Callable[[str], None] | None = None) -> TrainResult:
+               log: Callable[[str], None] | None = None, stop_after: int | None = None) -> TrainResult:
     """Train LoRA pairs on the top `cfg.top_layers` layers; returns them in HF layout.
 
     `frozen(ids)` gives the hidden states entering the first trained layer; default: local layers.
     With `checkpoint`, state is saved every `cfg.checkpoint_every` steps and at the end; `resume`
     continues from it (same data and options required) and gives the same result as an uninterrupted run.
+    `stop_after` ends this run after that many steps (checkpoint saved), e.g. to train in slices.
     """
     from tqdm import tqdm
 
@@ -293,6 +294,7 @@ def train_lora(model, examples: list[Example], cfg: TrainConfig, frozen: FrozenF
         if log:
             log(f"resuming from step {step} ({checkpoint})")
     resumed = step
+    last = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     t0 = time.perf_counter()
     hidden = [frozen(e.ids) for e in examples]  # forward-only part, once per example
     _unfreeze_rotary_tables(tr)
@@ -300,7 +302,7 @@ def train_lora(model, examples: list[Example], cfg: TrainConfig, frozen: FrozenF
     attach(tr, "__training__", pairs)
     try:
         bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not progress, leave=True)
-        while step < cfg.steps:
+        while step < last:
             for g in opt.param_groups:
                 g["lr"] = cfg.lr * sched(step)
             k = _order(len(examples), cfg.seed, step)
@@ -314,7 +316,7 @@ def train_lora(model, examples: list[Example], cfg: TrainConfig, frozen: FrozenF
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-            if checkpoint is not None and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            if checkpoint is not None and (step % cfg.checkpoint_every == 0 or step == last):
                 _save_checkpoint(checkpoint, step, pairs, opt, cfg, digest, losses)
         bar.close()
     finally:
