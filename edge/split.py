@@ -311,9 +311,9 @@ class SplitGenerator(Generator):
     """A Generator whose stats carry `extra["split"]`: where this answer's positions were computed."""
 
     def stream(self, prompt_ids, params):
-        since = min(self.runner.n_past, len(prompt_ids))
         for chunk in super().stream(prompt_ids, params):
-            chunk.stats.extra["split"] = self.runner.report(since)
+            # positions from the reused prefix on belong to this answer
+            chunk.stats.extra["split"] = self.runner.report(chunk.stats.cached_tokens)
             yield chunk
 
 

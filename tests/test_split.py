@@ -68,7 +68,9 @@ def test_second_turn_rewinds_the_center_cache(model, center):
     *local, _ = turns(model.new_generator())
     *split, stats = turns(split_generator(model, center.address))
     assert split == local
-    assert stats.cached_tokens > 0 and stats.extra["split"]["positions_local"] == 0
+    r = stats.extra["split"]
+    assert stats.cached_tokens > 0 and r["positions_local"] == 0
+    assert r["positions_center"] == stats.prompt_tokens - stats.cached_tokens + stats.decode_steps  # this answer's
 
 
 def test_fp16_wire_top1_agreement_and_chunked_prefill(model, eval_ids):
