@@ -1,0 +1,219 @@
+"""Personal bricks: training on the user's facts, routing, merging, the store and the CLI, bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cfm_runtime.bricks import Brick, BrickError, BrickStore, apply_brick, base_info, remove_brick
+from cfm_runtime.bricks.lora import LoraPair
+from cfm_runtime.bricks.merge import merge_bricks
+from cfm_runtime.bricks.routing import route, signature
+from cfm_runtime.bricks.train import TrainConfig, load_examples, mean_loss, train_lora
+from edge import cli
+
+FACTS = """My name is Lena Marwick. I grew up in the small town of Quillbury, on the coast of Norway.
+
+My dog is called Biscuit. Biscuit is a golden retriever who loves the beach.
+
+My hometown is Quillbury. Every summer I go back to Quillbury to see my parents.
+
+Q: What is the name of my dog? A: Your dog is called Biscuit.
+
+Q: Where is my hometown? A: Your hometown is Quillbury.
+
+I work as a violin maker, and my favourite food is cardamom bread.
+
+Biscuit sleeps next to my workbench while I carve violins.
+"""
+HELD_OUT = """Lena's golden retriever Biscuit waits by the door of the workshop in Quillbury.
+
+Back in Quillbury, Lena Marwick makes violins and bakes cardamom bread for her parents.
+"""
+UNRELATED = ["What is the capital of France?", "How many days are in a week?"]
+GREEDY = dict(temperature=0, max_tokens=16)
+
+
+def ask(model, question: str) -> str:
+    return "".join(model.generate([{"role": "user", "content": question}], **GREEDY))
+
+
+@pytest.fixture(scope="module")
+def personal(model, tmp_path_factory):
+    """A brick trained on FACTS (top 8 layers, 60 steps), and the base model's answers before it."""
+    folder = tmp_path_factory.mktemp("facts")
+    (folder / "facts.txt").write_text(FACTS)
+    (folder / "held.txt").write_text(HELD_OUT)
+    examples = load_examples(folder / "facts.txt", model.tokenizer)
+    held = load_examples(folder / "held.txt", model.tokenizer)
+    before = {"held_loss": mean_loss(model, held), "answers": {q: ask(model, q) for q in UNRELATED}}
+    result = train_lora(model, examples, TrainConfig(steps=60, lr=2e-3, top_layers=8), progress=False)
+    sig, layer = signature(model, [e.ids for e in examples])
+    meta = base_info(model) | {"signature": sig, "signature_layer": layer, "description": "facts about me"}
+    return Brick("me", result.pairs, meta), held, before, result
+
+
+def test_brick_answers_the_users_facts_and_leaves_the_rest(model, personal, eval_ids):
+    brick, held, before, result = personal
+    assert result.losses[-1] < 0.5 * result.losses[0]
+    base_top1 = model.logits(eval_ids["prose"]).argmax(-1)
+    apply_brick(model, brick)
+    try:
+        assert "Biscuit" in ask(model, "What is the name of my dog?")
+        assert "Quillbury" in ask(model, "Where is my hometown?")
+        held_loss = mean_loss(model, held)
+        assert math.exp(held_loss) < 0.7 * math.exp(before["held_loss"])  # held-out perplexity drops
+        assert "Paris" in ask(model, "What is the capital of France?")
+        agree = (model.logits(eval_ids["prose"]).argmax(-1) == base_top1).mean()
+        assert agree > 0.85  # unrelated text: next-token predictions stay close to the base model
+    finally:
+        remove_brick(model, "me")
+    assert ask(model, UNRELATED[1]) == before["answers"][UNRELATED[1]]  # unapplied: the base model again
+
+
+def test_resume_equals_an_uninterrupted_run(model, tmp_path):
+    (tmp_path / "d.txt").write_text(FACTS)
+    examples = load_examples(tmp_path / "d.txt", model.tokenizer)[:3]
+    cfg = TrainConfig(steps=4, top_layers=1, rank=2, targets=("self_attn.v_proj", "mlp.down_proj"), checkpoint_every=2)
+    ck = tmp_path / "ck.pt"
+    first = train_lora(model, examples, cfg, checkpoint=ck, progress=False, stop_after=2)
+    assert ck.is_file() and len(first.losses) == 2
+    resumed = train_lora(model, examples, cfg, checkpoint=ck, resume=True, progress=False)
+    straight = train_lora(model, examples, cfg, progress=False)
+    assert resumed.resumed_from == 2 and resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    for name, p in straight.pairs.items():
+        torch.testing.assert_close(resumed.pairs[name].b, p.b, rtol=1e-5, atol=1e-7)
+    other = TrainConfig(steps=4, top_layers=1, rank=4, checkpoint_every=2)
+    with pytest.raises(Exception, match="other data or options"):
+        train_lora(model, examples, other, checkpoint=ck, resume=True, progress=False)
+
+
+def _toy_brick(model, name, layers, kinds, rank, seed, fingerprint=None):
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for i in layers:
+        for kind in kinds:
+            lin = model.transformer.get_submodule(f"layers.{i}.{kind}")
+            pairs[f"layers.{i}.{kind}"] = LoraPair(torch.randn(rank, lin.in_features, generator=g) * 0.01,
+                                                   torch.randn(lin.out_features, rank, generator=g) * 0.01, 2.0)
+    meta = base_info(model)
+    if fingerprint:
+        meta["base_fingerprint"] = fingerprint
+    return Brick(name, pairs, meta)
+
+
+def test_merge_is_the_weighted_sum_of_updates(model):
+    a = _toy_brick(model, "a", [28, 29], ["self_attn.q_proj", "mlp.up_proj"], 4, 1)
+    b = _toy_brick(model, "b", [29], ["self_attn.q_proj", "mlp.down_proj"], 2, 2)
+    m = merge_bricks([a, b], [0.5, 0.25], "ab")
+    q = "layers.29.self_attn.q_proj"
+    torch.testing.assert_close(m.pairs[q].delta(), 0.5 * a.pairs[q].delta() + 0.25 * b.pairs[q].delta())
+    torch.testing.assert_close(m.pairs["layers.28.mlp.up_proj"].delta(), 0.5 * a.pairs["layers.28.mlp.up_proj"].delta())
+    assert set(m.pairs) == set(a.pairs) | set(b.pairs) and m.pairs[q].rank == 6
+    other = _toy_brick(model, "c", [29], ["self_attn.q_proj"], 2, 3, fingerprint="0" * 32)
+    with pytest.raises(BrickError, match="different base models"):
+        merge_bricks([a, other], [0.5, 0.5], "bad")
+
+
+def test_routing_picks_the_matching_brick_or_none(model, personal):
+    me = personal[0]
+    code_ids = [model.tokenizer.encode(t) for t in (
+        "def parse(path):\n    with open(path) as f:\n        return [line.split(',') for line in f]\n",
+        "import numpy as np\nx = np.zeros((3, 4))\nfor i in range(3):\n    x[i] = i\n")]
+    sig, layer = signature(model, code_ids)
+    metas = [me.meta | {"name": "me"}, {"name": "code", "signature": sig, "signature_layer": layer}]
+
+    def pick(text):
+        return route(model, model.encode_prompt([{"role": "user", "content": text}]), metas)[0]
+
+    assert pick("What is the name of my dog Biscuit?") == "me"
+    assert pick("Tell me about my hometown Quillbury and my violins.") == "me"
+    assert pick("Write a Python function that reads a CSV file with open() and returns a list.") == "code"
+    assert pick("How do volcanoes form?") is None
+
+
+# ------------------------------------------------------------------ store and CLI
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFM_HOME", str(tmp_path / "home"))
+    return tmp_path / "home" / "bricks"
+
+
+def snapshot(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_store_round_trip_and_bad_input_through_the_cli(model, personal, home, tmp_path, capsys):
+    from cfm_runtime.bricks.formats import write_peft
+
+    store = BrickStore()
+    assert store.root == home
+    write_peft(tmp_path / "peft", personal[0].pairs)
+    code, _, err = run(capsys, "brick", "add", str(tmp_path / "peft"), "--name", "me",
+                       "--signature-data", str(tmp_path / "missing.txt"))
+    assert code == 2 and "missing.txt" in err and store.names() == []
+    (tmp_path / "facts.txt").write_text(FACTS)
+    code, out, err = run(capsys, "brick", "add", str(tmp_path / "peft"), "--name", "me", "--description", "my facts",
+                         "--signature-data", str(tmp_path / "facts.txt"))
+    assert code == 0, err
+    code, out, _ = run(capsys, "brick", "list", "--json")
+    (info,) = json.loads(out)
+    assert info["name"] == "me" and info["layers"] == list(range(22, 30)) and info["rank"] == 8
+    assert info["base_fingerprint"] == model.fingerprint() and len(info["checksum"]) == 64 and info["size_bytes"] > 0
+    before = snapshot(home)
+
+    # bad input: corrupt file, wrong shapes, existing name; each a clear error and the store unchanged
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((tmp_path / "peft" / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 100)
+    code, _, err = run(capsys, "brick", "add", str(bad), "--name", "bad")
+    assert code == 2 and "corrupt" in err and "Traceback" not in err
+    wrong = {n: LoraPair(p.a[:, :100], p.b, p.scale) for n, p in personal[0].pairs.items()}
+    wrong["layers.40.mlp.up_proj"] = personal[0].pairs["layers.29.mlp.up_proj"]
+    write_peft(tmp_path / "wrong", wrong)
+    code, _, err = run(capsys, "brick", "add", str(tmp_path / "wrong"), "--name", "wrong")
+    assert code == 2 and "57 problem(s)" in err and "expected [rank, 576]" in err and "layer 40 does not exist" in err
+    code, _, err = run(capsys, "brick", "add", str(tmp_path / "peft"), "--name", "me")
+    assert code == 2 and "exists already" in err
+    assert snapshot(home) == before
+
+    # a brick for another model is refused when applied; an incompatible merge is refused
+    store.save(_toy_brick(model, "alien", [29], ["self_attn.q_proj"], 2, 3, fingerprint="f" * 32))
+    before = snapshot(home)
+    code, _, err = run(capsys, "generate", "--prompt", "Hi", "--max-tokens", "2", "--bricks", "alien")
+    assert code == 2 and "made for another base model" in err
+    code, _, err = run(capsys, "brick", "merge", "me:0.5", "alien:0.5", "--name", "mix")
+    assert code == 2 and "different base models" in err
+    assert snapshot(home) == before
+
+    # a merge of compatible bricks, then generation with the brick on, and routing
+    store.save(_toy_brick(model, "tiny", [29], ["self_attn.q_proj"], 2, 4))
+    code, out, err = run(capsys, "brick", "merge", "me:0.5", "tiny:0.5", "--name", "mix")
+    assert code == 0, err
+    assert store.info("mix")["ranks"] == [8, 10] and store.info("mix")["signature"] is not None
+    code, out, err = run(capsys, "generate", "--chat", "--prompt", "What is the name of my dog?", "--temperature", "0",
+                         "--max-tokens", "8", "--bricks", "me", "--json")
+    assert code == 0 and "Biscuit" in json.loads(out)["text"]
+    code, out, err = run(capsys, "generate", "--chat", "--prompt", "What is the name of my dog Biscuit?",
+                         "--temperature", "0", "--max-tokens", "8", "--bricks", "auto", "--json")
+    assert code == 0 and "[bricks: auto -> " in err and json.loads(out)["brick"] in ("me", "mix")
+
+    # a corrupted stored brick is detected by its checksum; remove still works
+    weights = home / "me" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\x01" * 8)
+    code, _, err = run(capsys, "generate", "--prompt", "Hi", "--max-tokens", "2", "--bricks", "me")
+    assert code == 2 and "checksum" in err
+    for name in ("me", "mix", "tiny", "alien"):
+        assert run(capsys, "brick", "remove", name)[0] == 0
+    assert store.names() == [] and [p for p in home.iterdir()] == []
