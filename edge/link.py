@@ -143,9 +143,10 @@ class LinkEmulator:
         if self.loop and self.loop.is_running():
             async def shutdown():
                 self._server.close()
-                for task in asyncio.all_tasks():
-                    if task is not asyncio.current_task():
-                        task.cancel()
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)  # let them finish before the loop closes
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
@@ -173,6 +174,7 @@ class LinkEmulator:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for w in (c_writer, t_writer):
                 w.close()
 
