@@ -51,7 +51,7 @@ def layer_scores(summary: dict[str, np.ndarray], random: dict[str, np.ndarray], 
         label = "best" if key == "best" else "top-5% boundary"
         ax.plot(layers, summary[key].mean(0), style, color="C0", label=f"{label}")
         ax.plot(layers, random[key].mean(0), style, color="C3", label=f"{label}, shuffled labels")
-    ax.set(xlabel="layer", ylabel="average precision", title=title, ylim=(0, 1))
+    ax.set(xlabel="layer", ylabel="average precision", title=title, ylim=(0, 1.03))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)
@@ -82,5 +82,5 @@ def bars(groups: list[str], series: dict[str, list[float]], path: Path, title: s
     ax.set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
     ax.set(title=title, ylabel=ylabel)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     _save(fig, path)

@@ -23,7 +23,7 @@ from .prompts import FUNCTIONS, load_instances
 from .scores import (check_against_sklearn, functionality_scores, layer_summary, partition_similarity,
                      top_sets)
 
-LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+LEVELS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass
@@ -35,7 +35,7 @@ class AnalysisOptions:
     test_size: float = 0.25
     mask_levels: tuple = LEVELS
     mask_texts: int = 2  # held-out texts per function for the masking curves
-    perturb_texts: int | None = None  # held-out texts per function for the 7x7 matrix (None: all)
+    perturb_texts: int | None = 5  # held-out texts per function for the 7x7 matrix (None: all)
     hot_fractions: tuple = (0.1, 0.2, 0.3, 0.5)
     probe_layer: int = 3  # hidden state after this many layers feeds the function classifier
     seed: int = 0
@@ -147,7 +147,7 @@ class Analysis:
         n_layers = per_layer.shape[0]
         shown = sorted({0, n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1})
         curves = {f"layer {i}": per_layer[i] for i in shown} | {"all layers": total}
-        figures.cdf(x, curves, self.out / "sparsity_cdf.png", f"{self.model.config.name}: activation CDF")
+        figures.cdf(x, curves, self.out / "sparsity_cdf.png", "CDF of per-token normalised |activation|")
         masking_curves = self._masking_curves()
         figures.masking(list(self.opts.mask_levels), {f"by {k}": masking_curves[k]["loss_change"] for k in ("act", "output")},
                         self.out / "sparsity_masking.png", "masking the lowest neurons per token")
