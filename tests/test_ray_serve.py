@@ -143,7 +143,7 @@ def test_a_replica_killed_mid_answer_costs_no_answer(model, serve_center, refere
 
     def on_token(i, n):
         progress[i] = n
-        if min(progress) >= 3 and not killed.is_set():  # every session is mid-answer
+        if sum(p >= 3 for p in progress) >= 6 and not killed.is_set():  # (nearly) every session is mid-answer
             killed.set()
             os.kill(victim["pid"], signal.SIGKILL)
 
