@@ -51,12 +51,20 @@ class Telemetry:
     replays: int = 0  # KV caches of the span rebuilt from kept hidden states (new center session or local)
     replayed_positions: int = 0
 
+    fresh: bool = False  # the next record opens a new segment (an answer started)
+
     def record(self, start: int, end: int, where: str) -> None:
         last = self.segments[-1] if self.segments else None
-        if last and last[2] == where and last[1] == start:
+        if last and not self.fresh and last[2] == where and last[1] == start:
             last[1] = end
         else:
             self.segments.append([start, end, where])
+        self.fresh = False
+
+    def mark(self) -> int:
+        """Start a new answer: -> index of its first segment."""
+        self.fresh = True
+        return len(self.segments)
 
 
 class SplitRunner:
@@ -280,10 +288,11 @@ class SplitRunner:
             self.client.close()
             self.client = None
 
-    def report(self, since: int = 0) -> dict:
-        """Where positions >= since were computed, fallbacks and round-trip telemetry."""
+    def report(self, since: int = 0, first_segment: int = 0) -> dict:
+        """Where the positions computed since segment `first_segment` ran, fallbacks at positions >= since,
+        and round-trip telemetry. Segments are [start, end, "center" | "local"] over positions."""
         a, b = self.span
-        segs = [[max(s, since), e, w] for s, e, w in self.log.segments if e > since]
+        segs = [list(seg) for seg in self.log.segments[first_segment:]]
         n = max(1, self.log.round_trips)
         return {
             "center": self.address, "wire": self.opts.wire,
@@ -311,9 +320,9 @@ class SplitGenerator(Generator):
     """A Generator whose stats carry `extra["split"]`: where this answer's positions were computed."""
 
     def stream(self, prompt_ids, params):
+        first = self.runner.log.mark()
         for chunk in super().stream(prompt_ids, params):
-            # positions from the reused prefix on belong to this answer
-            chunk.stats.extra["split"] = self.runner.report(chunk.stats.cached_tokens)
+            chunk.stats.extra["split"] = self.runner.report(chunk.stats.cached_tokens, first)
             yield chunk
 
 
