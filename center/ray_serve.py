@@ -5,7 +5,7 @@ expiry, batched decode engine): the center logic exists once. Serve adds replica
 across nodes, health checks, autoscaling and rolling upgrades.
 
 Affinity. The installed Ray Serve (2.60; client- and bidirectional-streaming gRPC landed in
-ray-project/ray #60767/#60770/#60771) proxies `stream_stream` methods: the proxy routes the
+ray-project/ray #60767..#60771, split from #60490) proxies `stream_stream` methods: the proxy routes the
 stream once, when it opens, and every later message of that stream is pulled by the same replica
 (`gRPCInputStream`, one `receive_grpc_messages` actor call per message). So a `Session` stream
 stays on one replica for its life and that is the session affinity; no per-step routing key is
