@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import sys
@@ -91,6 +92,7 @@ def new_generator(args, model):
                 return model.new_generator()
             split = p.split
     runner = SplitRunner(model, args.center, None if split == "center" else split, SplitOptions(**opts))
+    atexit.register(runner.close)  # frees the session's KV cache on the center now, not at idle expiry
     return SplitGenerator(runner, model.tokenizer, model.config.context_length)
 
 
