@@ -19,11 +19,16 @@ STRATEGIES = ("dense", "oracle", "predictor")
 
 
 def ffn_rows(x: torch.Tensor, w: torch.Tensor, act, keep=None) -> torch.Tensor:
-    """x [.., D], bundles w [k, 3, D] (fp32) -> [.., D]; `keep` [.., k] masks neurons (measurement)."""
-    h = act(F.linear(x, w[:, 0])) * F.linear(x, w[:, 1])
+    """x [.., D], bundles w [3, k, D] (fp32, each part contiguous) -> [.., D]; `keep` [.., k] masks neurons."""
+    h = act(F.linear(x, w[0])) * F.linear(x, w[1])
     if keep is not None:
         h = h * keep
-    return h @ w[:, 2]
+    return h @ w[2]
+
+
+def parts(bundles: torch.Tensor) -> torch.Tensor:
+    """Bundles [k, 3, D] (any dtype) -> fp32 [3, k, D]: gate rows, up rows, down columns, each contiguous."""
+    return bundles.transpose(0, 1).float().contiguous()
 
 
 def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,7 +36,7 @@ def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class RamStore:
-    """All of a layer's bundles in RAM, fp32 [F, 3, D] in pack order (`--sparse` without a RAM budget)."""
+    """All of a layer's bundles in RAM, fp32 [3, F, D] in pack order (`--sparse` without a RAM budget)."""
 
     def __init__(self, rows: torch.Tensor):
         self.rows = rows
@@ -40,7 +45,7 @@ class RamStore:
         return self.rows
 
     def gather(self, positions: np.ndarray) -> torch.Tensor:
-        return self.rows[torch.from_numpy(positions)]
+        return self.rows[:, torch.from_numpy(positions)]
 
     @property
     def nbytes(self) -> int:
@@ -66,7 +71,7 @@ class FlashStore:
 
     def full(self) -> torch.Tensor:
         cold = self.shared.staged(self)
-        return torch.cat((self.hot, torch.from_numpy(cold[: self.n - self.n_hot]))).float()
+        return parts(torch.cat((self.hot, torch.from_numpy(cold[: self.n - self.n_hot]))))
 
     def fetch(self, positions: np.ndarray, step: int, stats) -> tuple[np.ndarray, np.ndarray]:
         """Make cold positions resident: -> (cache slots, -1 where a scratch row holds it; scratch rows)."""
@@ -90,9 +95,9 @@ class FlashStore:
         hot = positions[positions < self.n_hot]
         cold = positions[positions >= self.n_hot] - self.n_hot
         slots, scratch = self.fetch(cold, step, stats)
-        parts = [self.hot[torch.from_numpy(hot)],
+        rows = [self.hot[torch.from_numpy(hot)],
                  torch.from_numpy(self.cache.rows[slots[slots >= 0]]), torch.from_numpy(scratch)]
-        return torch.cat(parts).float()
+        return parts(torch.cat(rows))
 
     def prefetch(self, positions: np.ndarray, step: int, stats) -> None:
         cold = positions[positions >= self.n_hot] - self.n_hot
@@ -139,7 +144,7 @@ class SparseFFN(nn.Module):
         """Per-token top-k of the true (oracle) or predicted activations, computed densely then masked."""
         w = self.store.full()
         if self.strategy == "oracle":
-            s = (self.act(F.linear(x, w[:, 0])) * F.linear(x, w[:, 1])).abs()
+            s = (self.act(F.linear(x, w[0])) * F.linear(x, w[1])).abs()
         else:
             s = self.scores(x)
         keep = torch.zeros_like(s).scatter_(-1, topk_positions(s, self.k), 1.0)

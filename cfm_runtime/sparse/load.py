@@ -111,7 +111,7 @@ def layer_densities(pack: packfmt.NeuronPack, density: float) -> list[float]:
     d = pack.manifest["density"]
     if density >= 1.0:
         return [1.0] * pack.n_layers
-    return densities(d["levels"], np.array(d["loss_increase"]), density)
+    return densities(d["levels"], np.array(d["output_error"]), density)
 
 
 def attach(model, pack: packfmt.NeuronPack, *, ram_budget_mb: float | None = None, strategy: str = "dense",
@@ -140,9 +140,9 @@ def attach(model, pack: packfmt.NeuronPack, *, ram_budget_mb: float | None = Non
 
 def _ram_module(i: int, mlp, pack, rank: int) -> SparseFFN:
     order = pack.order(i)
-    rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T), dim=1)
+    rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T))  # [3, F, D]
     net = predictor_from(pack.tables, i, order, rank) if rank else None
-    return SparseFFN(i, RamStore(rows[torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net)
+    return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net)
 
 
 def _flash_engine(model, pack, ram_budget_mb, use_pred, cache_fraction, max_gap, threads) -> SparseEngine:

@@ -1,8 +1,9 @@
 """Two allocation problems solved from the pack's profile: per-layer densities and the hot set.
 
-Densities (TEAL-style greedy): the profile measures, for each layer alone, the calibration loss
-increase at each density level; starting from all layers dense, the step with the smallest loss
-increase per unit of density removed is taken until the mean density reaches the target.
+Densities (TEAL-style greedy): the profile measures, for each layer, the relative error of its FFN
+output on held-out calibration tokens at each density level (predictor selection); starting from
+all layers dense, the step with the smallest error increase per unit of density removed is taken
+until the mean density reaches the target.
 
 Hot set: neurons are stored in clusters of equal size, each with its share of its layer's
 activation mass (shares sum to 1 per layer). Choosing clusters to maximise covered mass under a
@@ -17,7 +18,7 @@ import numpy as np
 
 
 def densities(levels: list[float], loss_increase: np.ndarray, target: float) -> list[float]:
-    """Per-layer densities with mean <= target; loss_increase [L, len(levels)] (levels ascending)."""
+    """Per-layer densities with mean <= target; error [L, len(levels)] at each level (levels ascending)."""
     lv = list(levels) + [1.0]
     inc = np.concatenate((np.maximum(loss_increase, 0.0), np.zeros((loss_increase.shape[0], 1))), axis=1)
     at = np.full(inc.shape[0], len(lv) - 1)  # index into lv per layer: start dense

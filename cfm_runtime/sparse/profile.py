@@ -23,7 +23,7 @@ CLUSTER = 32  # 32 fp16 bundles of D=576 are 27 pages: clusters stay 4 KiB align
 
 
 def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_answers: int = 4,
-               max_tokens: int | None = None, rank: int = 96, steps: int = 300, sens_tokens: int = 384,
+               max_tokens: int | None = None, rank: int = 64, sens_tokens: int = 384,
                levels=LEVELS, progress: bool = True) -> Path:
     """Profile `model` (dense, fp32 in RAM) and write its pack to `root` (replaced if present)."""
     t0 = time.time()
@@ -37,12 +37,13 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
     acts = collect(model, seqs)
     n_layers = len(model.transformer.layers)
     split = int(acts.n_tokens * 0.85)  # the rest is held out for predictor recall
-    tables, layers = {}, []
+    tables, layers, nets = {}, [], []
     bar = tqdm(range(n_layers), desc="profiling layers", unit="layer", disable=not progress)
     for i in bar:
         x, a = acts.inputs[i], acts.acts[i]
         order, cmass = coactivation_order(a[:split], CLUSTER)
-        net = pred.train(x[:split], a[:split], rank=rank, steps=steps)
+        net = pred.train(x[:split], a[:split], rank=rank)
+        nets.append(net)
         tables.update(layer_tables(i, order, cmass, a[:split], net))
         layers.append({"n": int(a.shape[1]), "recall": {f"{d:g}": pred.recall(net, x[split:], a[split:], d)
                                                           for d in levels}})
@@ -53,7 +54,7 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp / packfmt.TABLES))
-    sens = sensitivity(model, tables, orders, rank, truncate_total(seqs, sens_tokens), levels, progress)
+    sens = sensitivity(model, [x[split:][:sens_tokens] for x in acts.inputs], nets, levels)
     for entry, layer in zip(entries, layers):
         layer.update(entry)
     manifest = {
@@ -65,7 +66,7 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
         "align": packfmt.ALIGN, "predictor_rank": rank,
         "calibration": {"tokens": acts.n_tokens, "held_out_tokens": acts.n_tokens - split,
                         "files": [str(f) for f in calib_files] if calib_files else "cfm_runtime/data/calib"},
-        "density": {"levels": list(levels), "loss_increase": sens.tolist()},
+        "density": {"levels": list(levels), "output_error": sens.tolist()},
         "layers": layers, "files": {}, "build_seconds": round(time.time() - t0, 1),
     }
     packfmt.write_manifest(tmp, manifest)
@@ -94,37 +95,29 @@ def layer_tables(i: int, order, cmass, a: torch.Tensor, net) -> dict[str, torch.
 
 
 @torch.inference_mode()
-def sensitivity(model, tables, orders, rank, seqs, levels, progress) -> np.ndarray:
-    """Calibration loss increase [L, len(levels)] when only layer i runs sparse (predictor) at each level."""
-    layers = model.transformer.layers
-    originals = [layer.mlp for layer in layers]
-    modules = [ram_module(i, layer.mlp, orders[i], predictor_from(tables, i, orders[i], rank))
-               for i, layer in enumerate(layers)]
-    engine = SparseEngine(modules)
-    engine.configure(strategy="predictor", density=1.0, measure=True)
-    for layer, m in zip(layers, modules):
-        layer.mlp = m
-    try:
-        base = mean_loss(model, seqs)
-        out = np.zeros((len(layers), len(levels)))
-        bar = tqdm(total=out.size, desc="per-layer sensitivity", unit="eval", disable=not progress)
-        for i, m in enumerate(modules):
-            for j, d in enumerate(levels):
-                m.density = d
-                out[i, j] = mean_loss(model, seqs) - base
-                bar.update()
-            m.density = 1.0
-        bar.close()
-    finally:
-        for layer, mlp in zip(layers, originals):
-            layer.mlp = mlp
+def sensitivity(model, x_by_layer, net_by_layer, levels) -> np.ndarray:
+    """Relative FFN output error [L, len(levels)] of each layer at each density, predictor selection.
+
+    ||y_sparse - y||^2 / ||y||^2 averaged over held-out calibration tokens: a per-layer proxy for the
+    loss increase (end-to-end loss per layer and level costs L x levels full forwards).
+    """
+    out = np.zeros((len(x_by_layer), len(levels)))
+    for i, (x, net) in enumerate(zip(x_by_layer, net_by_layer)):
+        mlp, x = model.transformer.layers[i].mlp, x.float()
+        h = mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x)  # [N, F]
+        y = mlp.down_proj(h)
+        scores = net(x)
+        for j, d in enumerate(levels):
+            keep = topk_mask(scores, d).float()
+            err = (mlp.down_proj(h * keep) - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(1e-12)
+            out[i, j] = err.mean().item()
     return out
 
 
 def ram_module(i: int, mlp, order: np.ndarray, predictor) -> SparseFFN:
     """A SparseFFN over a dense MLP's weights (fp32, in RAM, pack order)."""
-    rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T), dim=1)
-    return SparseFFN(i, RamStore(rows[torch.from_numpy(order)].contiguous()), mlp.act, len(order),
+    rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T))  # [3, F, D]
+    return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order),
                      predictor=predictor)
 
 
