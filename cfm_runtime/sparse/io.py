@@ -60,9 +60,9 @@ class BundleFile:
         os.close(self.fd)
 
     def read_rows(self, layer: int, start: int, rows: list[memoryview]) -> None:
-        """Read bundles start.. start+len(rows) of `layer` into `rows` (one preadv; one buffer per bundle)."""
+        """Read consecutive bundles from `start` of `layer` into the byte buffers `rows` (one preadv)."""
         off = self.offsets[layer] + start * self.bundle
-        want = len(rows) * self.bundle
+        want = sum(r.nbytes for r in rows)
         got = os.preadv(self.fd, rows, off)
         if got != want:
             raise OSError(f"short read from the neuron pack: {got} of {want} bytes at offset {off}")
