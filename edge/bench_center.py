@@ -153,7 +153,7 @@ class CenterProcess:
         try:
             self.info = self.conn.recv()
         except EOFError:
-            raise CfmError("the benchmark's center process died while loading the model (see its error above)") from None
+            raise CfmError("the benchmark's center process died while loading the model (its error is above)") from None
         return self.info
 
     def stop(self) -> None:

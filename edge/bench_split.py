@@ -48,7 +48,7 @@ class Settings:
     splits: tuple = ((2, 28), (8, 22))  # layers [a, b) on the center; the planner's choice is added
     wires: tuple = ("fp32", "fp16")  # measured live; int8 and bf16 only offline (quality, bytes, prediction)
     prompt_tokens: int = 32
-    decode_tokens: int = 10
+    decode_tokens: int = 16
     quality_tokens: int = 64  # per eval text
     loopback_tokens: int = 24
     edge_threads: int = 1  # the device is slower than its server: 1 core vs 2
@@ -162,11 +162,13 @@ def run_cell(model, center: dict, rtt_ms: float, rate_mbit: float | None, s: Set
             LinkEmulator((HOST, center["token_port"]), spec) as tlink:
         address = f"{HOST}:{glink.port}"
         choice, m = plan_cell(model, address, rate_mbit, s.wires)
-        splits = list(dict.fromkeys([tuple(x) for x in s.splits] + ([tuple(choice["split"])] if choice["split"] else [])))
+        chosen = [tuple(choice["split"])] if choice["split"] else []
+        splits = list(dict.fromkeys([tuple(x) for x in s.splits] + chosen))
         runs = [LocalRun(model)]
         runs += [SplitRun(model, address, split, w, glink) for split in splits for w in s.wires]
         runs.append(CenterOnlyRun(tlink.port, tlink))
         results = measure(runs, prompt, s.decode_tokens)
+        lateness = {"grpc_link": glink.lateness_ms(), "token_link": tlink.lateness_ms()}
     for r in results:
         p = predict(m, r)
         r["predicted_ms"] = None if p is None else round(p, 2)
@@ -174,7 +176,8 @@ def run_cell(model, center: dict, rtt_ms: float, rate_mbit: float | None, s: Set
             transfer = (r["bytes_up_per_token"] + r["bytes_down_per_token"]) * 8 / (rate_mbit * 1e3) if rate_mbit else 0
             r["overhead_ms"] = round(r["network_ms"] - rtt_ms - transfer, 2)
     int8 = {f"{a}:{b}": round(predict(m, {"kind": "split", "wire": "int8", "split": (a, b)}), 2) for a, b in splits}
-    return {"rtt_ms": rtt_ms, "rate_mbit": rate_mbit, "planner": choice, "runs": results,
+    return {"rtt_ms": rtt_ms, "rate_mbit": rate_mbit, "loadavg_1min": os.getloadavg()[0], "planner": choice,
+            "emulator_lateness_ms": lateness, "runs": results,
             "int8_predicted_ms": int8, **judge(results, choice)}
 
 
@@ -206,7 +209,8 @@ def loopback_overhead(model, center: dict, s: Settings, prompt: list[int]) -> di
         direct, proxied, local = measure([SplitRun(model, f"{HOST}:{center['grpc_port']}", split, "fp32"),
                                           SplitRun(model, f"{HOST}:{link.port}", split, "fp32", link),
                                           LocalRun(model)], prompt, s.loopback_tokens)
-    out = {"grpc_ping_ms": round(_ping_ms(f"{HOST}:{center['grpc_port']}"), 3)}
+        out = {"grpc_ping_ms": round(_ping_ms(f"{HOST}:{center['grpc_port']}"), 3),
+               "emulator_lateness_ms": link.lateness_ms()}
     for name, r in (("direct", direct), ("emulator_zero_delay", proxied)):
         out[name] = {"overhead_ms": r["network_ms"], "run": r}
     out["local"] = local
@@ -329,6 +333,10 @@ def summarize(cells: list[dict], loopback: dict, variants: list[dict]) -> dict:
         "grpc_empty_ping_ms_loopback": loopback["grpc_ping_ms"],
         "split_overhead_ms_emulator_zero_delay": loopback["emulator_zero_delay"]["overhead_ms"],
         "split_overhead_ms_grid_median": round(float(np.median(overheads)), 2) if overheads else None,
+        "emulator_lateness_ms_per_delivery_median": round(float(np.median(
+            [c["emulator_lateness_ms"]["grpc_link"]["median"] for c in cells])), 3),
+        "emulator_lateness_ms_per_delivery_p95": round(float(np.median(
+            [c["emulator_lateness_ms"]["grpc_link"]["p95"] for c in cells])), 3),
         "local_variants_ms_per_token": {v["config"]: v.get("median_ms", v.get("error")) for v in variants},
     }
 
@@ -377,7 +385,8 @@ def run(s: Settings, out_dir: Path, model_path=None) -> dict:
     _log(f"wire quality at {splits}")
     quality = wire_quality(model, eval_texts(model, s.quality_tokens), splits)
     env |= {"loadavg_end": os.getloadavg(), "elapsed_s": round(time.perf_counter() - t_start, 1)}
-    result = {"benchmark": "split", "settings": asdict(s), "environment": env, "summary": summarize(cells, loopback, variants),
+    result = {"benchmark": "split", "settings": asdict(s), "environment": env,
+              "summary": summarize(cells, loopback, variants),
               "loopback": loopback, "quality": quality, "cells": cells,
               "local_variants": variants, "notes": NOTES}
     (out_dir / "split.json").write_text(json.dumps(result, indent=1, default=_json_default))
@@ -400,7 +409,9 @@ NOTES = [
     "TTFT is from the prompt's first byte to the first token; the session is opened before timing.",
     "center-only sends token ids in the clear (the server sees the text): a baseline, not a deployment option.",
     "overhead_ms = round trip - center compute - emulated RTT - bytes at the emulated rate (gRPC, serialisation, "
-    "scheduling, the emulator's own proxying).",
+    "scheduling, the emulator's own proxying). emulator_lateness_ms is how late the emulator delivered segments "
+    "after their due time (host scheduling; a round trip has two deliveries).",
+    "The link emulator runs in the edge's process (a thread with its own event loop).",
 ]
 
 
@@ -418,7 +429,7 @@ def add_parser(sub) -> None:
     p.add_argument("--center-threads", type=int, default=None, help="center CPU threads (default 2)")
     p.add_argument("--rtt", default=None, metavar="MS,MS,..", help="RTT grid in ms (default 1,10,30,80,150)")
     p.add_argument("--rate", default=None, metavar="MBIT,..", help="bandwidth grid in Mbit/s (default 1,10,100)")
-    p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per run (default 10)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per run (default 16)")
     p.set_defaults(func=cmd_bench_split)
 
 

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-KIND_STYLE = {"local": dict(color="black", ls="-", marker="o"), "center-only": dict(color="tab:red", ls=":", marker="s")}
+KIND_STYLE = {"local": dict(color="black", ls="-", marker="o"),
+              "center-only": dict(color="tab:red", ls=":", marker="s")}
 
 
 def plot_all(result: dict, out_dir: Path) -> list[Path]:
@@ -124,4 +125,5 @@ def _title(result: dict) -> str:
     e = result["environment"]
     return (f"edge {e['edge_threads']} thread(s), center {e['center_threads']} "
             f"(serving {e['center_span'][0]}:{e['center_span'][1]}), load average {e['loadavg_start'][0]:.1f};\n"
-            f"{result['settings']['prompt_tokens']} prompt + {result['settings']['decode_tokens']} decode tokens per run")
+            f"{result['settings']['prompt_tokens']} prompt + {result['settings']['decode_tokens']} "
+            "decode tokens per run")

@@ -13,6 +13,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from cfm_runtime.errors import CfmError
@@ -50,8 +51,8 @@ class LinkSpec:
 class _Pipe:
     """One direction: pace at the link rate, deliver after the one-way delay, never reorder."""
 
-    def __init__(self, spec: LinkSpec, rng: random.Random, writer: asyncio.StreamWriter):
-        self.spec, self.rng, self.writer = spec, rng, writer
+    def __init__(self, spec: LinkSpec, rng: random.Random, writer: asyncio.StreamWriter, lateness: deque):
+        self.spec, self.rng, self.writer, self.lateness = spec, rng, writer, lateness
         self.queue: asyncio.Queue = asyncio.Queue()
         self.link_free_at = 0.0
         self.last_delivery = 0.0
@@ -91,6 +92,7 @@ class _Pipe:
             wait = at - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            self.lateness.append(time.monotonic() - at)
             self.writer.write(seg)
             await self.writer.drain()
             self.queued -= len(seg)
@@ -113,6 +115,7 @@ class LinkEmulator:
         self._thread: threading.Thread | None = None
         self._server = None
         self.bytes_forwarded = [0, 0]  # client->target, target->client
+        self.lateness: deque = deque(maxlen=100_000)  # seconds each segment left after its due time
 
     def start(self) -> int:
         ready = threading.Event()
@@ -151,6 +154,14 @@ class LinkEmulator:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
 
+    def lateness_ms(self) -> dict:
+        """How late segments were delivered (the host's scheduling, not the emulated link): median, p95."""
+        late = sorted(self.lateness)
+        if not late:
+            return {"median": 0.0, "p95": 0.0, "segments": 0}
+        return {"median": round(late[len(late) // 2] * 1000, 3), "p95": round(late[int(0.95 * len(late))] * 1000, 3),
+                "segments": len(late)}
+
     def __enter__(self):
         self.start()
         return self
@@ -164,7 +175,8 @@ class LinkEmulator:
         except OSError:
             c_writer.close()
             return
-        up, down = _Pipe(self.spec, self.rng, t_writer), _Pipe(self.spec, self.rng, c_writer)
+        up = _Pipe(self.spec, self.rng, t_writer, self.lateness)
+        down = _Pipe(self.spec, self.rng, c_writer, self.lateness)
         tasks = [asyncio.ensure_future(x) for x in (
             self._pump(c_reader, up, 0), self._pump(t_reader, down, 1), up.run(), down.run())]
         try:
@@ -241,7 +253,8 @@ def measure(spec: LinkSpec, pings: int = 20, bulk_bytes: int | None = None) -> d
                     s.sendall(b"p")
                     s.recv(1)
                     rtts.append(time.perf_counter() - t0)
-                result = {"rtt_ms": statistics.median(rtts) * 1000, "rtt_ms_p95": sorted(rtts)[int(0.95 * len(rtts))] * 1000}
+                result = {"rtt_ms": statistics.median(rtts) * 1000,
+                          "rtt_ms_p95": sorted(rtts)[int(0.95 * len(rtts))] * 1000}
                 if spec.rate_mbit:
                     n = bulk_bytes or int(spec.rate_mbit * 1e6 / 8 * 1.0)  # ~1 s of traffic
                     payload = b"B" + str(n).zfill(16).encode() + b"x" * n
@@ -250,6 +263,7 @@ def measure(spec: LinkSpec, pings: int = 20, bulk_bytes: int | None = None) -> d
                     s.recv(1)
                     elapsed = time.perf_counter() - t0 - result["rtt_ms"] / 1000
                     result["throughput_mbit"] = (len(payload) * 8 / 1e6) / elapsed
+                result["lateness_ms"] = link.lateness_ms()
         return result
     finally:
         srv.close()
