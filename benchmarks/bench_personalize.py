@@ -6,7 +6,7 @@ the facts asked as chat questions (greedy), and drift on unrelated text (top-1 a
 against the base model on tests/data/eval_texts.json, and unchanged greedy answers to general
 questions). Saves benchmarks/results/personalize.json.
 
-    python benchmarks/bench_personalize.py [--threads 2] [--steps 60] [--lr 2e-3] [--layers 8]
+    python benchmarks/bench_personalize.py [--threads 2] [--steps 50] [--lr 1e-3] [--layers 8]
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def decode_tps(model, n: int = 32) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--rank", type=int, default=8)
     args = ap.parse_args()

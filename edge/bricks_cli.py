@@ -75,7 +75,7 @@ def add_parser(sub) -> None:
     s.add_argument("--data", required=True, help="plain text file, or .jsonl with chats ({\"messages\": [...]})")
     s.add_argument("--name", required=True)
     s.add_argument("--description", default="")
-    s.add_argument("--steps", type=int, default=120, help="optimizer steps (default 120)")
+    s.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
     s.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     s.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
     s.add_argument("--layers", type=int, default=8, help="train the top N layers (default 8)")

@@ -36,8 +36,8 @@ class TrainConfig:
     alpha: float = 16.0
     top_layers: int = 8  # LoRA on the last `top_layers` layers
     targets: tuple[str, ...] = TARGET_KINDS
-    steps: int = 120
-    lr: float = 2e-3
+    steps: int = 50
+    lr: float = 1e-3
     weight_decay: float = 0.0
     seq_len: int = 256  # longer texts are cut into windows of this many tokens
     seed: int = 0
@@ -73,6 +73,12 @@ ANCHOR_CHATS = [
      {"role": "assistant", "content": "Joyful, cheerful or content."}],
     [{"role": "user", "content": "Who wrote Romeo and Juliet?"},
      {"role": "assistant", "content": "William Shakespeare wrote Romeo and Juliet."}],
+]
+ANCHOR_TEXTS = [
+    "The Industrial Revolution began in Britain in the late eighteenth century, when new machines and steam "
+    "power changed how goods were made and how people lived and worked.",
+    "Water boils at 100 degrees Celsius at sea level. At higher altitudes the air pressure is lower, so water "
+    "boils at a lower temperature.",
 ]
 
 
@@ -203,8 +209,9 @@ def _top_logits(tr, h: torch.Tensor, start: int) -> torch.Tensor:
 def _anchors(model, frozen: FrozenFn, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(hidden states at `start`, the base model's log-probs [T, vocab]) for each anchor chat."""
     tok, out = model.tokenizer, []
-    for chat in ANCHOR_CHATS:
-        h = frozen(tok.encode(tok.apply_chat_template(chat, add_generation_prompt=False)))
+    texts = [tok.apply_chat_template(chat, add_generation_prompt=False) for chat in ANCHOR_CHATS] + ANCHOR_TEXTS
+    for text in texts:
+        h = frozen(tok.encode(text))
         with torch.no_grad():
             out.append((h, F.log_softmax(_top_logits(model.transformer, h, start), -1)))
     return out
