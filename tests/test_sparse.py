@@ -138,8 +138,8 @@ def test_predictor_quality_close_to_oracle(model, pack_root, eval_ids):
     originals = [layer.mlp for layer in model.transformer.layers]
     pack = open_pack(pack_root, verify=False)
     try:
-        engine = attach(model, pack, strategy="oracle")
-        engine.configure(densities=layer_densities(pack, 0.7), measure=True)
+        engine = attach(model, pack, strategy="predictor")
+        engine.configure(strategy="oracle", densities=layer_densities(pack, 0.7), measure=True)
         oracle = math.exp(mean_loss(model, texts)) / base - 1
         engine.configure(strategy="predictor")
         predictor = math.exp(mean_loss(model, texts)) / base - 1

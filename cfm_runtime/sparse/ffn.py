@@ -100,8 +100,11 @@ class FlashStore:
         return parts(torch.cat(rows))
 
     def prefetch(self, positions: np.ndarray, step: int, stats) -> None:
-        cold = positions[positions >= self.n_hot] - self.n_hot
-        self.fetch(np.sort(cold), step, stats)
+        """Read predicted cold neurons into free cache rows only (a guess never goes to scratch)."""
+        cold = np.sort(positions[positions >= self.n_hot] - self.n_hot)
+        cold = cold[self.cache.slot_of[cold] < 0][: int((self.cache.last < step).sum())]
+        if len(cold):
+            self.fetch(cold, step, LayerStats())
 
 
 class LayerStats:
@@ -132,6 +135,9 @@ class SparseFFN(nn.Module):
         if self.shared is not None:
             self.shared.before(self, x, sparse=self.sparse_now(x.shape[1]))
         if not self.sparse_now(x.shape[1]):
+            if x.shape[1] == 1:
+                self.stats.steps += x.shape[0]
+                self.stats.computed += self.n * x.shape[0]
             return ffn_rows(x, self.store.full(), self.act)
         if self.strategy == "oracle" or self.measure:
             return self._masked(x)
