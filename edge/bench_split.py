@@ -389,18 +389,16 @@ def run(s: Settings, out_dir: Path, model_path=None) -> dict:
               "summary": summarize(cells, loopback, variants),
               "loopback": loopback, "quality": quality, "cells": cells,
               "local_variants": variants, "notes": NOTES}
-    (out_dir / "split.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    _save(result, out_dir)  # the measurements survive a plotting failure
     from .bench_split_plots import plot_all
 
     result["plots"] = [p.name for p in plot_all(result, out_dir)]
-    (out_dir / "split.json").write_text(json.dumps(result, indent=1, default=_json_default))
+    _save(result, out_dir)
     return result
 
 
-def _json_default(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    raise TypeError(f"cannot serialise {type(x).__name__}")
+def _save(result: dict, out_dir: Path) -> None:
+    (out_dir / "split.json").write_text(json.dumps(result, indent=1, allow_nan=False))  # NaN would be a bug
 
 
 NOTES = [
