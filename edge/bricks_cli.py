@@ -19,13 +19,8 @@ def add_bricks_arg(p) -> None:
     p.add_argument("--bricks", default=None, metavar="NAMES|auto",
                    help="personal bricks to apply: NAME[:WEIGHT],... from the brick store, or 'auto' to pick "
                         "the best-matching brick (or none) for each prompt")
-    p.add_argument("--brick-threshold", type=float, default=None, help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
+    p.add_argument("--brick-threshold", type=float, default=None, metavar="S",
+                   help="with --bricks auto: lowest routing score that selects a brick (default 0.35)")
 
 
 def add_parser(sub) -> None:
