@@ -23,6 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("--top", type=float, default=0.05, help="size of a function's neuron set per layer (default 0.05)")
     p.add_argument("--probe-layer", type=int, default=3,
                    help="hidden state after this many layers feeds the function classifier (default 3)")
+    p.add_argument("--mask-texts", type=int, default=2,
+                   help="held-out texts per function for the masking curves (default 2)")
+    p.add_argument("--perturb-texts", type=int, default=5,
+                   help="held-out texts per function for the perturbation matrix (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_analyze)
 
@@ -34,8 +38,11 @@ def cmd_analyze(args) -> int:
 
     if not 0 < args.top < 1:
         raise CfmError(f"--top must be between 0 and 1, got {args.top}")
+    if args.mask_texts < 1 or args.perturb_texts < 1:
+        raise CfmError("--mask-texts and --perturb-texts must be at least 1")
     opts = AnalysisOptions(per_function=args.per_function, responses=args.responses, top=args.top,
-                           probe_layer=args.probe_layer, progress=not args.no_progress)
+                           probe_layer=args.probe_layer, mask_texts=args.mask_texts,
+                           perturb_texts=args.perturb_texts, progress=not args.no_progress)
     t0 = time.perf_counter()
     model = load(args)
     for path in Analysis(model, args.out, opts).run(args.what):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from cfm_runtime.analysis import FUNCTIONS, Analysis, AnalysisOptions, MaskedMLP, load_prompts, masked
+from cfm_runtime.analysis import (FUNCTIONS, Analysis, AnalysisOptions, CollectOptions, MaskedMLP, load_prompts,
+                                  masked)
 from cfm_runtime.analysis.prefetch import probe_features, train_classifier
 from cfm_runtime.analysis.prompts import stored_responses
 from cfm_runtime.analysis.scores import average_precision_columns, partition_similarity, top_sets
@@ -17,7 +18,8 @@ from cfm_runtime.analysis.scores import average_precision_columns, partition_sim
 @pytest.fixture(scope="module")
 def analysis(model, tmp_path_factory):
     opts = AnalysisOptions(per_function=3, responses="stored", mask_levels=(0.0, 0.3, 0.9), mask_texts=1,
-                           perturb_texts=1, hot_fractions=(0.2,), progress=False)
+                           perturb_texts=1, hot_fractions=(0.2,), progress=False,
+                           collect=CollectOptions(max_len=64))
     an = Analysis(model, tmp_path_factory.mktemp("analysis"), opts)
     an.run("all")
     return an

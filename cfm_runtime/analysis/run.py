@@ -151,7 +151,7 @@ class Analysis:
         masking_curves = self._masking_curves()
         figures.masking(list(self.opts.mask_levels), {f"by {k}": masking_curves[k]["loss_change"] for k in ("act", "output")},
                         self.out / "sparsity_masking.png", "masking the lowest neurons per token")
-        at = {f"{t:.1f}": float(total[int(t * CDF_BINS) - 1]) for t in (0.05, 0.1, 0.2, 0.5)}
+        at = {f"{t:g}": float(total[int(t * CDF_BINS) - 1]) for t in (0.05, 0.1, 0.2, 0.5)}
         return _write(self.out, "sparsity.json", {
             "what": "CDF of |act|/max|act| per token and layer over the user text and answer tokens; loss change "
                     "when masking the lowest k% neurons per token on held-out texts",
