@@ -168,12 +168,13 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[32, 48, 96, 176])
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--pack", default=None, help="neuron pack directory (default: the model's, built if missing)")
     args = ap.parse_args()
     import cfm_runtime
     from cfm_runtime.sparse import ensure_pack, open_pack
 
     model = cfm_runtime.load_model(threads=2)
-    root = ensure_pack(model.path)
+    root = (args.pack or ensure_pack(model.path))
     data = {"environment": environment(2), "pack": str(root), "cap_mb": args.cap}
     if not args.skip_quality:
         data["quality"] = quality(model, open_pack(root, verify=False))

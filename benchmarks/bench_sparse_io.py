@@ -81,12 +81,13 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--cache-rows", type=int, default=256, help="cached cold neurons per layer (window policy)")
     ap.add_argument("--threads", type=int, default=8, help="reader threads")
+    ap.add_argument("--pack", default=None, help="neuron pack directory (default: the model's, built if missing)")
     args = ap.parse_args()
     import cfm_runtime
     from cfm_runtime.sparse import ensure_pack, open_pack
 
     model = cfm_runtime.load_model(threads=2)
-    pack = open_pack(ensure_pack(model.path), verify=False)
+    pack = open_pack((args.pack or ensure_pack(model.path)), verify=False)
     sel = selections(model, pack, args.density, args.tokens)
     needed = np.mean([sum(len(p) for p in layers) for layers in sel])
     results = {p: run(p, pack, sel, args.cache_rows, args.threads)
