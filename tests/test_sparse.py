@@ -179,5 +179,5 @@ def test_generate_under_memory_cgroup(model_path, pack_root, fp16_reference):
     assert proc.returncode == 0 and not oom, err[-2000:]
     result = json.loads(out)
     print(f"cgroup cap {cap_mb} MB, cgroup peak {peak:.0f} MB, sparse report {result['sparse']}")
-    assert result["peak_rss_mb"] < cap_mb  # ru_maxrss: the whole run, loading included
+    assert result["sparse"]["rss_hwm_mb"] < cap_mb  # VmHWM: the whole run, loading included
     assert result["text"] == want

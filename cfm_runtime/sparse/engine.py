@@ -135,6 +135,7 @@ class SparseEngine:
             "prefill_flash_mb": round(d["prefill_bytes"] / 2**20, 1),
             "cache_hit_rate": round(d["hits"] / lookups, 3) if lookups else None,
             "rss_mb": round(rss, 1),
+            "rss_hwm_mb": round(rss_high_water_mb(), 1),
             **self.budget,
             "fixed_overhead_mb": round(rss - self.budget.get("ffn_weights_mb", 0.0), 1),
         }
@@ -147,6 +148,15 @@ class SparseEngine:
             self.background.shutdown(wait=True)
         if self.file is not None:
             self.file.close()
+
+
+def rss_high_water_mb() -> float:
+    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it excludes a forking parent's pages)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 class SparseGenerator(Generator):
