@@ -79,7 +79,9 @@ class BundleFile:
 
     def read_scattered(self, layer: int, runs: list[tuple[int, int]], dest_of) -> None:
         """Read runs of `layer` in parallel; dest_of(position) gives the row buffer for each bundle."""
-        futures = [self.pool.submit(self.read_rows, layer, a, [dest_of(p) for p in range(a, b)]) for a, b in runs]
+        # one preadv takes at most IOV_MAX (1024) buffers: long runs go in pieces
+        pieces = [(s, min(s + 512, b)) for a, b in runs for s in range(a, b, 512)]
+        futures = [self.pool.submit(self.read_rows, layer, a, [dest_of(p) for p in range(a, b)]) for a, b in pieces]
         for f in futures:
             f.result()
 
