@@ -26,7 +26,7 @@ def analysis(model, tmp_path_factory):
 
 
 def read(an, name: str) -> dict:
-    return json.loads((an.out / name).read_text())
+    return json.loads((an.out / f"{name}.json").read_text())
 
 
 def test_prompt_set_is_large_varied_and_labelled():
