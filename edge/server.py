@@ -84,6 +84,7 @@ class Engine:
         self.bricks = bricks or {}
         self.busy = threading.Lock()
         self.last_stats = None  # stats of the latest generation (telemetry, tests)
+        self.last_model = model_id
 
     def model_ids(self) -> list[str]:
         return [self.model_id, *self.bricks]
@@ -98,6 +99,9 @@ class Engine:
         self.last_stats = None
         brick = self.bricks.get(model_name)
         with self.busy, (brick() if brick else _nullcontext()):
+            if model_name != self.last_model:  # a KV cache computed under other bricks is not reusable
+                self.generator.tokens = []
+                self.last_model = model_name
             done = False
             try:
                 for chunk in self.model.stream(prompt, generator=self.generator, **sampling):
