@@ -142,3 +142,68 @@ def test_public_host_needs_api_key():
     r = subprocess.run([sys.executable, "-m", "edge.cli", "serve", "--host", "0.0.0.0"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "--api-key" in r.stderr
+
+
+def _toy_brick(model, name, layers, seed=0):
+    import torch
+
+    from cfm_runtime.bricks import Brick, base_info
+    from cfm_runtime.bricks.lora import LoraPair
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for i in layers:
+        for kind in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"):
+            lin = model.transformer.get_submodule(f"layers.{i}.{kind}")
+            pairs[f"layers.{i}.{kind}"] = LoraPair(torch.randn(4, lin.in_features, generator=g) * 0.3,
+                                                   torch.randn(lin.out_features, 4, generator=g) * 0.3, 2.0)
+    return Brick(name, pairs, base_info(model))
+
+
+def test_split_and_brick_streams_equal_generate(model, tmp_path):
+    """Through a center (split 2:28) and with a brick on edge layers, the streamed answer equals the
+    greedy answer `cfm generate --center ... [--bricks b]` computes."""
+    from center.server import CenterServer
+    from cfm_runtime.bricks import BrickStore, apply_brick, remove_brick
+    from edge.serve_cli import brick_models
+    from edge.split import split_generator
+
+    store = BrickStore(tmp_path / "bricks")
+    store.save(_toy_brick(model, "edgebrick", [28, 29]))
+    store.save(_toy_brick(model, "centerbrick", [10]))  # would need the center: not offered in split mode
+    msgs = [{"role": "user", "content": "Name a large animal."}]
+    center = CenterServer(model, span=(2, 28)).start()
+    try:
+        address = f"127.0.0.1:{center.port}"
+        expected = "".join(c.text for c in model.stream(msgs, generator=split_generator(model, address, (2, 28)),
+                                                        temperature=0, max_tokens=16))
+        apply_brick(model, store.load("edgebrick"))
+        try:
+            expected_brick = "".join(c.text for c in model.stream(
+                msgs, generator=split_generator(model, address, (2, 28)), temperature=0, max_tokens=16))
+        finally:
+            remove_brick(model, "edgebrick")
+        assert expected_brick != expected
+
+        gen = split_generator(model, address, (2, 28))
+        engine = Engine(model, gen, model_id(model), brick_models(model, gen, store))
+        assert engine.model_ids() == ["smollm2-135m", "smollm2-135m+edgebrick"]
+        server, thread, url = start(engine)
+        try:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+            def streamed(model_name):
+                s = client.chat.completions.create(model=model_name, messages=msgs, temperature=0, max_tokens=16,
+                                                   stream=True)
+                return "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+            assert streamed("smollm2-135m") == expected
+            assert streamed("smollm2-135m+edgebrick") == expected_brick
+            assert streamed("smollm2-135m") == expected  # the brick came off again
+            split = engine.last_stats.extra["split"]
+            assert "center" in json.dumps(split)
+        finally:
+            server.should_exit = True
+            thread.join(10)
+    finally:
+        center.stop()
