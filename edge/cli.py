@@ -18,8 +18,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores available)")
     bricks_cli.add_bricks_arg(p)
     profile_cli.add_sparse_args(p)
-    p.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
-                   help="weight format of the layers: int4 re-packs Q4_1 exactly and decodes fastest (default fp32)")
+    p.add_argument("--weights", choices=("fp32", "int8", "int4"), default=None,
+                   help="weight format of the layers: int4 re-packs Q4_1 exactly and decodes fastest (default: "
+                        "int4 when running locally, fp32 with --center, --sparse or --ram-budget)")
     p.add_argument("--lm-head", choices=("fp32", "int8"), default=None,
                    help="LM head format (default: int8 with --weights int8/int4, else fp32)")
 
@@ -78,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def runtime_options(args) -> dict:
     """Options of `add_model_args` passed on to load_model (each feature adds its own here)."""
-    return {"weights": args.weights, "lm_head": args.lm_head, **profile_cli.sparse_options(args)}
+    sparse = profile_cli.sparse_options(args)
+    return {"weights": args.weights or default_weights(args, sparse), "lm_head": args.lm_head, **sparse}
+
+
+def default_weights(args, sparse: dict) -> str:
+    """int4 (+0.85% perplexity, several times faster decode; benchmarks/bench_decode.py) where it applies:
+    the sparse FFN and a center's fingerprint check work on the fp32 weights."""
+    return "fp32" if sparse or getattr(args, "center", None) else "int4"
 
 
 def load(args):
