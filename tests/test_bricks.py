@@ -124,10 +124,15 @@ def test_merge_is_the_weighted_sum_of_updates(model):
 
 def test_routing_picks_the_matching_brick_or_none(model, personal):
     me = personal[0]
-    code_ids = [model.tokenizer.encode(t) for t in (
-        "def parse(path):\n    with open(path) as f:\n        return [line.split(',') for line in f]\n",
-        "import numpy as np\nx = np.zeros((3, 4))\nfor i in range(3):\n    x[i] = i\n")]
-    sig, layer = signature(model, code_ids)
+    # a coding brick is trained on coding chats (JSONL): its signature comes from those
+    code_chats = [
+        [{"role": "user", "content": "Write a Python function that parses a CSV file."},
+         {"role": "assistant", "content": "def parse(path):\n    with open(path) as f:\n"
+                                          "        return [line.split(',') for line in f]\n"}],
+        [{"role": "user", "content": "How do I fill a numpy array row by row in Python?"},
+         {"role": "assistant", "content": "import numpy as np\nx = np.zeros((3, 4))\nfor i in range(3):\n"
+                                          "    x[i] = i\n"}]]
+    sig, layer = signature(model, [model.encode_prompt(c) for c in code_chats])
     metas = [me.meta | {"name": "me"}, {"name": "code", "signature": sig, "signature_layer": layer}]
 
     def pick(text):

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..errors import CfmError
 from .lora import attached, set_weight
 
 DEFAULT_THRESHOLD = 0.35
@@ -44,16 +45,41 @@ def bricks_off(transformer):
 
 
 def hidden_mean(model, texts_ids: list[list[int]], layer: int) -> np.ndarray:
-    """Mean unit-normalised hidden state [D] after layers [0, layer), first position skipped (attention sink)."""
+    """Mean unit-normalised hidden state [D] after layers [0, layer) over each text's own content:
+    the first position (attention sink) and the chat template's fixed head and tail are left out,
+    since every chat prompt shares them and they would swamp what the user wrote."""
     tr = model.transformer
     total, count = torch.zeros(tr.config.d_model, dtype=torch.float64), 0
     with torch.inference_mode(), bricks_off(tr):
         for ids in texts_ids:
             h = tr.forward_span(tr.embed(torch.tensor([ids])), 0, layer, [tr.new_cache(0, layer, len(ids))])[0]
-            h = h[1:] if len(ids) > 1 else h
+            a, b = content_span(model, ids)
+            h = h[a:b]
             total += torch.nn.functional.normalize(h, dim=-1).double().sum(0)
             count += h.shape[0]
     return (total / max(count, 1)).numpy()
+
+
+_TEMPLATE: dict[int, list[int]] = {}
+
+
+def content_span(model, ids: list[int]) -> tuple[int, int]:
+    """[a, b) of `ids` that is not the chat template rendered around an empty user message."""
+    key = id(model)
+    if key not in _TEMPLATE:
+        try:
+            _TEMPLATE[key] = model.encode_prompt([{"role": "user", "content": ""}])
+        except CfmError:  # no chat template: only the attention sink is skipped
+            _TEMPLATE[key] = ids[:1]
+    t = _TEMPLATE[key]
+    a = 0
+    while a < min(len(ids), len(t)) and ids[a] == t[a]:
+        a += 1
+    b = len(ids)
+    while b > a and len(ids) - b < len(t) - a and ids[b - 1] == t[len(t) - (len(ids) - b) - 1]:
+        b -= 1
+    a = max(a, 1)
+    return (a, b) if b > a else (max(0, len(ids) - 1), len(ids))
 
 
 _REFERENCE: dict[tuple[int, int], np.ndarray] = {}
