@@ -39,6 +39,7 @@ class Model:
         self.format = checkpoint.format
         self.metadata = checkpoint.metadata
         self._fingerprints: dict[tuple[int, int], str] = {}
+        self._layer_digests: dict[int, bytes] = {}
 
     # ------------------------------------------------------------ prompts and logits
 
@@ -92,7 +93,8 @@ class Model:
     # ------------------------------------------------------------ identity
 
     def fingerprint(self, start: int = 0, end: int | None = None) -> str:
-        """Hash of the config and the weights of layers [start, end): equal spans of equal models match."""
+        """Hash of the config and the weights of layers [start, end): equal spans of equal models match,
+        whatever format the weights are held in here (digests are taken from the file's weights)."""
         end = self.config.n_layers if end is None else end
         key = (start, end)
         if key not in self._fingerprints:
@@ -101,11 +103,19 @@ class Model:
             h.update(repr((c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_base, c.rope_style,
                            c.activation, c.rms_eps, start, end)).encode())
             for i in range(start, end):
-                for name, t in sorted(self.transformer.layers[i].state_dict().items()):
-                    h.update(name.encode())
-                    h.update(t.contiguous().numpy().tobytes())
+                h.update(self.layer_digest(i))
             self._fingerprints[key] = h.hexdigest()
         return self._fingerprints[key]
+
+    def layer_digest(self, i: int) -> bytes:
+        """Digest of layer i's weights as loaded (taken before any re-packing into another format)."""
+        if i not in self._layer_digests:
+            h = hashlib.blake2b(digest_size=16)
+            for name, t in sorted(self.transformer.layers[i].state_dict().items()):
+                h.update(name.encode())
+                h.update(t.contiguous().numpy().tobytes())
+            self._layer_digests[i] = h.digest()
+        return self._layer_digests[i]
 
     def info(self) -> dict:
         c = self.config
@@ -164,14 +174,17 @@ def load_model(path=None, *, threads: int | None = None, progress: bool | None =
         )
     transformer = Transformer.from_weights(ckpt.config, ckpt.weights)
     ckpt.weights = {}
+    model = Model(transformer, tokenizer, ckpt)
     if weights != "fp32":
         from .kernels.fused import FusedRunner
         from .quant import quantize_model
 
+        for i in range(ckpt.config.n_layers):  # fingerprints name the file's weights, not our packing
+            model.layer_digest(i)
         quantize_model(transformer, weights, lm_head, threads=n_threads)
         transformer.fused = FusedRunner(transformer, n_threads)  # LocalRunner's fast path
     release_freed_memory()
-    return Model(transformer, tokenizer, ckpt)
+    return model
 
 
 def release_freed_memory() -> None:

@@ -232,8 +232,9 @@ def write_peft(folder: Path, pairs: dict[str, LoraPair], base_model: str = "") -
     tensors = {}
     for name, p in pairs.items():
         prefix = f"base_model.model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = p.a.detach().float().contiguous()
-        tensors[f"{prefix}.lora_B.weight"] = p.b.detach().float().contiguous()
+        # copies: two modules may share one tensor (e.g. after a merge), which safetensors refuses
+        tensors[f"{prefix}.lora_A.weight"] = p.a.detach().to(torch.float32, copy=True).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = p.b.detach().to(torch.float32, copy=True).contiguous()
     save_file(tensors, str(folder / PEFT_WEIGHTS))
     (folder / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
 
