@@ -62,17 +62,18 @@ def split_name(name: str) -> tuple[int, str]:
 
 def validate(pairs: dict[str, LoraPair], config: ModelConfig, source: str) -> None:
     """Check every pair's name and shapes against the base model; one error lists all problems."""
-    problems = []
+    # names first: a module the base model lacks says more than a wrong shape, and long lists are cut
+    names, problems = [], []
     if not pairs:
-        problems.append("no LoRA tensors found")
+        names.append("no LoRA tensors found")
     for name, p in sorted(pairs.items()):
         m = re.fullmatch(r"layers\.(\d+)\.(\w+\.\w+)", name)
         if not m or m.group(2) not in TARGET_KINDS:
-            problems.append(f"{name}: not a linear module of a block (supported: {', '.join(TARGET_KINDS)})")
+            names.append(f"{name}: not a linear module of a block (supported: {', '.join(TARGET_KINDS)})")
             continue
         layer, kind = int(m.group(1)), m.group(2)
         if layer >= config.n_layers:
-            problems.append(f"{name}: layer {layer} does not exist (the base model has {config.n_layers} layers)")
+            names.append(f"{name}: layer {layer} does not exist (the base model has {config.n_layers} layers)")
             continue
         out, inp = module_shape(config, kind)
         if p.a.ndim != 2 or p.b.ndim != 2:
@@ -88,7 +89,7 @@ def validate(pairs: dict[str, LoraPair], config: ModelConfig, source: str) -> No
             problems.append(f"{name}: contains NaN or infinite values")
         if not math.isfinite(p.scale):
             problems.append(f"{name}: scale {p.scale} is not finite")
-    raise_problems(f"{source} does not fit the base model", problems)
+    raise_problems(f"{source} does not fit the base model", names + problems)
 
 
 def _rotary_heads(config: ModelConfig, kind: str) -> int:

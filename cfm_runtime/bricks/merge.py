@@ -59,12 +59,14 @@ def merge_pairs(bricks: list[Brick], weights: list[float]) -> dict[str, LoraPair
 
 
 def merged_signature(bricks: list[Brick], weights: list[float]) -> tuple[list[float] | None, int | None]:
-    layers = {b.meta.get("signature_layer") for b in bricks}
-    sigs = [b.meta.get("signature") for b in bricks]
-    if len(layers) != 1 or any(s is None for s in sigs):
+    """Weighted mean of the signatures the bricks have (a brick without one does not route)."""
+    have = [(b, w) for b, w in zip(bricks, weights) if b.meta.get("signature") is not None and w != 0]
+    layers = {b.meta.get("signature_layer") for b, _ in have}
+    if not have or len(layers) != 1:
         return None, None
-    w = np.abs(np.array(weights))[:, None]
-    return (np.sum(w * np.array(sigs), 0) / w.sum()).tolist(), layers.pop()
+    w = np.abs(np.array([w for _, w in have]))[:, None]
+    sigs = np.array([b.meta["signature"] for b, _ in have])
+    return (np.sum(w * sigs, 0) / w.sum()).tolist(), layers.pop()
 
 
 def merge_bricks(bricks: list[Brick], weights: list[float], name: str, description: str = "") -> Brick:
