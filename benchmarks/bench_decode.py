@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PROMPT, RESULTS, environment, median, save  # noqa: E402
 
+from cfm_runtime.reference import llama_cpp_logits  # noqa: E402
 import cfm_runtime  # noqa: E402
 from cfm_runtime.gguf_file import read_gguf  # noqa: E402
 from cfm_runtime.quant import weight_bytes_per_token  # noqa: E402
@@ -88,18 +89,6 @@ def perplexity(all_logits: dict[str, np.ndarray], ids: dict[str, list[int]]) -> 
         nll -= float(lp.gather(1, torch.tensor(ids[name][1:])[:, None]).sum())
         n += len(ids[name]) - 1
     return float(np.exp(nll / n))
-
-
-def llama_cpp_logits(path, ids: list[int], threads: int) -> np.ndarray:
-    import llama_cpp
-
-    with quiet_stderr():
-        llm = llama_cpp.Llama(str(path), n_ctx=max(512, len(ids) + 8), n_batch=512, logits_all=True,
-                              n_threads=threads, verbose=False)
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
 
 
 def quality(logits: dict[str, dict], ids: dict[str, list[int]]) -> dict:

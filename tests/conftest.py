@@ -1,12 +1,10 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import cfm_runtime
 from cfm_runtime.loading import default_model_path
-from cfm_runtime.tokenizer import quiet_stderr
 
 DATA = Path(__file__).parent / "data"
 
@@ -28,19 +26,6 @@ def eval_ids(model) -> dict[str, list[int]]:
     ids = {k: model.tokenizer.encode(t) for k, t in d["texts"].items()}
     ids["chat"] = model.encode_prompt(d["chat"])
     return ids
-
-
-def llama_cpp_logits(path: Path, ids: list[int], n_threads: int = 2) -> np.ndarray:
-    """llama-cpp-python's logits for every position of ids, evaluated as one batch."""
-    import llama_cpp
-
-    with quiet_stderr():
-        llm = llama_cpp.Llama(str(path), n_ctx=max(512, len(ids) + 8), n_batch=512, logits_all=True,
-                              n_threads=n_threads, verbose=False)
-    llm.eval(ids)
-    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from conftest import llama_cpp_logits
+from cfm_runtime.reference import llama_cpp_logits
 
 
 def test_top1_agreement_with_llama_cpp(model, eval_ids):

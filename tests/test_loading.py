@@ -1,7 +1,5 @@
 """Loading GGUF files and Hugging Face folders, and refusing damaged or foreign ones."""
 
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import cfm_runtime
 from cfm_runtime import ModelFileError
 from cfm_runtime.gguf_file import read_gguf
 from cfm_runtime.loading import dequantize
-from conftest import llama_cpp_logits
+from cfm_runtime.reference import llama_cpp_logits
 from tiny_models import write_tiny_gguf
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import llama_cpp_logits
+from cfm_runtime.reference import llama_cpp_logits
 from cfm_runtime import LocalRunner, load_model
 from cfm_runtime.errors import CfmError
 from cfm_runtime.kernels.packing import pack, unpack
