@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import psutil
 
+from ..errors import CfmError
 from ..generate import Generator
 from .ffn import FlashStore, SparseFFN, topk_positions
 
@@ -91,6 +92,23 @@ class SparseEngine:
         self.phase_bytes[self.phase] += b - self._mark[0]
         self.phase_reads[self.phase] += r - self._mark[1]
         self._mark = (b, r)
+
+    def preload(self, layer: int, positions) -> int:
+        """Read `layer`'s neurons at pack `positions` (best first) into its free cache rows now, through the
+        decode read path (e.g. a predicted function's neurons after prefill). Counted in the flash telemetry
+        (as prefill traffic when called before the first decode step); not counted as hits or misses.
+        -> bytes read (including gap bundles read to merge requests)."""
+        m = next((m for m in self.modules if m.layer == layer), None)
+        if m is None or not isinstance(m.store, FlashStore) or m.store.cache is None:
+            raise CfmError(f"layer {layer} has no neuron cache to preload: preloading needs a RAM budget "
+                           "(--ram-budget) with a sparse strategy that caches neurons")
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(pos) and (pos.min() < 0 or pos.max() >= m.n):
+            raise CfmError(f"preload positions must be in 0..{m.n - 1}")
+        self._wait(layer)
+        before = self.file.io.bytes
+        m.store.prefetch(pos[pos >= m.store.n_hot][: m.store.cache.capacity], self.step, None)
+        return self.file.io.bytes - before
 
     # ------------------------------------------------------------ settings and telemetry
 
