@@ -1,13 +1,14 @@
 """Sparse FFN and offload: quality vs density, and speed / flash traffic vs RAM budget under a memory cap.
 
 1. Quality on held-out text (tests/data/eval_texts.json, not in the calibration set): perplexity
-   change and top-1 agreement with dense, at mean densities 0.3 / 0.5 / 0.7, oracle and predictor
-   (per-layer densities from the pack's greedy plan; oracle also at uniform density, as in FACTS.md).
+   change and top-1 agreement with dense, at mean densities 0.3 to 0.7, oracle and predictor (int4 and
+   low-rank), uniform densities and the pack's per-layer plan.
 2. Memory: `cfm generate` runs in a memory cgroup (v1, capped at --cap MB) at several --ram-budget
    values, dense offload and --sparse; llama-cpp-python and the in-RAM dense runtime under the same
    cap beside them. Tokens/s, flash MB/token, peak RSS, greedy agreement with in-RAM dense.
 
-    python benchmarks/bench_sparse.py [--cap 600] [--budgets 32 48 96 176] [--tokens 24]
+    python benchmarks/bench_sparse.py [--cap 600] [--budgets 32 48 96 176] [--tokens 24] [--skip-quality]
+                                      [--skip-memory] [--out sparse]
 
 Writes benchmarks/results/sparse.json and sparse.png.
 """
@@ -50,6 +51,15 @@ def evaluate(model, texts) -> tuple[float, list[torch.Tensor]]:
     return math.exp(total / n), top
 
 
+QUALITY_RUNS = (  # (strategy, predictor kind, per-layer densities, mean densities)
+    ("oracle", None, "uniform", (0.3, 0.4, 0.5, 0.6, 0.7)),
+    ("predictor", "int4", "uniform", (0.3, 0.5, 0.6, 0.7)),
+    ("predictor", "lowrank", "uniform", (0.5, 0.7)),
+    ("oracle", None, "planned", (0.5, 0.7)),
+    ("predictor", "int4", "planned", (0.5, 0.7)),
+)
+
+
 def quality(model, pack) -> list[dict]:
     from cfm_runtime.sparse.load import attach, layer_densities
 
@@ -57,21 +67,20 @@ def quality(model, pack) -> list[dict]:
     base, base_top = evaluate(model, texts)
     originals = [layer.mlp for layer in model.transformer.layers]
     rows = [{"strategy": "dense", "density": 1.0, "ppl": base, "ppl_change_pct": 0.0, "top1_agreement": 1.0}]
-    try:
-        engine = attach(model, pack, strategy="predictor")
-        for strategy, plan in (("oracle", "uniform"), ("oracle", "planned"), ("predictor", "planned"),
-                               ("predictor", "uniform")):
-            for d in (0.3, 0.5, 0.7):
-                dens = layer_densities(pack, d) if plan == "planned" else [d] * pack.n_layers
-                engine.configure(strategy=strategy, densities=dens, measure=True)
+    for strategy, kind, plan, levels in QUALITY_RUNS:
+        try:
+            engine = attach(model, pack, strategy="predictor", predictor=kind or "int4")
+            for d in levels:
+                engine.configure(strategy=strategy, densities=layer_densities(pack, d, plan), measure=True)
                 ppl, top = evaluate(model, texts)
                 agree = float(torch.cat([a == b for a, b in zip(top, base_top)]).float().mean())
-                rows.append({"strategy": strategy, "layer_densities": plan, "density": d, "ppl": round(ppl, 3),
-                             "ppl_change_pct": round(100 * (ppl / base - 1), 2), "top1_agreement": round(agree, 3)})
+                rows.append({"strategy": strategy, "predictor": kind, "layer_densities": plan, "density": d,
+                             "ppl": round(ppl, 3), "ppl_change_pct": round(100 * (ppl / base - 1), 2),
+                             "top1_agreement": round(agree, 3)})
                 print(rows[-1], flush=True)
-    finally:
-        for layer, mlp in zip(model.transformer.layers, originals):
-            layer.mlp = mlp
+        finally:
+            for layer, mlp in zip(model.transformer.layers, originals):
+                layer.mlp = mlp
     return rows
 
 
@@ -168,6 +177,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=int, nargs="+", default=[32, 48, 96, 176])
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--out", default="sparse", help="results name (benchmarks/results/NAME.json and .png)")
     ap.add_argument("--pack", default=None, help="neuron pack directory (default: the model's, built if missing)")
     args = ap.parse_args()
     import cfm_runtime
@@ -178,10 +189,13 @@ def main() -> None:
     data = {"environment": environment(2), "pack": str(root), "cap_mb": args.cap}
     if not args.skip_quality:
         data["quality"] = quality(model, open_pack(root, verify=False))
+        save(args.out, data)
     del model
+    if args.skip_memory:
+        return
     data["runs"] = memory_runs(args, str(root))
-    save("sparse", data)
-    plot(data["runs"], args.budgets, args.cap, RESULTS / "sparse.png")
+    save(args.out, data)
+    plot(data["runs"], args.budgets, args.cap, RESULTS / f"{args.out}.png")
     print(json.dumps({k: {kk: v.get(kk) for kk in ("ok", "decode_tps", "peak_rss_mb", "tps_end_to_end")}
                       for k, v in data["runs"].items()}, indent=1))
 

@@ -15,7 +15,7 @@ import torch
 from cfm_runtime.errors import CfmError
 from cfm_runtime.model import MLP
 from cfm_runtime.sparse import PackError, load_sparse, open_pack
-from cfm_runtime.sparse.load import attach, layer_densities, source_digest
+from cfm_runtime.sparse.load import attach, source_digest
 from cfm_runtime.sparse.profile import build_pack, mean_loss
 
 PROMPT = [{"role": "user", "content": "Give two reasons to learn to cook."}]
@@ -27,7 +27,7 @@ def pack_root(model, model_path, tmp_path_factory) -> Path:
     """One small pack for the session: 1,200 calibration tokens, short predictor training."""
     root = tmp_path_factory.mktemp("packs") / "smollm2"
     return build_pack(model, root, source_digest=source_digest(model_path), chat_answers=0, max_tokens=1200,
-                      sens_tokens=128, levels=(0.3, 0.5, 0.7), progress=False)
+                      sens_tokens=64, levels=(0.5, 0.6), progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -128,30 +128,43 @@ def held_out(eval_ids) -> list[list[int]]:
 
 
 def test_predictor_quality_close_to_oracle(model, pack_root, eval_ids):
-    """Held-out perplexity at mean density 0.7 with the pack's per-layer plan, oracle vs predictor.
+    """The issue's target on held-out text: predictor within +5% perplexity at the density where oracle is within +3%.
 
-    Measured with this test's pack (1,200 calibration tokens): oracle +5.2%, predictor +220%. The
-    issue's target (predictor within +5% where oracle is within +3%) is NOT met; the bounds below are
-    the measured values with margin, so a regression (or a broken predictor/plan) still fails.
+    The density is the lower of 0.5 / 0.6 (uniform over layers) at which the oracle (true top-k) stays
+    within +3% (on these texts the oracle is +3.7% at 0.5, so 0.6). The default predictor (int4 copy of
+    gate and up) must then stay within +5%. The low-rank predictor does not meet the target; its bound
+    is the measured value with margin (a regression guard, not the target).
     """
     texts = held_out(eval_ids)
     base = math.exp(mean_loss(model, texts))
     originals = [layer.mlp for layer in model.transformer.layers]
     pack = open_pack(pack_root, verify=False)
+    n = pack.n_layers
+    measured = {}
+
+    def ppl_change(engine, strategy):
+        engine.configure(strategy=strategy, densities=[d] * n, measure=True)
+        return math.exp(mean_loss(model, texts)) / base - 1
+
     try:
         engine = attach(model, pack, strategy="predictor")
-        engine.configure(strategy="oracle", densities=layer_densities(pack, 0.7), measure=True)
-        oracle = math.exp(mean_loss(model, texts)) / base - 1
-        engine.configure(strategy="predictor")
-        predictor = math.exp(mean_loss(model, texts)) / base - 1
+        for d in (0.5, 0.6):
+            measured["oracle"] = ppl_change(engine, "oracle")
+            if measured["oracle"] <= 0.03:
+                break
+        measured["int4"] = ppl_change(engine, "predictor")
+        for layer, mlp in zip(model.transformer.layers, originals):
+            layer.mlp = mlp
+        measured["lowrank"] = ppl_change(attach(model, pack, strategy="predictor", predictor="lowrank"), "predictor")
     finally:
         for layer, mlp in zip(model.transformer.layers, originals):
             layer.mlp = mlp
         del model.transformer.sparse
-    print(f"held-out ppl {base:.2f}: oracle +{100 * oracle:.1f}%, predictor +{100 * predictor:.1f}%")
-    assert oracle < 0.08
-    assert predictor < 3.3
-    assert predictor > oracle  # a predictor cannot beat the true top-k at equal density
+    print(f"held-out ppl {base:.2f}, density {d}: " + ", ".join(f"{k} +{100 * v:.1f}%" for k, v in measured.items()))
+    assert measured["oracle"] <= 0.03, measured  # the oracle condition holds at the density tested
+    assert measured["int4"] <= 0.05, measured  # the issue's target
+    assert measured["int4"] >= measured["oracle"] - 0.01, measured  # no predictor beats the true top-k by much
+    assert measured["lowrank"] < 1.5, measured  # low rank: far from the target (see README)
 
 
 # ---------------------------------------------------------------- a hard memory cap

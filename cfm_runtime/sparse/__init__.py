@@ -2,7 +2,8 @@
 
 `load_sparse(path, ram_budget_mb=48)` offloads (density 1.0: the same output as the dense model
 with fp16 FFN weights); `load_sparse(path, sparse=True, density=0.6)` runs predictor-selected
-neurons; both combine. `build_pack(model, root)` profiles a model and writes its pack
+neurons (predictor "int4", a 4-bit copy of gate and up, or "lowrank"; by default int4 unless it
+would take over half of the RAM budget); both combine. `build_pack(model, root)` profiles a model and writes its pack
 (`cfm profile`). See README, "Sparse FFN and offload".
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from ..errors import CfmError
 from .ffn import STRATEGIES
-from .pack import PackError, default_root, open_pack
+from .pack import PackError, default_root, is_current, open_pack
 
 DEFAULT_DENSITY = 0.6
 
@@ -42,10 +43,11 @@ def ensure_pack(path: Path, pack: Path | None = None, *, threads=None, progress:
     path = resolve_model_path(path)
     digest = source_digest(path)
     root = Path(pack) if pack else pack_dir(path, digest)
-    if pack is None and not (root / "manifest.json").is_file():
+    if pack is None and not is_current(root):
         import sys
 
-        print(f"building the neuron pack for {path.name} in {root} (once per model)", file=sys.stderr)
+        why = "stale or incomplete, rebuilding" if root.exists() else "once per model"
+        print(f"building the neuron pack for {path.name} in {root} ({why})", file=sys.stderr)
         model = load_model(path, threads=threads)
         build_pack(model, root, source_digest=digest, progress=progress, **build)
         del model
@@ -55,7 +57,8 @@ def ensure_pack(path: Path, pack: Path | None = None, *, threads=None, progress:
 
 def load_sparse(path=None, *, threads=None, progress=None, ram_budget_mb=None, sparse: bool = False,
                 density: float | None = None, sparse_strategy: str | None = None, pack=None,
-                cache_fraction: float = 0.25, **overrides):
+                cache_fraction: float = 0.25, predictor: str | None = None, density_plan: str = "uniform",
+                **overrides):
     """A Model with SparseFFN modules (see the module docstring); builds the pack on first use."""
     from ..loading import resolve_model_path
     from ..runtime import Model, load_model, load_tokenizer, release_freed_memory, set_threads
@@ -79,7 +82,7 @@ def load_sparse(path=None, *, threads=None, progress=None, ram_budget_mb=None, s
         opened = open_pack(root, fingerprint=model.fingerprint())
     release_freed_memory()
     attach(model, opened, ram_budget_mb=ram_budget_mb, strategy=strategy, density=density,
-           cache_fraction=cache_fraction)
+           cache_fraction=cache_fraction, predictor=predictor, plan=density_plan)
     return model
 
 

@@ -22,7 +22,7 @@ from .engine import SparseEngine
 from .ffn import STRATEGIES, FlashStore, RamStore, SparseFFN
 from .io import BundleFile, NeuronCache
 from .plan import covered_mass, densities, hot_counts
-from .profile import predictor_from
+from .profile import PREDICTOR_KEYS, predictor_from
 
 
 def source_digest(path: Path) -> str:
@@ -78,13 +78,39 @@ def _mmap_large_allocations() -> None:
         pass
 
 
-def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, cache_fraction: float) -> dict:
+def predictor_bytes(pack: packfmt.NeuronPack, kind: str, rank: int | None = None) -> int:
+    if kind == "lowrank" and rank is not None:
+        man = pack.manifest["model"]
+        return pack.n_layers * rank * (man["d_model"] + 2 * man["d_ff"]) * 4
+    key = f".{PREDICTOR_KEYS[kind]}."
+    return sum(v.numel() * v.element_size() for k, v in pack.tables.items() if key in k)
+
+
+def choose_predictor(pack: packfmt.NeuronPack, ram_budget_mb: float | None, kind: str | None) -> tuple[str, int | None]:
+    """(kind, rank): as asked, else int4 (near-exact) unless it takes over half of the RAM budget, then
+    the low-rank predictor cut to the rank that fits a quarter of the budget (its SVD directions are
+    nested, so a prefix of the stored rank is the best predictor of that rank)."""
+    if kind is not None and kind not in PREDICTOR_KEYS:
+        raise CfmError(f"predictor {kind!r} is unknown; choose one of {', '.join(PREDICTOR_KEYS)}")
+    budget = None if ram_budget_mb is None else ram_budget_mb * 2**20
+    if kind == "int4" or (kind is None and (budget is None or predictor_bytes(pack, "int4") <= budget / 2)):
+        return "int4", None
+    stored = pack.manifest["predictors"]["lowrank"]["rank"]
+    if budget is None:
+        return "lowrank", stored
+    rank = min(stored, int(budget / 4 // predictor_bytes(pack, "lowrank", 1)))
+    if rank < 8:
+        raise CfmError(f"--ram-budget {ram_budget_mb:g} MB leaves no room for a predictor; raise it")
+    return "lowrank", rank
+
+
+def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, cache_fraction: float,
+                predictor: str = "int4", rank: int | None = None) -> dict:
     """Hot neuron counts per layer and the byte split of the budget (hot, cache, staging, predictors)."""
     man = pack.manifest
     bb, cluster, n = pack.bundle_bytes, man["cluster"], man["model"]["d_ff"]
     budget = int(ram_budget_mb * 2**20)
-    predictors = sum(v.numel() * v.element_size() for k, v in pack.tables.items() if ".predictor." in k)
-    predictors = predictors if sparse else 0
+    predictors = predictor_bytes(pack, predictor, rank) if sparse else 0
     cache = int(budget * cache_fraction) if sparse else 0
     staging = 2 * n * bb
     cmass = [pack.cluster_mass(i) for i in range(pack.n_layers)]
@@ -103,33 +129,45 @@ def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, ca
                        "ffn_weights_mb": round((hot + cache + staging + predictors) / 2**20, 1),
                        "hot_mb": round(hot / 2**20, 1), "cache_mb": round(cache / 2**20, 1),
                        "staging_mb": round(staging / 2**20, 1), "predictors_mb": round(predictors / 2**20, 1),
+                       **({"predictor": predictor if rank is None else f"lowrank-{rank}"} if sparse else {}),
                        "hot_neurons_pct": round(100 * sum(counts) / (n * pack.n_layers), 1),
                        "hot_mass_covered": round(covered_mass(cmass, counts, cluster), 3)}}
 
 
-def layer_densities(pack: packfmt.NeuronPack, density: float) -> list[float]:
+PLANS = ("uniform", "planned")
+DEFAULT_PLAN = "uniform"  # the per-layer plan measured no better end to end (README, benchmarks/results/sparse.json)
+
+
+def layer_densities(pack: packfmt.NeuronPack, density: float, plan: str = DEFAULT_PLAN) -> list[float]:
+    """Per-layer densities with mean `density`: the same for every layer, or the pack's per-layer plan."""
+    if plan not in PLANS:
+        raise CfmError(f"density plan {plan!r} is unknown; choose one of {', '.join(PLANS)}")
     d = pack.manifest["density"]
     if density >= 1.0:
         return [1.0] * pack.n_layers
-    return densities(d["levels"], np.array(d["output_error"]), density)
+    if plan == "uniform":
+        return [density] * pack.n_layers
+    return densities(d["levels"], np.array(d["loss_increase"]), density)
 
 
 def attach(model, pack: packfmt.NeuronPack, *, ram_budget_mb: float | None = None, strategy: str = "dense",
-           density: float = 1.0, cache_fraction: float = 0.25, max_gap: int = 4, threads: int = 8) -> SparseEngine:
+           density: float = 1.0, cache_fraction: float = 0.25, max_gap: int = 4, threads: int = 8,
+           predictor: str | None = None, plan: str = DEFAULT_PLAN) -> SparseEngine:
     """Replace every layers[i].mlp by a SparseFFN over `pack`; returns the engine (also `transformer.sparse`)."""
     if strategy not in STRATEGIES:
         raise CfmError(f"sparse strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
     if not 0.0 < density <= 1.0:
         raise CfmError(f"density must be in (0, 1], got {density}")
     layers = model.transformer.layers
-    rank = pack.manifest["predictor_rank"]
     use_pred = strategy == "predictor"
-    dens = layer_densities(pack, density)
+    kind, rank = choose_predictor(pack, ram_budget_mb, predictor) if use_pred else (None, None)
+    dens = layer_densities(pack, density, plan)
     if ram_budget_mb is None:
-        modules = [_ram_module(i, layer.mlp, pack, rank if use_pred else 0) for i, layer in enumerate(layers)]
-        engine = SparseEngine(modules)
+        modules = [_ram_module(i, layer.mlp, pack, kind, rank) for i, layer in enumerate(layers)]
+        name = kind if rank is None else f"lowrank-{rank}"
+        engine = SparseEngine(modules, budget={"predictor": name} if kind else None)
     else:
-        engine = _flash_engine(model, pack, ram_budget_mb, use_pred, cache_fraction, max_gap, threads)
+        engine = _flash_engine(model, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads)
     engine.configure(strategy=strategy, densities=dens)
     for layer, m in zip(layers, engine.modules):
         layer.mlp = m
@@ -138,16 +176,17 @@ def attach(model, pack: packfmt.NeuronPack, *, ram_budget_mb: float | None = Non
     return engine
 
 
-def _ram_module(i: int, mlp, pack, rank: int) -> SparseFFN:
+def _ram_module(i: int, mlp, pack, kind: str | None, rank: int | None) -> SparseFFN:
     order = pack.order(i)
     rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T))  # [3, F, D]
-    net = predictor_from(pack.tables, i, order, rank) if rank else None
+    net = predictor_from(pack.tables, i, order, pack.manifest["model"]["activation"], kind, rank) if kind else None
     return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net)
 
 
-def _flash_engine(model, pack, ram_budget_mb, use_pred, cache_fraction, max_gap, threads) -> SparseEngine:
-    plan = budget_plan(pack, ram_budget_mb, use_pred, cache_fraction)
-    d, n, rank = model.config.d_model, model.config.d_ff, pack.manifest["predictor_rank"]
+def _flash_engine(model, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads) -> SparseEngine:
+    use_pred = kind is not None
+    plan = budget_plan(pack, ram_budget_mb, use_pred, cache_fraction, kind or "int4", rank)
+    d, n = model.config.d_model, model.config.d_ff
     file = BundleFile(pack.neurons_path, [pack.layer(i)["offset"] for i in range(pack.n_layers)],
                       pack.bundle_bytes, threads)
     modules = []
@@ -156,7 +195,7 @@ def _flash_engine(model, pack, ram_budget_mb, use_pred, cache_fraction, max_gap,
         file.read_block(i, 0, hot)
         cache = NeuronCache(plan["cache_rows"], n, (3, d)) if use_pred else None
         store = FlashStore(i, torch.from_numpy(hot), n, file, None, cache, max_gap)
-        net = predictor_from(pack.tables, i, pack.order(i), rank) if use_pred else None
+        net = predictor_from(pack.tables, i, pack.order(i), model.config.activation, kind, rank) if use_pred else None
         modules.append(SparseFFN(i, store, layer.mlp.act, n, predictor=net))
     file.io.bytes = file.io.reads = 0
     engine = SparseEngine(modules, file, plan["staging_rows"], (3, d), plan["report"])

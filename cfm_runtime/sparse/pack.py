@@ -4,7 +4,8 @@ Directory layout (one per model, named by the model's source digest):
 - `neurons.bin`: per layer, an aligned segment of bundles in pack order (co-activation clusters,
   heaviest first). A bundle is one neuron's gate row, up row and down column, fp16: [3, D].
 - `tables.safetensors`: per layer the pack order (pack position -> neuron id), neuron mass and
-  frequency, cluster mass, and the low-rank predictor's weights.
+  frequency, cluster mass, and two predictors: a 4-bit copy of gate and up (`predictor_int4.*`) and a
+  low-rank reconstruction of them (`predictor.*`).
 - `manifest.json`: format version, the model's fingerprint and source digest, sizes, blake2b
   checksums of every file and layer segment, densities and predictor recall. Written last: a pack
   without a manifest is incomplete.
@@ -24,7 +25,7 @@ import torch
 from ..errors import CfmError
 
 FORMAT = "cfm-neuron-pack"
-VERSION = 1
+VERSION = 2  # 2: int4 and low-rank gate/up predictors; 1: linear low-rank scores
 ALIGN = 4096
 NEURONS, TABLES, MANIFEST = "neurons.bin", "tables.safetensors", "manifest.json"
 
@@ -120,8 +121,8 @@ class NeuronPack:
     def cluster_mass(self, i: int) -> np.ndarray:
         return self.tables[f"layers.{i}.cluster_mass"].numpy()
 
-    def predictor_state(self, i: int) -> dict[str, torch.Tensor]:
-        p = f"layers.{i}.predictor."
+    def predictor_state(self, i: int, kind: str = "lowrank") -> dict[str, torch.Tensor]:
+        p = f"layers.{i}.{'predictor_int4' if kind == 'int4' else 'predictor'}."
         return {k[len(p):]: v for k, v in self.tables.items() if k.startswith(p)}
 
 
@@ -137,6 +138,15 @@ def open_pack(root: Path, *, source_digest: str | None = None, fingerprint: str 
     return NeuronPack(root, manifest, load_file(str(root / TABLES)))
 
 
+def is_current(root: Path) -> bool:
+    """A complete pack of this format version at root (identity and checksums not checked)."""
+    try:
+        read_manifest(Path(root))
+        return True
+    except PackError:
+        return False
+
+
 def read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
@@ -147,8 +157,10 @@ def read_manifest(root: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PackError(f"{path} is corrupt ({e}); delete {root} and run `cfm profile` again") from e
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise PackError(f"{root} is not a version-{VERSION} neuron pack "
-                        f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}); rebuild it")
+        raise PackError(f"{root} is not a version-{VERSION} neuron pack (format {manifest.get('format')!r}, "
+                        f"version {manifest.get('version')!r}: built by another cfm-runtime); rebuild it with "
+                        f"`cfm profile --model MODEL`, or delete it and the next --sparse/--ram-budget run "
+                        f"rebuilds it")
     return manifest
 
 

@@ -1,66 +1,177 @@
 """Per-layer low-rank activation predictors: FFN input x [.., D] -> neuron scores [.., F].
 
-Fitted to log(1 + a / mean_token(a)), a ranking target that does not depend on the density chosen
-later, so one predictor serves every density. The fit is reduced-rank ridge regression, in closed
-form: ridge least squares, then projection of the fitted scores onto their top `rank` principal
-directions. It costs well under a second per layer (SGD training of the same shape took ~15 s per
-layer on the shared 2-core machine), which keeps `cfm profile` and the first run short.
+A neuron's activation is |act(g) * u| with g = W_gate x and u = W_up x: a signed product of two
+linear functions of x, which no linear map of x can rank. So the predictor reconstructs the two
+*linear* pre-activations at low rank and applies the FFN's own nonlinearity:
+
+    z = P x              (P: rank x D, one projection shared by gate and up)
+    g^ = A_g z, u^ = A_u z
+    score = |act(g^) * u^|
+
+The fit is closed form (no training): with the calibration second moment S = E[x x^T] and a
+per-output weight w, the best rank-r approximation of [W_gate; W_up] x in the w-weighted mean
+square over calibration inputs is the projection onto the top-r left singular vectors U_r of
+diag(w) [W_gate; W_up] S^(1/2) (Eckart-Young on the reconstruction error), i.e.
+P = U_r^T diag(w) W and A = diag(w)^-1 U_r. The weight puts both errors in activation units
+(first order): a neuron's gate error is weighted by RMS(act'(g) u), how much its activation moves
+per unit of gate, and its up error by RMS(act(g)). Cost per token: rank * (D + 2F) multiply-adds.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .stats import topk_mask
 
+ACTS = {"silu": F.silu, "relu": F.relu}
+DEFAULT_RANK = 96
+
 
 class LowRankPredictor(nn.Module):
-    """scores = up(down(x)): D -> rank -> F, (D + F) * rank multiply-adds per token."""
+    """scores = |act(A_g P x) * (A_u P x)|; rank * (D + 2F) multiply-adds per token."""
 
-    def __init__(self, d_model: int, d_ff: int, rank: int):
+    def __init__(self, d_model: int, d_ff: int, rank: int, activation: str = "silu"):
         super().__init__()
-        self.down = nn.Linear(d_model, rank, bias=True)
-        self.up = nn.Linear(rank, d_ff, bias=True)
+        self.proj = nn.Linear(d_model, rank, bias=False)
+        self.gate = nn.Linear(rank, d_ff, bias=False)
+        self.up = nn.Linear(rank, d_ff, bias=False)
+        self.activation = activation
+        self.act = ACTS[activation]
+
+    @property
+    def rank(self) -> int:
+        return self.proj.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        z = self.proj(x)
+        return (self.act(self.gate(z)) * self.up(z)).abs()
+
+    def permuted(self, order: torch.Tensor) -> "LowRankPredictor":
+        """The same predictor with outputs in another neuron order (new[p] = old[order[p]])."""
+        net = LowRankPredictor(self.proj.in_features, self.gate.out_features, self.rank, self.activation)
+        net.proj.weight.copy_(self.proj.weight)
+        net.gate.weight.copy_(self.gate.weight[order])
+        net.up.weight.copy_(self.up.weight[order])
+        return net.requires_grad_(False).eval()
 
 
-def targets(a: torch.Tensor) -> torch.Tensor:
-    a = a.float()
-    return torch.log1p(a / a.mean(-1, keepdim=True).clamp_min(1e-12))
+class QuantPredictor(nn.Module):
+    """scores = |act(g~) * u~| with [g~; u~] = Q4(W_gate; W_up) x: a 4-bit block copy, onnxruntime MatMulNBits.
+
+    Full rank: 2 F D multiply-adds in the int4 kernel, 0.75 bytes per weight (4-bit codes, fp32 scale
+    and min per block of 32). Re-packing a Q4_1 model's gate and up is exact, so on such a model this
+    predictor selects what the oracle selects (up to the kernel's int8 activation rounding).
+    """
+
+    def __init__(self, packed, activation: str = "silu"):
+        super().__init__()
+        from ..quant import QuantizedLinear
+
+        self.packed, self.activation, self.act = packed, activation, ACTS[activation]
+        self.linear = QuantizedLinear(packed)
+        self.d_ff = packed.n // 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return (self.act(y[..., : self.d_ff]) * y[..., self.d_ff:]).abs()
+
+    @classmethod
+    def fit(cls, mlp, activation: str = "silu") -> "QuantPredictor":
+        from ..kernels.packing import pack
+
+        w = torch.cat((mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach())).float()
+        return cls(pack(w, 4, 32, "min"), activation)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        p = self.packed
+        return {"codes": torch.from_numpy(p.codes), "scales": torch.from_numpy(p.scales),
+                "zero_points": torch.from_numpy(p.zero_points), "mins": torch.from_numpy(p.mins)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], d_model: int, activation: str,
+                   order: torch.Tensor | None = None) -> "QuantPredictor":
+        """From stored arrays (rows in model order); `order` permutes neurons into pack order."""
+        from ..kernels.packing import Packed
+
+        codes, scales = state["codes"].numpy(), state["scales"].numpy()
+        zps, mins = state["zero_points"].numpy(), state["mins"].numpy()
+        n = codes.shape[0]
+        if order is not None:
+            f = n // 2
+            idx = torch.cat((order, order + f)).numpy()
+            codes = codes[idx]
+            scales = scales.reshape(n, -1)[idx].reshape(-1)
+            zps = zps.reshape(n, -1)[idx].reshape(-1)
+            mins = mins[:, idx]
+        packed = Packed(4, 32, n, d_model, np.ascontiguousarray(codes), np.ascontiguousarray(scales),
+                        np.ascontiguousarray(zps), np.ascontiguousarray(mins))
+        return cls(packed, activation)
+
+
+def predictor_bytes(net: nn.Module) -> int:
+    if isinstance(net, QuantPredictor):
+        return net.packed.nbytes
+    return sum(p.numel() * p.element_size() for p in net.parameters())
+
+
+def act_grad(activation: str, g: torch.Tensor) -> torch.Tensor:
+    if activation == "relu":
+        return (g > 0).float()
+    s = torch.sigmoid(g)
+    return s * (1 + g * (1 - s))
 
 
 @torch.no_grad()
-def train(x: torch.Tensor, a: torch.Tensor, rank: int = 64, ridge: float = 1e-2, seed: int = 0) -> LowRankPredictor:
-    """Fit one layer's predictor on inputs x [N, D] and activations a [N, F]."""
-    torch.manual_seed(seed)
-    x, y = x.float(), targets(a)
-    mu, ym = x.mean(0), y.mean(0)
-    xc, yc = x - mu, y - ym
-    g = xc.T @ xc
-    g += ridge * g.diagonal().mean() * torch.eye(g.shape[0], dtype=g.dtype)
-    w = torch.linalg.solve(g, xc.T @ yc)  # [D, F] full-rank ridge solution
-    rank = min(rank, *w.shape)
-    _, _, v = torch.svd_lowrank(xc @ w, q=min(rank + 8, *w.shape), niter=2)
-    v = v[:, :rank]  # [F, r] principal directions of the fitted scores
-    net = LowRankPredictor(x.shape[1], y.shape[1], rank)
-    down = w @ v  # [D, r]
-    net.down.weight.copy_(down.T)
-    net.down.bias.copy_(-(mu @ down))
-    net.up.weight.copy_(v)
-    net.up.bias.copy_(ym)
+def train(x: torch.Tensor, mlp, rank: int = DEFAULT_RANK, activation: str = "silu", ridge: float = 1e-4,
+          weighting: bool = True) -> LowRankPredictor:
+    """Fit one layer's predictor on calibration FFN inputs x [N, D] and the layer's dense `mlp`."""
+    x = x.float()
+    wg, wu = mlp.gate_proj.weight.detach().float(), mlp.up_proj.weight.detach().float()  # [F, D]
+    f, d = wg.shape
+    rank = min(rank, d)
+    s = x.T @ x / x.shape[0]
+    s += ridge * s.diagonal().mean() * torch.eye(d)
+    chol = torch.linalg.cholesky(s)  # S = L L^T: (W L)(W L)^T = W S W^T
+    act = ACTS[activation]
+    if weighting:
+        g, u = x @ wg.T, x @ wu.T
+        w_g = (act_grad(activation, g) * u).pow(2).mean(0).sqrt()
+        w_u = act(g).pow(2).mean(0).sqrt()
+        w = torch.cat((w_g, w_u)).clamp_min(1e-6)
+    else:
+        w = torch.ones(2 * f)
+    ww = w[:, None] * torch.cat((wg, wu))  # [2F, D]
+    u_r = torch.linalg.svd(ww @ chol, full_matrices=False)[0][:, :rank]  # [2F, r]
+    net = LowRankPredictor(d, f, rank, activation)
+    net.proj.weight.copy_(u_r.T @ ww)
+    a = u_r / w[:, None]
+    net.gate.weight.copy_(a[:f])
+    net.up.weight.copy_(a[f:])
     return net.requires_grad_(False).eval()
 
 
+def cost(net: nn.Module, d_model: int, d_ff: int) -> dict:
+    """Predictor multiply-adds and bytes per token, and their shares of the dense FFN (fp16 bundles)."""
+    if isinstance(net, QuantPredictor):
+        macs, kind, rank = 2 * d_model * d_ff, "int4", None
+    else:
+        macs, kind, rank = net.rank * (d_model + 2 * d_ff), "lowrank", net.rank
+    ffn = 3 * d_model * d_ff
+    nbytes = predictor_bytes(net)
+    return {"kind": kind, "rank": rank, "macs": macs, "bytes": nbytes, "macs_share_of_ffn": round(macs / ffn, 4),
+            "bytes_share_of_fp16_ffn": round(nbytes / (2 * ffn), 4)}
+
+
 @torch.inference_mode()
-def recall(net: LowRankPredictor, x: torch.Tensor, a: torch.Tensor, density: float) -> dict:
+def recall(net: nn.Module, x: torch.Tensor, a: torch.Tensor, density: float) -> dict:
     """How much of the oracle top-k the predictor's top-k recovers: neuron overlap and activation mass."""
     true = topk_mask(a, density)
     pred = topk_mask(net(x.float()), density)
     a = a.float()
     return {
-        "recall": float((true & pred).sum() / true.sum()),
-        "mass_recall": float((a * pred).sum() / (a * true).sum()),
+        "recall": round(float((true & pred).sum() / true.sum()), 4),
+        "mass_recall": round(float((a * pred).sum() / (a * true).sum()), 4),
     }

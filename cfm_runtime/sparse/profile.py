@@ -18,12 +18,13 @@ from .ffn import RamStore, SparseFFN
 from .engine import SparseEngine
 from .stats import calibration_texts, coactivation_order, collect, neuron_mass, token_sequences, topk_mask
 
-LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.85)
+LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
+PREDICTOR_KEYS = {"int4": "predictor_int4", "lowrank": "predictor"}
 CLUSTER = 32  # 32 fp16 bundles of D=576 are 27 pages: clusters stay 4 KiB aligned
 
 
 def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_answers: int = 4,
-               max_tokens: int | None = None, rank: int = 64, sens_tokens: int = 384,
+               max_tokens: int | None = None, rank: int = pred.DEFAULT_RANK, sens_tokens: int = 256,
                levels=LEVELS, progress: bool = True) -> Path:
     """Profile `model` (dense, fp32 in RAM) and write its pack to `root` (replaced if present)."""
     t0 = time.time()
@@ -38,15 +39,18 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
     n_layers = len(model.transformer.layers)
     split = int(acts.n_tokens * 0.85)  # the rest is held out for predictor recall
     tables, layers, nets = {}, [], []
+    act = model.config.activation
     bar = tqdm(range(n_layers), desc="profiling layers", unit="layer", disable=not progress)
     for i in bar:
-        x, a = acts.inputs[i], acts.acts[i]
+        x, a, mlp = acts.inputs[i], acts.acts[i], model.transformer.layers[i].mlp
         order, cmass = coactivation_order(a[:split], CLUSTER)
-        net = pred.train(x[:split], a[:split], rank=rank)
-        nets.append(net)
-        tables.update(layer_tables(i, order, cmass, a[:split], net))
-        layers.append({"n": int(a.shape[1]), "recall": {f"{d:g}": pred.recall(net, x[split:], a[split:], d)
-                                                          for d in levels}})
+        low = pred.train(x[:split], mlp, rank=rank, activation=act)
+        q4 = pred.QuantPredictor.fit(mlp, act)
+        nets.append(q4)
+        tables.update(layer_tables(i, order, cmass, a[:split], low, q4))
+        layers.append({"n": int(a.shape[1]),
+                       "recall": {f"{d:g}": pred.recall(q4, x[split:], a[split:], d) for d in levels},
+                       "recall_lowrank": {f"{d:g}": pred.recall(low, x[split:], a[split:], d) for d in levels}})
     orders = [tables[f"layers.{i}.order"].numpy() for i in range(n_layers)]
     entries = packfmt.write_layers(tmp / packfmt.NEURONS,
                                    (packfmt.bundles(model.transformer.layers[i].mlp, orders[i])
@@ -54,7 +58,7 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp / packfmt.TABLES))
-    sens = sensitivity(model, [x[split:][:sens_tokens] for x in acts.inputs], nets, levels)
+    sens = sensitivity(model, tail_sequences(seqs, acts.n_tokens - split, sens_tokens), nets, levels)
     for entry, layer in zip(entries, layers):
         layer.update(entry)
     manifest = {
@@ -63,10 +67,12 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
         "model": {"name": model.config.name, "n_layers": n_layers, "d_model": model.config.d_model,
                   "d_ff": model.config.d_ff, "activation": model.config.activation},
         "dtype": "fp16", "bundle_bytes": packfmt.bundle_bytes(model.config.d_model), "cluster": CLUSTER,
-        "align": packfmt.ALIGN, "predictor_rank": rank,
+        "align": packfmt.ALIGN,
+        "predictors": {"int4": pred.cost(nets[0], model.config.d_model, model.config.d_ff),
+                       "lowrank": pred.cost(low, model.config.d_model, model.config.d_ff)},
         "calibration": {"tokens": acts.n_tokens, "held_out_tokens": acts.n_tokens - split,
                         "files": [str(f) for f in calib_files] if calib_files else "cfm_runtime/data/calib"},
-        "density": {"levels": list(levels), "output_error": sens.tolist()},
+        "density": {"levels": list(levels), "loss_increase": sens.tolist(), "measure": "mean KL from dense, nats"},
         "layers": layers, "files": {}, "build_seconds": round(time.time() - t0, 1),
     }
     packfmt.write_manifest(tmp, manifest)
@@ -85,33 +91,61 @@ def truncate_total(seqs: list[list[int]], n: int) -> list[list[int]]:
     return out
 
 
-def layer_tables(i: int, order, cmass, a: torch.Tensor, net) -> dict[str, torch.Tensor]:
+def layer_tables(i: int, order, cmass, a: torch.Tensor, low, q4) -> dict[str, torch.Tensor]:
     p = f"layers.{i}."
     t = {p + "order": torch.from_numpy(order), p + "cluster_mass": torch.from_numpy(cmass.astype(np.float32)),
          p + "mass": torch.from_numpy(neuron_mass(a).astype(np.float32)),
          p + "frequency": topk_mask(a, 0.5).float().mean(0)}
-    t.update({p + "predictor." + k: v.detach().clone() for k, v in net.state_dict().items()})
+    t.update({p + "predictor." + k: v.detach().clone() for k, v in low.state_dict().items()})
+    t.update({p + "predictor_int4." + k: v.clone() for k, v in q4.state().items()})
     return t
 
 
 @torch.inference_mode()
-def sensitivity(model, x_by_layer, net_by_layer, levels) -> np.ndarray:
-    """Relative FFN output error [L, len(levels)] of each layer at each density, predictor selection.
+def sensitivity(model, sequences: list[list[int]], nets, levels) -> np.ndarray:
+    """End-to-end loss increase [L, len(levels)] of each layer alone at each density, predictor selection.
 
-    ||y_sparse - y||^2 / ||y||^2 averaged over held-out calibration tokens: a per-layer proxy for the
-    loss increase (end-to-end loss per layer and level costs L x levels full forwards).
+    Mean KL(dense || sparse) of the next-token distributions over the given (held-out calibration)
+    tokens, with only layer i sparse (per-token top-k of its predictor's scores). The dense hidden
+    states entering every block are kept, so layer i's runs start at block i.
     """
-    out = np.zeros((len(x_by_layer), len(levels)))
-    for i, (x, net) in enumerate(zip(x_by_layer, net_by_layer)):
-        mlp, x = model.transformer.layers[i].mlp, x.float()
-        h = mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x)  # [N, F]
-        y = mlp.down_proj(h)
-        scores = net(x)
-        for j, d in enumerate(levels):
-            keep = topk_mask(scores, d).float()
-            err = (mlp.down_proj(h * keep) - y).pow(2).sum(-1) / y.pow(2).sum(-1).clamp_min(1e-12)
-            out[i, j] = err.mean().item()
+    t = model.transformer
+    n_layers, n = len(t.layers), model.config.d_ff
+    out = np.zeros((n_layers, len(levels)))
+    n_tok = sum(len(s) for s in sequences)
+    for ids in sequences:
+        h = t.embed(torch.tensor([ids]))
+        cache = t.new_cache(max_len=len(ids))
+        hidden = []
+        for i in range(n_layers):
+            hidden.append(h)
+            h = t.forward_span(h, i, i + 1, [cache])
+        ref = torch.log_softmax(t.head(h)[0].float(), -1)
+        for i, layer in enumerate(t.layers):
+            dense = layer.mlp
+            layer.mlp = ram_module(i, dense, np.arange(n), nets[i])
+            layer.mlp.strategy, layer.mlp.measure = "predictor", True
+            try:
+                for j, d in enumerate(levels):
+                    layer.mlp.density = d
+                    cache = t.new_cache(i, max_len=len(ids))
+                    logp = torch.log_softmax(t.head(t.forward_span(hidden[i], i, n_layers, [cache]))[0].float(), -1)
+                    kl = (ref.exp() * (ref - logp)).sum(-1).sum().item()
+                    out[i, j] += kl / n_tok
+            finally:
+                layer.mlp = dense
     return out
+
+
+def tail_sequences(seqs: list[list[int]], n_tokens: int, max_tokens: int) -> list[list[int]]:
+    """The last n_tokens of the concatenated sequences, as sequences, cut to max_tokens in all."""
+    out, skip = [], sum(len(s) for s in seqs) - n_tokens
+    for s in seqs:
+        part = s[max(0, skip):]
+        skip -= len(s)
+        if part:
+            out.append(part)
+    return truncate_total(out, max_tokens)
 
 
 def ram_module(i: int, mlp, order: np.ndarray, predictor) -> SparseFFN:
@@ -121,16 +155,22 @@ def ram_module(i: int, mlp, order: np.ndarray, predictor) -> SparseFFN:
                      predictor=predictor)
 
 
-def predictor_from(tables, i: int, order: np.ndarray, rank: int) -> pred.LowRankPredictor:
-    """Layer i's predictor with outputs permuted into pack order."""
-    p = f"layers.{i}.predictor."
+@torch.no_grad()
+def predictor_from(tables, i: int, order: np.ndarray, activation: str, kind: str = "int4", rank: int | None = None):
+    """Layer i's predictor of the given kind ("int4" or "lowrank", cut to `rank`) in pack order."""
+    p = f"layers.{i}.{PREDICTOR_KEYS[kind]}."
     state = {k[len(p):]: v for k, v in tables.items() if k.startswith(p)}
-    d_model, d_ff = state["down.weight"].shape[1], state["up.weight"].shape[0]
-    net = pred.LowRankPredictor(d_model, d_ff, state["down.weight"].shape[0])
     idx = torch.from_numpy(order)
-    state["up.weight"], state["up.bias"] = state["up.weight"][idx], state["up.bias"][idx]
+    if kind == "int4":
+        d_model = state["mins"].shape[0] * 32
+        return pred.QuantPredictor.from_state(state, d_model, activation, idx)
+    if rank is not None:  # SVD directions are nested: the first `rank` are the best rank-`rank` predictor
+        state = {"proj.weight": state["proj.weight"][:rank], "gate.weight": state["gate.weight"][:, :rank],
+                 "up.weight": state["up.weight"][:, :rank]}
+    (rank, d_model), d_ff = state["proj.weight"].shape, state["up.weight"].shape[0]
+    net = pred.LowRankPredictor(d_model, d_ff, rank, activation)
     net.load_state_dict(state)
-    return net.requires_grad_(False).eval()
+    return net.permuted(idx)
 
 
 def mean_loss(model, seqs: list[list[int]]) -> float:
