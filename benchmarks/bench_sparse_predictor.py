@@ -99,6 +99,14 @@ def main() -> None:
             "oracle": end_to_end(model, None, "oracle", DENSITIES, texts, base, base_top), "predictors": []}
     print("oracle", data["oracle"], flush=True)
     layers = model.transformer.layers
+    q4 = [pred.QuantPredictor.fit(layer.mlp, model.config.activation) for layer in layers]
+    data["int4"] = {"cost": pred.cost(q4[0], model.config.d_model, model.config.d_ff),
+                    "recall_mean": {f"{d:g}": round(float(np.mean([pred.recall(q4[i], acts.inputs[i][split:],
+                                                                                acts.acts[i][split:], d)["recall"]
+                                                                    for i in range(len(layers))])), 4)
+                                    for d in DENSITIES},
+                    "end_to_end": end_to_end(model, q4, "predictor", DENSITIES, texts, base, base_top)}
+    print("int4", data["int4"], flush=True)
     for weighting in ((True,) if args.no_unweighted else (True, False)):
         for rank in args.ranks:
             t0 = time.time()
@@ -108,7 +116,7 @@ def main() -> None:
             rec = {f"{d:g}": [pred.recall(nets[i], acts.inputs[i][split:], acts.acts[i][split:], d)
                               for i in range(len(layers))] for d in DENSITIES}
             row = {"rank": rank, "weighting": weighting, "fit_seconds_all_layers": round(fit_s, 1),
-                   "cost": pred.cost(nets[0]),
+                   "cost": pred.cost(nets[0], model.config.d_model, model.config.d_ff),
                    "recall_mean": {d: round(float(np.mean([r["recall"] for r in v])), 4) for d, v in rec.items()},
                    "mass_recall_mean": {d: round(float(np.mean([r["mass_recall"] for r in v])), 4)
                                         for d, v in rec.items()},
