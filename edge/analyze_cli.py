@@ -27,12 +27,21 @@ def add_parser(sub) -> None:
                    help="held-out texts per function for the masking curves (default 2)")
     p.add_argument("--perturb-texts", type=int, default=5,
                    help="held-out texts per function for the perturbation matrix (default 5)")
+    p.add_argument("--prefetch-prompts", type=int, default=5,
+                   help="with --ram-budget: held-out prompts per function run through the real sparse runtime "
+                        "with and without the function-aware preload (default 5)")
+    p.add_argument("--prefetch-tokens", type=int, default=32, help="with --ram-budget: tokens per prompt (default 32)")
+    p.add_argument("--prefetch-predictor", choices=("int4", "lowrank"), default=None,
+                   help="with --ram-budget: the predictor kind loaded (counts in the budget; default: the runtime's)")
+    p.add_argument("--warm", action="store_true",
+                   help="with --ram-budget: keep the neuron pack in the page cache (default: evict it, cold reads)")
+    p.add_argument("--max-len", type=int, default=384, help="tokens per text (prompt + answer) analysed (default 384)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_analyze)
 
 
 def cmd_analyze(args) -> int:
-    from cfm_runtime.analysis import Analysis, AnalysisOptions
+    from cfm_runtime.analysis import Analysis, AnalysisOptions, CollectOptions
     from cfm_runtime.errors import CfmError
     from edge.cli import load
 
@@ -40,11 +49,21 @@ def cmd_analyze(args) -> int:
         raise CfmError(f"--top must be between 0 and 1, got {args.top}")
     if args.mask_texts < 1 or args.perturb_texts < 1:
         raise CfmError("--mask-texts and --perturb-texts must be at least 1")
+    # --ram-budget/--density/--sparse-strategy/--pack configure the sparse model of the real prefetch
+    # measurement (`prefetch`, `all`); the analysis itself runs on the dense model
+    strategy = args.sparse_strategy or "oracle"
+    if strategy == "dense":
+        raise CfmError("--sparse-strategy dense reads no neurons into a cache; use oracle or predictor")
     opts = AnalysisOptions(per_function=args.per_function, responses=args.responses, top=args.top,
                            probe_layer=args.probe_layer, mask_texts=args.mask_texts,
-                           perturb_texts=args.perturb_texts, progress=not args.no_progress)
+                           perturb_texts=args.perturb_texts, progress=not args.no_progress,
+                           cache_budget_mb=args.ram_budget, cache_prompts=args.prefetch_prompts,
+                           cache_tokens=args.prefetch_tokens, cache_selection=strategy,
+                           cache_density=args.density, cache_pack=args.pack, cache_cold=not args.warm,
+                           cache_predictor=args.prefetch_predictor, collect=CollectOptions(max_len=args.max_len))
     t0 = time.perf_counter()
-    model = load(args)
+    model = load(argparse.Namespace(**{**vars(args), "ram_budget": None, "sparse": False, "density": None,
+                                       "sparse_strategy": None, "pack": None}))
     for path in Analysis(model, args.out, opts).run(args.what):
         print(path)
     print(f"done in {time.perf_counter() - t0:.0f} s; figures and JSON in {args.out}")

@@ -148,3 +148,69 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
     assert main(["analyze", "sparsity", "--top", "2", "--out", str(tmp_path)]) == 2
     assert "--top" in capsys.readouterr().err
     assert not Path(tmp_path / "sparsity.json").exists()
+
+
+# ---------------------------------------------------------------- prefetch on the real sparse runtime
+
+
+@pytest.fixture(scope="module")
+def flash_model(model, model_path, tmp_path_factory):
+    """The embedded model under a 40 MB RAM budget over a small pack, neurons selected by the oracle."""
+    from cfm_runtime.analysis.preload import use_oracle
+    from cfm_runtime.sparse import load_sparse
+    from cfm_runtime.sparse.load import source_digest
+    from cfm_runtime.sparse.profile import build_pack
+
+    root = build_pack(model, tmp_path_factory.mktemp("packs") / "smollm2", source_digest=source_digest(model_path),
+                      chat_answers=0, max_tokens=600, sens_tokens=64, levels=(0.5, 0.7), progress=False)
+    sparse = load_sparse(model_path, ram_budget_mb=40, sparse_strategy="predictor", density=0.6, pack=root,
+                         progress=False)
+    use_oracle(sparse)
+    yield sparse
+    sparse.transformer.sparse.close()
+
+
+def test_preload_reads_neurons_into_the_real_cache(flash_model):
+    from cfm_runtime.analysis.preload import reset_caches
+    from cfm_runtime.errors import CfmError
+
+    reset_caches(flash_model)
+    engine = flash_model.transformer.sparse
+    store = engine.modules[7].store
+    cap, n_hot, n = store.cache.capacity, store.n_hot, store.n
+    assert 0 < cap < n - n_hot, "the test needs a cache smaller than the cold region"
+    want = np.arange(n - 1, n_hot - 1, -3)[:cap]  # cold positions, every third one (not one run)
+    before = engine.counters()
+    nbytes = engine.preload(7, np.concatenate(([0], want, want[:5])))  # a hot one and repeats are skipped
+    assert nbytes >= len(want) * 3 * 2 * flash_model.config.d_model  # one fp16 bundle per neuron at least
+    assert engine.counters()["prefill_bytes"] - before["prefill_bytes"] == nbytes, "not in the telemetry"
+    slots = store.cache.slot_of[want - n_hot]
+    assert (slots >= 0).all(), "preloaded neurons must be resident"
+    full = store.full()  # [3, n, D] fp32, read through the store
+    rows = torch.from_numpy(store.cache.rows[slots]).float().transpose(0, 1)
+    assert torch.equal(rows, full[:, torch.from_numpy(want)]), "the cache holds the neurons' weights"
+    assert engine.modules[6].store.cache.slot_of.max() < 0, "other layers untouched"
+    with pytest.raises(CfmError, match="0..1535"):
+        engine.preload(7, [n])
+
+
+def test_function_preload_raises_cache_hits_and_keeps_the_answer(flash_model):
+    from cfm_runtime.analysis.collect import encode, template_prefix_len
+    from cfm_runtime.analysis.preload import FunctionPrefetch, rankings, run_prompt, selection_counts
+
+    from cfm_runtime.analysis.prompts import Instance
+
+    prompts = load_prompts()["coding"]
+    answer = stored_responses()["responses"]["coding"][0]
+    prefix = template_prefix_len(flash_model)
+    e = encode(flash_model, Instance("coding", prompts[0], answer), prefix, max_len=96)
+    counts = selection_counts(flash_model, [e], np.array([0]))
+    assert counts[0].sum() > 0 and counts[1:].sum() == 0
+    pf = FunctionPrefetch(classifier=None, ranked=rankings(counts), probe_layer=3, prefix=prefix)
+    ids = flash_model.encode_prompt([{"role": "user", "content": prompts[0]}])
+    plain = run_prompt(flash_model, ids, None, None, max_tokens=8, cold=True)
+    pre = run_prompt(flash_model, ids, pf, lambda h: 0, max_tokens=8, cold=True)
+    assert pre["predicted"] == 0 and pre["preload_bytes"] > 0
+    assert pre["hits"] + pre["misses"] == plain["hits"] + plain["misses"], "the same neurons are looked up"
+    assert pre["cache_hit_rate"] > plain["cache_hit_rate"] + 0.05
+    assert pre["decode_bytes"] < plain["decode_bytes"]

@@ -84,3 +84,20 @@ def bars(groups: list[str], series: dict[str, list[float]], path: Path, title: s
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7, loc="lower right")
     _save(fig, path)
+
+
+def bar_panels(groups: list[str], panels: list[tuple[str, str, dict[str, list[float]]]], path: Path,
+               title: str) -> None:
+    """Several grouped-bar panels stacked vertically: (panel title, y label, {series: values per group})."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), sharex=True)
+    x = np.arange(len(groups))
+    for ax, (sub, ylabel, series) in zip(np.atleast_1d(axes), panels):
+        w = 0.8 / len(series)
+        for k, (name, vals) in enumerate(series.items()):
+            ax.bar(x + (k - (len(series) - 1) / 2) * w, vals, w, label=name)
+        ax.set(title=sub, ylabel=ylabel)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7, ncol=len(panels[0][2]), loc="lower right")
+    axes[-1].set_xticks(x, groups, rotation=30, ha="right", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

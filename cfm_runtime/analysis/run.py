@@ -40,6 +40,16 @@ class AnalysisOptions:
     probe_layer: int = 3  # hidden state after this many layers feeds the function classifier
     seed: int = 0
     progress: bool = True
+    # the prefetch measured on the real sparse runtime (cfm_runtime.analysis.preload); None: simulation only
+    cache_budget_mb: float | None = None  # RAM budget of the sparse model (its neuron cache is 25% of it)
+    cache_prompts: int = 5  # held-out prompts per function
+    cache_tokens: int = 32  # tokens generated per prompt
+    cache_selection: str = "oracle"  # neuron selection while decoding: oracle (true top-k) or predictor
+    cache_density: float | None = None  # mean fraction of neurons computed (default: the runtime's)
+    cache_pack: str | None = None  # neuron pack directory (default: the model's, built if missing)
+    cache_cold: bool = True  # evict the pack from the page cache around each run
+    cache_predictor: str | None = None  # predictor kind to load (for the budget split; default: the runtime's)
+    cache_rank_texts: int | None = 12  # training texts per function that rank each function's neurons
     collect: CollectOptions = field(default_factory=CollectOptions)
 
 
@@ -68,6 +78,13 @@ class Analysis:
             raise CfmError(f"top must be in (0, 1), got {self.opts.top}")
         if not 0 <= self.opts.probe_layer <= model.config.n_layers:
             raise CfmError(f"probe_layer must be in 0..{model.config.n_layers}, got {self.opts.probe_layer}")
+        if self.opts.cache_budget_mb is not None:
+            if not self.opts.cache_budget_mb > 0:
+                raise CfmError(f"the prefetch RAM budget must be a positive number of MB, got {self.opts.cache_budget_mb}")
+            if self.opts.cache_prompts < 1 or self.opts.cache_tokens < 2:
+                raise CfmError("prefetch measurement: at least 1 prompt per function and 2 tokens per prompt")
+            if self.opts.cache_selection not in ("oracle", "predictor"):
+                raise CfmError(f"prefetch selection must be oracle or predictor, got {self.opts.cache_selection!r}")
         self.out.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------ shared state
@@ -263,10 +280,28 @@ class Analysis:
 
         return _write(self.out, "prefetch.json", evaluate_prefetch(self))
 
+    def prefetch_cache(self) -> Path:
+        """The prefetch on the real sparse runtime: cache hit rate and flash bytes with and without it."""
+        from ..sparse import load_sparse
+        from .preload import figure, measure
+
+        o = self.opts
+        sparse = load_sparse(self.model.path, ram_budget_mb=o.cache_budget_mb, sparse_strategy="predictor",
+                             density=o.cache_density, pack=o.cache_pack, progress=o.progress,
+                             predictor=o.cache_predictor)
+        try:
+            result = measure(self, sparse, o.cache_prompts, o.cache_tokens, o.cache_cold, o.cache_selection,
+                             rank_texts=o.cache_rank_texts)
+        finally:
+            sparse.transformer.sparse.close()
+        figure(result, self.out / "prefetch_cache.png")
+        return _write(self.out, "prefetch_cache.json", result)
+
     def run(self, what: str) -> list[Path]:
+        real = [self.prefetch_cache] if self.opts.cache_budget_mb is not None else []
         jobs = {"sparsity": [self.sparsity], "functions": [self.functions], "partition": [self.partition],
-                "perturb": [self.perturb], "prefetch": [self.prefetch],
-                "all": [self.sparsity, self.functions, self.partition, self.perturb, self.prefetch]}
+                "perturb": [self.perturb], "prefetch": [self.prefetch, *real],
+                "all": [self.sparsity, self.functions, self.partition, self.perturb, self.prefetch, *real]}
         if what not in jobs:
             raise CfmError(f"unknown analysis {what!r}; choose from {', '.join(jobs)}")
         return [job() for job in jobs[what]]
