@@ -41,8 +41,12 @@ SCHEMES = ("min", "asym", "sym")
 def pack(w: torch.Tensor, bits: int = 4, block: int = 32, scheme: str = "min") -> Packed:
     """Block-quantize w [n, k] (k a multiple of block).
 
-    scheme "min":  value = scale * code + min per block (the Q4_1 grid: re-packing a Q4_1 tensor is exact);
-                   the min goes to `mins`, the zero points are 0.
+    scheme "min":  value = scale * code + min per block (the Q4_1 grid: re-packing a Q4_1 tensor is exact),
+                   stored as scale * (code - zp) + (min + zp * scale) with the integer zp nearest -min/scale:
+                   the kernel's int8-quantized activations then meet centred weights, and `mins` holds only
+                   the small remainder (|.| <= scale / 2 unless zp is clamped). With zp = 0 the kernel would
+                   multiply the activation rounding error by the uncentred codes (+1.3% perplexity on the
+                   embedded model vs +0.4% centred, int8 activations everywhere).
     scheme "asym": value = scale * (code - zp), integer zp (grid holds 0; re-fitting a Q4_1 grid loses quality).
     scheme "sym":  value = scale * (code - 2^(bits-1)), scale = absmax / (2^(bits-1) - 1) (exact for Q8_0 at 8 bits).
     """
@@ -72,10 +76,12 @@ def _pack(w: torch.Tensor, bits: int, block: int, scheme: str) -> Packed:
         scale = (hi - lo) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if scheme == "min":
-        zp = torch.zeros_like(scale)
-        mins = lo.T.contiguous().numpy()
-        wb = wb - lo[..., None]
-    elif scheme == "asym":
+        zp = (-lo / scale).round().clamp(0, qmax)
+        q = ((wb - lo[..., None]) / scale[..., None]).round().clamp(0, qmax).to(torch.uint8)
+        mins = (lo + zp * scale).T.contiguous().numpy()
+        return Packed(bits, block, n, k, _pack_codes(q, bits).numpy(), scale.reshape(-1).numpy().copy(),
+                      _pack_zero_points(zp.to(torch.uint8), bits).numpy(), mins)
+    if scheme == "asym":
         zp = (-lo / scale).round().clamp(0, qmax)
     q = (wb / scale[..., None] + zp[..., None]).round().clamp(0, qmax).to(torch.uint8)
     return Packed(bits, block, n, k, _pack_codes(q, bits).numpy(), scale.reshape(-1).numpy().copy(),
