@@ -144,7 +144,10 @@ def train(x: torch.Tensor, mlp, rank: int = DEFAULT_RANK, activation: str = "sil
     else:
         w = torch.ones(2 * f)
     ww = w[:, None] * torch.cat((wg, wu))  # [2F, D]
-    u_r = torch.linalg.svd(ww @ chol, full_matrices=False)[0][:, :rank]  # [2F, r]
+    m = (ww @ chol).double()  # [2F, D]: its top-r left singular vectors, via the small [D, D] Gram matrix
+    evals, evecs = torch.linalg.eigh(m.T @ m)
+    top = evals.argsort(descending=True)[:rank]
+    u_r = (m @ evecs[:, top] / evals[top].clamp_min(1e-30).sqrt()).float()  # [2F, r]
     net = LowRankPredictor(d, f, rank, activation)
     net.proj.weight.copy_(u_r.T @ ww)
     a = u_r / w[:, None]

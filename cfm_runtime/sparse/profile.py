@@ -24,7 +24,7 @@ CLUSTER = 32  # 32 fp16 bundles of D=576 are 27 pages: clusters stay 4 KiB align
 
 
 def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_answers: int = 4,
-               max_tokens: int | None = None, rank: int = pred.DEFAULT_RANK, sens_tokens: int = 256,
+               max_tokens: int | None = None, rank: int = pred.DEFAULT_RANK, sens_tokens: int = 128,
                levels=LEVELS, progress: bool = True) -> Path:
     """Profile `model` (dense, fp32 in RAM) and write its pack to `root` (replaced if present)."""
     t0 = time.time()
