@@ -140,8 +140,8 @@ def profile_decode_step(model, threads: int, steps: int = 20) -> dict:
     t = model.transformer
     options = graph.session_options
 
-    def profiled(n):
-        so = options(n)
+    def profiled(n, spin=False):
+        so = options(n, spin)
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tempfile.gettempdir(), "cfm_decode_profile")
         return so

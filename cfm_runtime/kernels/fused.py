@@ -57,12 +57,12 @@ class FusedSpan:
     position (output "logits" [1, 1, vocab]), so a decode step is a single session run.
     """
 
-    def __init__(self, t: Transformer, start: int, end: int, threads: int, head: bool = False):
+    def __init__(self, t: Transformer, start: int, end: int, threads: int, head: bool = False, spin: bool = False):
         if not supported(t, start, end, head):
             raise ValueError("the fused path needs the stock modules with QuantizedLinear projections")
         self.t, self.start, self.end, self.head = t, start, end, head
         self.modules = _stock_modules(t, start, end, head)
-        self.session = self._build(threads)
+        self.session = self._build(threads, spin)
         self._bound: tuple | None = None  # (binding, cache, data pointers) of the last call
         self._lens = torch.zeros(2, dtype=torch.int32)  # seqlens_k (= total - 1), total_sequence_length
 
@@ -72,7 +72,7 @@ class FusedSpan:
 
     # ------------------------------------------------------------ graph
 
-    def _build(self, threads: int):
+    def _build(self, threads: int, spin: bool):
         c, g = self.t.config, GraphBuilder()
         h = g.input("h", FLOAT, [1, "t", c.d_model])
         lens = g.input("lens", INT32, [2])
@@ -100,9 +100,9 @@ class FusedSpan:
                                   g.const(np.array([1], np.int64))])[0]
             _, normed = self._norm(g, last, None, self.t.norm)
             head = self.t.lm_head
-            g.output(g.linear(normed, head.packed, rank=3, accuracy=head.accuracy), "logits", FLOAT,
+            g.output(g.linear(normed, head.packed, accuracy=head.accuracy), "logits", FLOAT,
                      [1, 1, c.vocab_size])
-        return g.session(threads)
+        return g.session(threads, spin)
 
     def _norm(self, g: GraphBuilder, x: str, pending: str | None, norm) -> tuple[str, str]:
         """-> (residual stream, RMSNorm of it); folds the pending block output into the residual."""
@@ -115,7 +115,7 @@ class FusedSpan:
 
     def _attention(self, g: GraphBuilder, xn: str, a: Attention, past: list[str], seqlens, total, cos, sin) -> str:
         c = self.t.config
-        qkv = g.linear(xn, concat([a.q_proj.packed, a.k_proj.packed, a.v_proj.packed]), rank=3,
+        qkv = g.linear(xn, concat([a.q_proj.packed, a.k_proj.packed, a.v_proj.packed]),
                        accuracy=a.q_proj.accuracy)
         biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
         if any(b is not None for b in biases):
@@ -126,16 +126,16 @@ class FusedSpan:
         out = g.name("attn")
         g.nodes.append(_gqa_node(qkv, past, seqlens, total, cos, sin, [out, f"present_k_{i}", f"present_v_{i}"],
                                  c.n_heads, c.n_kv_heads, c.head_dim, c.rope_style != "neox"))
-        return g.linear(out, a.o_proj.packed, rank=3, accuracy=a.o_proj.accuracy)
+        return g.linear(out, a.o_proj.packed, accuracy=a.o_proj.accuracy)
 
     def _mlp(self, g: GraphBuilder, xn: str, m: MLP) -> str:
-        gu = g.linear(xn, concat([m.gate_proj.packed, m.up_proj.packed]), rank=3, accuracy=m.gate_proj.accuracy)
+        gu = g.linear(xn, concat([m.gate_proj.packed, m.up_proj.packed]), accuracy=m.gate_proj.accuracy)
         gate, up = g.op("Split", [gu, g.const(np.array([m.gate_proj.out_features] * 2, np.int64))], n_out=2, axis=-1)
         if m.act is torch.nn.functional.silu:
             act = g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0]
         else:
             act = g.op("Relu", [gate])[0]
-        return g.linear(g.op("Mul", [act, up])[0], m.down_proj.packed, rank=3, accuracy=m.down_proj.accuracy)
+        return g.linear(g.op("Mul", [act, up])[0], m.down_proj.packed, accuracy=m.down_proj.accuracy)
 
     # ------------------------------------------------------------ running
 
@@ -200,8 +200,8 @@ class FusedRunner:
     between this path and the module path at any token.
     """
 
-    def __init__(self, t: Transformer, threads: int):
-        self.t, self.threads = t, threads
+    def __init__(self, t: Transformer, threads: int, spin: bool = False):
+        self.t, self.threads, self.spin = t, threads, spin
         self._span: FusedSpan | None = None
 
     def usable(self) -> bool:
@@ -214,7 +214,7 @@ class FusedRunner:
         t = self.t
         if self._span is None:  # built on first use: ~2 s, and no memory for it unless this path runs
             head = supported(t, 0, t.config.n_layers, head=True)
-            self._span = FusedSpan(t, 0, t.config.n_layers, self.threads, head=head)
+            self._span = FusedSpan(t, 0, t.config.n_layers, self.threads, head=head, spin=self.spin)
         out = self._span.forward(t.embed(torch.tensor([ids])), cache)
         h, logits = out if self._span.head else (out, None)
         if all_logits:

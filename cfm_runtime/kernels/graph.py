@@ -21,6 +21,7 @@ class GraphBuilder:
     def __init__(self):
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
         self._n = 0
+        self._indicators: dict[tuple[int, int], str] = {}
 
     def name(self, base: str) -> str:
         self._n += 1
@@ -44,38 +45,47 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [value], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
-    def linear(self, x: str, p: Packed, rank: int = 2, accuracy: int | None = None) -> str:
-        """x [..., k] (of `rank` dims) -> [..., n] through MatMulNBits (+ the per-block mins term of the "min" scheme)."""
+    def linear(self, x: str, p: Packed, accuracy: int | None = None) -> str:
+        """x [..., k] -> [..., n] through MatMulNBits (+ the per-block mins term of the "min" scheme)."""
         y, = self.op("MatMulNBits", [x, self.const(p.codes, "w"), self.const(p.scales, "s"),
                                      self.const(p.zero_points, "zp")],
                      domain=MS, K=p.k, N=p.n, bits=p.bits, block_size=p.block,
                      accuracy_level=ACCURACY_LEVEL if accuracy is None else accuracy)
         if p.mins is None:
             return y
-        # sum_b m[b, n] * sum_{i in block b} x_i: the exact Q4_1 offset term, [.., k/block] @ [k/block, n]
-        shape = self.const(np.array([0] * (rank - 1) + [p.k // p.block, p.block], np.int64), "shape")
-        sums, = self.op("ReduceSum", [self.op("Reshape", [x, shape])[0], self.const(np.array([-1], np.int64))],
-                        keepdims=0)
+        # sum_b m[b, n] * sum_{i in block b} x_i: the exact Q4_1 offset term, [.., k/block] @ [k/block, n];
+        # the block sums are one MatMul with a 0/1 matrix (one op: Reshape + ReduceSum cost two launches)
+        sums, = self.op("MatMul", [x, self.block_indicator(p.k, p.block)])
         corr, = self.op("MatMul", [sums, self.const(p.mins, "mins")])
         return self.op("Add", [y, corr])[0]
 
-    def session(self, threads: int) -> ort.InferenceSession:
+    def block_indicator(self, k: int, block: int) -> str:
+        """The constant [k, k/block] with ones where row i lies in block j (shared by every linear of this k)."""
+        key = (k, block)
+        if key not in self._indicators:
+            self._indicators[key] = self.const(np.kron(np.eye(k // block, dtype=np.float32),
+                                                       np.ones((block, 1), np.float32)), "blocks")
+        return self._indicators[key]
+
+    def session(self, threads: int, spin: bool = False) -> ort.InferenceSession:
         graph = helper.make_graph(self.nodes, "cfm", self.inputs, self.outputs, self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)])
         model.ir_version = 8
-        return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+        return ort.InferenceSession(model.SerializeToString(), session_options(threads, spin),
                                     providers=["CPUExecutionProvider"])
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
+    """spin: worker threads busy-wait between ops (as llama.cpp's do) instead of sleeping; a decode step
+    launches ~600 small ops, and waking a sleeping worker for each costs more than the op itself."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
-    # Spinning worker threads would keep burning the 2 cores between runs (torch, other sessions).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Otherwise no spinning: spinning workers keep burning the cores between runs (torch, other sessions).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     return so
 
 
