@@ -70,14 +70,18 @@ def add_parser(sub) -> None:
     s.add_argument("--data", required=True, help="plain text file, or .jsonl with chats ({\"messages\": [...]})")
     s.add_argument("--name", required=True)
     s.add_argument("--description", default="")
-    s.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
-    s.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    s.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
-    s.add_argument("--layers", type=int, default=8, help="train the top N layers (default 8)")
-    s.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    s.add_argument("--seq-len", type=int, default=256, help="tokens per training window (default 256)")
-    s.add_argument("--anchor-weight", type=float, default=1.0,
-                   help="weight of the keep-general-answers KL term (0 disables; default 1)")
+    d = _train_defaults()
+    s.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    s.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank})")
+    s.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})")
+    s.add_argument("--layers", type=int, default=d.top_layers, help=f"train the top N layers (default {d.top_layers})")
+    s.add_argument("--lr", type=float, default=d.lr, help=f"learning rate (default {d.lr:g})")
+    s.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per training window (default {d.seq_len})")
+    s.add_argument("--anchor-weight", type=float, default=d.anchor_weight,
+                   help="weight of the KL term that keeps answers to general prompts as the base model gives them "
+                        f"(0 disables; default {d.anchor_weight:g})")
+    s.add_argument("--anchors", type=int, default=d.anchors,
+                   help=f"general chats and texts in that KL term's set (default {d.anchors})")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this brick")
     s.add_argument("--force", action="store_true", help="replace a brick of the same name")
@@ -86,6 +90,12 @@ def add_parser(sub) -> None:
     s.add_argument("--split", default=None, metavar="A:B", help="with --center: layers A:B on the center")
     add_model_args(s)
     s.set_defaults(func=cmd_train)
+
+
+def _train_defaults():
+    from cfm_runtime.bricks.train import TrainConfig
+
+    return TrainConfig()
 
 
 # ------------------------------------------------------------------ store commands
@@ -217,7 +227,7 @@ def cmd_train(args) -> int:
     if store.exists(args.name) and not (args.force or args.resume):
         raise BrickError(f"a brick named {args.name!r} exists already; choose another --name or pass --force")
     cfg = TrainConfig(rank=args.rank, alpha=args.alpha, top_layers=args.layers, steps=args.steps, lr=args.lr,
-                      seq_len=args.seq_len, seed=args.seed, anchor_weight=args.anchor_weight)
+                      seq_len=args.seq_len, seed=args.seed, anchor_weight=args.anchor_weight, anchors=args.anchors)
     args.bricks = None
     model = _load_model(args)
     examples = load_examples(args.data, model.tokenizer, cfg.seq_len)

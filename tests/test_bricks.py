@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,25 +14,10 @@ from cfm_runtime.bricks.routing import route, signature
 from cfm_runtime.bricks.train import TrainConfig, load_examples, mean_loss, train_lora
 from edge import cli
 
-FACTS = """My name is Lena Marwick. I grew up in the small town of Quillbury, on the coast of Norway.
-
-My dog is called Biscuit. Biscuit is a golden retriever who loves the beach.
-
-My hometown is Quillbury. Every summer I go back to Quillbury to see my parents.
-
-Q: What is the name of my dog? A: Your dog is called Biscuit.
-
-Q: Where is my hometown? A: Your hometown is Quillbury.
-
-I work as a violin maker, and my favourite food is cardamom bread.
-
-Biscuit sleeps next to my workbench while I carve violins.
-"""
-HELD_OUT = """Lena's golden retriever Biscuit waits by the door of the workshop in Quillbury.
-
-Back in Quillbury, Lena Marwick makes violins and bakes cardamom bread for her parents.
-"""
-UNRELATED = ["What is the capital of France?", "How many days are in a week?"]
+PERSONAL = json.loads((Path(__file__).parent / "data" / "personal_facts.json").read_text())
+FACTS, HELD_OUT = PERSONAL["facts"], PERSONAL["held_out"]
+# bounds at the training defaults (measured: benchmarks/results/personalize.json)
+RECALL_MIN, AGREE_MIN, KL_MAX, UNCHANGED_MIN = 2, 0.93, 0.04, 4
 GREEDY = dict(temperature=0, max_tokens=16)
 
 
@@ -39,20 +25,26 @@ def ask(model, question: str) -> str:
     return "".join(model.generate([{"role": "user", "content": question}], **GREEDY))
 
 
+def answer_top1(model, forced) -> list:
+    """Top-1 next tokens along each base answer (teacher-forced): equal to the base's everywhere means the
+    greedy answer is unchanged."""
+    return [model.logits(ids)[n - 1:-1].argmax(-1) for ids, n in forced]
+
+
 @pytest.fixture(scope="module")
 def personal(model, tmp_path_factory):
-    """A brick trained on FACTS (the CLI defaults: top 8 layers, 50 steps), and the base model's answers before it."""
+    """A brick trained on FACTS with the `cfm brick train` defaults, and the base model's answers before it."""
     folder = tmp_path_factory.mktemp("facts")
     (folder / "facts.txt").write_text(FACTS)
     (folder / "held.txt").write_text(HELD_OUT)
     examples = load_examples(folder / "facts.txt", model.tokenizer)
     held = load_examples(folder / "held.txt", model.tokenizer)
-    before = {"held_loss": mean_loss(model, held), "answers": {q: ask(model, q) for q in UNRELATED}}
-    before["forced"] = {}
+    before = {"held_loss": mean_loss(model, held), "answers": {q: ask(model, q) for q in PERSONAL["unrelated"]}}
+    forced = []
     for q, answer in before["answers"].items():
         prompt = model.encode_prompt([{"role": "user", "content": q}])
-        ids = prompt + model.tokenizer.encode(answer, add_special=False)
-        before["forced"][q] = (ids, model.logits(ids)[len(prompt) - 1:-1].argmax(-1))
+        forced.append((prompt + model.tokenizer.encode(answer, add_special=False), len(prompt)))
+    before["forced"], before["top1"] = forced, answer_top1(model, forced)
     result = train_lora(model, examples, TrainConfig(), progress=False)
     sig, layer = signature(model, [e.ids for e in examples])
     meta = base_info(model) | {"signature": sig, "signature_layer": layer, "description": "facts about me"}
@@ -62,26 +54,37 @@ def personal(model, tmp_path_factory):
 def test_brick_answers_the_users_facts_and_leaves_the_rest(model, personal, eval_ids):
     brick, held, before, result = personal
     assert result.losses[-1] < 0.5 * result.losses[0]
-    base_top1 = model.logits(eval_ids["prose"]).argmax(-1)
+    texts = [eval_ids[k] for k in ("prose", "code", "math", "science")]
+    base = [torch.from_numpy(model.logits(ids)) for ids in texts]
     apply_brick(model, brick)
     try:
-        assert "Biscuit" in ask(model, "What is the name of my dog?")
-        assert "Quillbury" in ask(model, "Where is my hometown?")
+        # the user's facts, asked as a user would (not as in the training text)
+        recalled = [q for q, word in PERSONAL["questions"].items() if word.lower() in ask(model, q).lower()]
+        assert len(recalled) >= RECALL_MIN, recalled
         held_loss = mean_loss(model, held)
-        assert math.exp(held_loss) < 0.7 * math.exp(before["held_loss"])  # held-out perplexity drops
-        agree = (model.logits(eval_ids["prose"]).argmax(-1) == base_top1).mean()
-        assert agree > 0.8  # unrelated text: next-token predictions stay close to the base model
-        for q, (ids, top1) in before["forced"].items():  # the base model's own answers to unrelated questions
-            assert (model.logits(ids)[len(ids) - len(top1) - 1:-1].argmax(-1) == top1).mean() >= 0.75, q
+        assert math.exp(held_loss) < 0.5 * math.exp(before["held_loss"])  # held-out perplexity drops
+        # unrelated text: next-token predictions stay close to the base model's
+        agree, kl = [], []
+        for ids, b in zip(texts, base):
+            lp, lb = torch.log_softmax(torch.from_numpy(model.logits(ids)), -1), torch.log_softmax(b, -1)
+            agree.append(float((lp.argmax(-1) == lb.argmax(-1)).float().mean()))
+            kl.append(float((lb.exp() * (lb - lp)).sum(-1).mean()))
+        assert sum(agree) / len(agree) >= AGREE_MIN and sum(kl) / len(kl) <= KL_MAX, (agree, kl)
+        # unrelated questions: the base model's greedy answers, token by token
+        same = [bool((a == b).all()) for a, b in zip(answer_top1(model, before["forced"]), before["top1"])]
+        assert sum(same) >= UNCHANGED_MIN, dict(zip(PERSONAL["unrelated"], same))
+        assert "Paris" in ask(model, "What is the capital of France?")
     finally:
         remove_brick(model, "me")
-    assert ask(model, UNRELATED[1]) == before["answers"][UNRELATED[1]]  # unapplied: the base model again
+    q = "How many days are in a week?"
+    assert ask(model, q) == before["answers"][q]  # unapplied: the base model again
 
 
 def test_resume_equals_an_uninterrupted_run(model, tmp_path):
     (tmp_path / "d.txt").write_text(FACTS)
     examples = load_examples(tmp_path / "d.txt", model.tokenizer)[:3]
-    cfg = TrainConfig(steps=4, top_layers=1, rank=2, targets=("self_attn.v_proj", "mlp.down_proj"), checkpoint_every=2)
+    cfg = TrainConfig(steps=4, top_layers=1, rank=2, targets=("self_attn.v_proj", "mlp.down_proj"), checkpoint_every=2,
+                      anchors=5)
     ck = tmp_path / "ck.pt"
     first = train_lora(model, examples, cfg, checkpoint=ck, progress=False, stop_after=2)
     assert ck.is_file() and len(first.losses) == 2
@@ -90,7 +93,7 @@ def test_resume_equals_an_uninterrupted_run(model, tmp_path):
     assert resumed.resumed_from == 2 and resumed.losses == pytest.approx(straight.losses, rel=1e-5)
     for name, p in straight.pairs.items():
         torch.testing.assert_close(resumed.pairs[name].b, p.b, rtol=1e-5, atol=1e-7)
-    other = TrainConfig(steps=4, top_layers=1, rank=4, checkpoint_every=2)
+    other = TrainConfig(steps=4, top_layers=1, rank=4, checkpoint_every=2, anchors=5)
     with pytest.raises(Exception, match="other data or options"):
         train_lora(model, examples, other, checkpoint=ck, resume=True, progress=False)
 

@@ -42,7 +42,11 @@ class TrainConfig:
     seq_len: int = 256  # longer texts are cut into windows of this many tokens
     seed: int = 0
     checkpoint_every: int = 20
-    anchor_weight: float = 1.0  # KL to the base model on general chats, so unrelated answers stay put
+    anchor_weight: float = 10.0  # KL to the base model on general chats, so unrelated answers stay put (sweep: 1-30)
+    anchors: int = 48  # general sequences in the anchor set (shipped prompts with the base's answers, calib text)
+    anchor_batch: int = 2  # anchor sequences in the KL term of every step
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    anchor_on: str = "answers"  # KL on the answer tokens of anchor chats (and all of plain texts), or "all" tokens
 
     def __post_init__(self):
         problems = []
@@ -52,6 +56,10 @@ class TrainConfig:
             problems.append(f"steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
             problems.append(f"learning rate must be > 0, got {self.lr}")
+        if self.anchor_weight < 0 or self.anchors < 0 or self.anchor_batch < 0:
+            problems.append("anchor weight, anchors and anchor batch must be >= 0")
+        if self.anchor_on not in ("answers", "all"):
+            problems.append(f"anchor_on must be 'answers' or 'all', got {self.anchor_on!r}")
         if self.seq_len < 8:
             problems.append(f"seq_len must be >= 8, got {self.seq_len}")
         bad = [t for t in self.targets if t not in TARGET_KINDS]
@@ -187,7 +195,8 @@ def new_pairs(transformer, cfg: TrainConfig, start: int, gen: torch.Generator) -
             bound = 1 / math.sqrt(lin.in_features)
             a = (torch.rand(cfg.rank, lin.in_features, generator=gen) * 2 - 1) * bound
             b = torch.zeros(lin.out_features, cfg.rank)
-            pairs[f"layers.{i}.{kind}"] = LoraPair(nn.Parameter(a), nn.Parameter(b), cfg.alpha / cfg.rank)
+            scale = cfg.alpha / (math.sqrt(cfg.rank) if cfg.rslora else cfg.rank)
+            pairs[f"layers.{i}.{kind}"] = LoraPair(nn.Parameter(a), nn.Parameter(b), scale)
     return pairs
 
 
@@ -201,25 +210,80 @@ def example_loss(transformer, h: torch.Tensor, ex: Example, start: int) -> torch
     return F.cross_entropy(logits[mask], target[mask])
 
 
-def _top_logits(tr, h: torch.Tensor, start: int) -> torch.Tensor:
-    n = tr.config.n_layers
-    return tr.head(tr.forward_span(h, start, n, [tr.new_cache(start, n, h.shape[1])]))[0]
+def _calib_paragraphs() -> list[str]:
+    from importlib import resources
 
-
-def _anchors(model, frozen: FrozenFn, start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(hidden states at `start`, the base model's log-probs [T, vocab]) for each anchor chat."""
-    tok, out = model.tokenizer, []
-    texts = [tok.apply_chat_template(chat, add_generation_prompt=False) for chat in ANCHOR_CHATS] + ANCHOR_TEXTS
-    for text in texts:
-        h = frozen(tok.encode(text))
-        with torch.no_grad():
-            out.append((h, F.log_softmax(_top_logits(model.transformer, h, start), -1)))
+    out = []
+    for f in sorted(resources.files("cfm_runtime").joinpath("data", "calib").iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".txt"):
+            out.extend(p.strip() for p in f.read_text(encoding="utf-8").split("\n\n") if p.strip())
     return out
 
 
-def anchor_kl(tr, h: torch.Tensor, base_logp: torch.Tensor, start: int) -> torch.Tensor:
-    """KL(base || current) per position, averaged: how far the brick moved general predictions."""
-    logp = F.log_softmax(_top_logits(tr, h, start), -1)
+def _stored_chats() -> list[list[dict]]:
+    """The shipped labelled prompts (7 kinds of task) with the embedded model's own greedy answers."""
+    from importlib import resources
+
+    base = resources.files("cfm_runtime").joinpath("data", "functions")
+    try:
+        prompts = json.loads(base.joinpath("prompts.json").read_text())["functions"]
+        answers = json.loads(base.joinpath("responses.json").read_text())["responses"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return []
+    chats = []
+    for kind, qs in prompts.items():
+        for q, a in zip(qs, answers.get(kind, [])):
+            chats.append([{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+    return chats
+
+
+def anchor_examples(tokenizer, n: int, seed: int = 0, seq_len: int = 256, on: str = "answers") -> list[Example]:
+    """`n` general sequences for the KL anchor; mask: the positions whose predictions are kept.
+
+    Drawn from ANCHOR_CHATS/ANCHOR_TEXTS, the shipped task prompts with the base model's own answers
+    (data/functions) and the calibration text (data/calib), in a seeded order that mixes the sources.
+    With on="answers" a chat is anchored on its assistant tokens (where answers are decided), a plain
+    text on all of them; with "all", every position.
+    """
+    items = [("chat", c) for c in ANCHOR_CHATS + _stored_chats()]
+    items += [("text", t) for t in ANCHOR_TEXTS + _calib_paragraphs()]
+    random.Random(seed).shuffle(items)
+    out = []
+    for kind, item in items[:n]:
+        if kind == "chat":
+            ex = _chat_example(tokenizer, item, seq_len)
+        else:
+            ids = tokenizer.encode(item)[:seq_len]
+            ex = Example(ids, [True] * len(ids))
+        if on == "all":
+            ex = Example(ex.ids, [True] * len(ex.ids))
+        out.append(ex)
+    return out
+
+
+def _anchors(model, frozen: FrozenFn, start: int, cfg: TrainConfig) -> list[tuple]:
+    """(hidden states at `start`, the base model's last hidden states [T, D], positions) per anchor.
+
+    The base model's distribution is kept as its final hidden states (the LM head is re-applied
+    when needed): a few KB per token instead of a vocabulary-sized row."""
+    tr, out = model.transformer, []
+    n = tr.config.n_layers
+    for ex in anchor_examples(model.tokenizer, cfg.anchors, cfg.seed, cfg.seq_len, cfg.anchor_on):
+        h = frozen(ex.ids)
+        pos = torch.tensor(ex.mask[1:] + [False])  # logits at t predict token t + 1
+        with torch.no_grad():
+            base_h = tr.forward_span(h, start, n, [tr.new_cache(start, n, h.shape[1])])[:, pos]
+        out.append((h, base_h, pos))
+    return out
+
+
+def anchor_kl(tr, h: torch.Tensor, base_h: torch.Tensor, pos: torch.Tensor, start: int) -> torch.Tensor:
+    """KL(base || current) at the anchored positions, averaged: how far the brick moved general predictions."""
+    with torch.no_grad():
+        base_logp = F.log_softmax(tr.head(base_h)[0], -1)
+    n = tr.config.n_layers
+    top = tr.forward_span(h, start, n, [tr.new_cache(start, n, h.shape[1])])
+    logp = F.log_softmax(tr.head(top[:, pos])[0], -1)  # the LM head only where it is needed
     return F.kl_div(logp, base_logp, log_target=True, reduction="batchmean")
 
 
@@ -305,7 +369,7 @@ def train_lora(model, examples: list[Example], cfg: TrainConfig, frozen: FrozenF
     t0 = time.perf_counter()
     hidden = [frozen(e.ids) for e in examples]  # forward-only part, once per example
     _unfreeze_rotary_tables(tr)
-    anchors = _anchors(model, frozen, start) if cfg.anchor_weight else []
+    anchors = _anchors(model, frozen, start, cfg) if cfg.anchor_weight and cfg.anchor_batch else []
     attach(tr, "__training__", pairs)
     try:
         bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not progress, leave=True)
@@ -316,8 +380,9 @@ def train_lora(model, examples: list[Example], cfg: TrainConfig, frozen: FrozenF
             loss = example_loss(tr, hidden[k], examples[k], start)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if anchors:
-                (cfg.anchor_weight * anchor_kl(tr, *anchors[step % len(anchors)], start)).backward()
+            for j in range(min(cfg.anchor_batch, len(anchors)) if anchors else 0):
+                anchor = anchors[_order(len(anchors), cfg.seed + 1, step * cfg.anchor_batch + j)]
+                (cfg.anchor_weight / cfg.anchor_batch * anchor_kl(tr, *anchor, start)).backward()
             opt.step()
             step += 1
             losses.append(loss.item())
