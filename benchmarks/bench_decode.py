@@ -37,6 +37,7 @@ from cfm_runtime.runtime import release_freed_memory  # noqa: E402
 from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402
 
 EVAL = Path(__file__).parents[1] / "tests" / "data" / "eval_texts.json"
+CALIB = Path(cfm_runtime.__file__).parent / "data" / "calib"
 PROMPTS = [
     [{"role": "user", "content": PROMPT}],
     [{"role": "user", "content": "Write a Python function that checks whether a string is a palindrome, "
@@ -76,9 +77,13 @@ def run_cfm(model, ids: list[int], n_decode: int) -> tuple[float, float]:
 
 
 def eval_ids(model) -> dict[str, list[int]]:
+    """tests/data/eval_texts.json and the shipped calibration text: ~3,100 tokens (no weight format is fitted
+    on either, so both are fair for measuring quantization)."""
     d = json.loads(EVAL.read_text())
     ids = {k: model.tokenizer.encode(t) for k, t in d["texts"].items()}
     ids["chat"] = model.encode_prompt(d["chat"])
+    for f in sorted(CALIB.glob("*.txt")):
+        ids[f"calib_{f.stem}"] = model.tokenizer.encode(f.read_text())
     return ids
 
 
