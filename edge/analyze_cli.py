@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 
-ANALYSES = ("sparsity", "functions", "partition", "perturb", "prefetch", "all")
+ANALYSES = ("sparsity", "functions", "partition", "perturb", "prefetch", "prefetch-cache", "all")
 
 
 def add_parser(sub) -> None:
@@ -31,6 +31,8 @@ def add_parser(sub) -> None:
                    help="with --ram-budget: held-out prompts per function run through the real sparse runtime "
                         "with and without the function-aware preload (default 5)")
     p.add_argument("--prefetch-tokens", type=int, default=32, help="with --ram-budget: tokens per prompt (default 32)")
+    p.add_argument("--prefetch-rank-texts", type=int, default=12,
+                   help="with --ram-budget: training texts per function that rank its neurons (default 12)")
     p.add_argument("--prefetch-predictor", choices=("int4", "lowrank"), default=None,
                    help="with --ram-budget: the predictor kind loaded (counts in the budget; default: the runtime's)")
     p.add_argument("--warm", action="store_true",
@@ -60,7 +62,8 @@ def cmd_analyze(args) -> int:
                            cache_budget_mb=args.ram_budget, cache_prompts=args.prefetch_prompts,
                            cache_tokens=args.prefetch_tokens, cache_selection=strategy,
                            cache_density=args.density, cache_pack=args.pack, cache_cold=not args.warm,
-                           cache_predictor=args.prefetch_predictor, collect=CollectOptions(max_len=args.max_len))
+                           cache_predictor=args.prefetch_predictor,
+                           cache_rank_texts=args.prefetch_rank_texts, collect=CollectOptions(max_len=args.max_len))
     t0 = time.perf_counter()
     model = load(argparse.Namespace(**{**vars(args), "ram_budget": None, "sparse": False, "density": None,
                                        "sparse_strategy": None, "pack": None}))

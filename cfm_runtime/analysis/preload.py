@@ -29,6 +29,7 @@ from ..errors import CfmError
 from .prompts import FUNCTIONS
 
 CONDITIONS = ("none", "static", "function", "function_true_label")
+DEFAULT_CONDITIONS = ("none", "static", "function")
 
 
 class OracleScorer(nn.Module):
@@ -221,32 +222,35 @@ def run_prompt(model, ids: list[int], prefetch: FunctionPrefetch | None, choose,
 
 
 def measure(an, sparse_model, per_function: int = 5, max_tokens: int = 32, cold: bool = True,
-            selection: str = "oracle", conditions=CONDITIONS, rank_texts: int | None = None) -> dict:
+            selection: str = "oracle", conditions=DEFAULT_CONDITIONS, rank_texts: int | None = None) -> dict:
     """Held-out prompts of `an` (an Analysis on the dense model) through `sparse_model` with each preload
     condition: none, static (most often selected neurons over all functions), function (classifier's
     prediction), function_true_label (the prompt's own function: the classifier's ceiling)."""
     from tqdm import tqdm
 
     from .collect import template_prefix_len
-    from .prefetch import train_classifier
+    from .prefetch import probe_features, train_classifier
 
     if selection not in ("oracle", "predictor"):
         raise CfmError(f"selection must be oracle or predictor, got {selection!r}")
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or "none" not in conditions:
         raise CfmError(f"conditions must include 'none' and come from {', '.join(CONDITIONS)}; got {conditions}")
-    c, (train, test) = an.collection, an.split
+    train, test = an.split
+    labels = np.array([x.label for x in an.instances])
     pl = an.opts.probe_layer
     if pl < 1:
         raise CfmError("the real prefetch measurement needs probe_layer >= 1 (a layer the prefill runs)")
-    clf = train_classifier(c.probe[train, pl], c.labels[train], an.opts.seed)
+    # the classifier's features: the same as the collection's probe, computed from the prompts alone
+    feats = probe_features(an.model, [an.instances[j].prompt for j in train], pl, an.opts.collect.probe_tokens)
+    clf = train_classifier(feats, labels[train], an.opts.seed)
     engine = sparse_model.transformer.sparse
     # neuron rankings always from the oracle's selections on the training texts
     saved = [(m.predictor, m.strategy) for m in flash_modules(sparse_model)]
     use_oracle(sparse_model)
     t0 = time.perf_counter()
-    ranking = np.array([j for f in range(len(FUNCTIONS)) for j in train[c.labels[train] == f][:rank_texts]])
-    counts = selection_counts(sparse_model, [an.encoded[j] for j in ranking], c.labels[ranking], an.opts.progress)
+    ranking = np.array([j for f in range(len(FUNCTIONS)) for j in train[labels[train] == f][:rank_texts]])
+    counts = selection_counts(sparse_model, [an.encoded[j] for j in ranking], labels[ranking], an.opts.progress)
     ranking_seconds = time.perf_counter() - t0
     if selection == "predictor":
         for m, (pred, strat) in zip(flash_modules(sparse_model), saved):
@@ -255,11 +259,11 @@ def measure(an, sparse_model, per_function: int = 5, max_tokens: int = 32, cold:
     static = len(FUNCTIONS)
     pf = FunctionPrefetch(clf, ranked, pl, template_prefix_len(sparse_model), an.opts.collect.probe_tokens)
 
-    held = [j for f in range(len(FUNCTIONS)) for j in test[c.labels[test] == f][:per_function]]
+    held = [j for f in range(len(FUNCTIONS)) for j in test[labels[test] == f][:per_function]]
     rows: dict[str, list[dict]] = {k: [] for k in conditions}
     jobs = [(j, k) for j in held for k in conditions]  # conditions interleaved: machine noise hits all alike
     for j, cond in tqdm(jobs, desc="prefetch runs", disable=not an.opts.progress, unit="run"):
-        label = int(c.labels[j])
+        label = int(labels[j])
         choose = {"none": None, "static": lambda h: static, "function": None,
                   "function_true_label": lambda h, f=label: f}[cond]
         ids = sparse_model.encode_prompt([{"role": "user", "content": an.instances[j].prompt}])

@@ -300,8 +300,10 @@ class Analysis:
     def run(self, what: str) -> list[Path]:
         real = [self.prefetch_cache] if self.opts.cache_budget_mb is not None else []
         jobs = {"sparsity": [self.sparsity], "functions": [self.functions], "partition": [self.partition],
-                "perturb": [self.perturb], "prefetch": [self.prefetch, *real],
+                "perturb": [self.perturb], "prefetch": [self.prefetch, *real], "prefetch-cache": real,
                 "all": [self.sparsity, self.functions, self.partition, self.perturb, self.prefetch, *real]}
+        if what == "prefetch-cache" and not real:
+            raise CfmError("prefetch-cache measures the real sparse runtime: give it a RAM budget (--ram-budget MB)")
         if what not in jobs:
             raise CfmError(f"unknown analysis {what!r}; choose from {', '.join(jobs)}")
         return [job() for job in jobs[what]]
