@@ -7,10 +7,13 @@ would (greedy; none of the questions is copied from the training text), and drif
 input: top-1 agreement and KL against the base model on tests/data/eval_texts.json, and the greedy
 answers to general questions (unchanged, or still containing the base model's correct answer word).
 Saves benchmarks/results/personalize.json; `--sweep` trains a grid of options instead and saves
-benchmarks/results/personalize_sweep.json (one row per setting, same measurements).
+benchmarks/results/personalize_sweep.json (one row per setting, same measurements); `--only` picks
+named settings or ad-hoc ones (field=value+field=value) and saves personalize_sweep_TAG.json. The base
+model's answers are cached in the temp folder (per model and data), so parallel sweeps share them.
+On a shared machine use --threads 1: two-thread torch slows down 3-5x when the cores are oversubscribed.
 
-    python benchmarks/bench_personalize.py [--threads 2] [--steps N] [--rank R] [--layers L] ...
-    python benchmarks/bench_personalize.py --sweep
+    python benchmarks/bench_personalize.py [--threads 2] [--steps N] [--rank R] [--top-layers L] [--anchor-weight W]
+    python benchmarks/bench_personalize.py --sweep [--only "anchor_weight=10,anchor_weight=10+steps=80" --tag x]
 """
 
 from __future__ import annotations
