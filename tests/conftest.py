@@ -37,3 +37,14 @@ def hf_reference(model_path):
     hf = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
     return hf.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def pack_root(model, model_path, tmp_path_factory) -> Path:
+    """One small neuron pack for the session (sparse and prefetch tests): 1,200 calibration tokens."""
+    from cfm_runtime.sparse.load import source_digest
+    from cfm_runtime.sparse.profile import build_pack
+
+    root = tmp_path_factory.mktemp("packs") / "smollm2"
+    return build_pack(model, root, source_digest=source_digest(model_path), chat_answers=0, max_tokens=1200,
+                      sens_tokens=64, levels=(0.5, 0.6), progress=False)

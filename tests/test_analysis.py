@@ -154,16 +154,12 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def flash_model(model, model_path, tmp_path_factory):
-    """The embedded model under a 100 MB RAM budget (cache: 25 MB) over a small pack, oracle selection."""
+def flash_model(model_path, pack_root):
+    """The embedded model under a 100 MB RAM budget (cache: 25 MB) over the session's pack, oracle selection."""
     from cfm_runtime.analysis.preload import use_oracle
     from cfm_runtime.sparse import load_sparse
-    from cfm_runtime.sparse.load import source_digest
-    from cfm_runtime.sparse.profile import build_pack
 
-    root = build_pack(model, tmp_path_factory.mktemp("packs") / "smollm2", source_digest=source_digest(model_path),
-                      chat_answers=0, max_tokens=128, sens_tokens=16, levels=(0.5,), progress=False)
-    sparse = load_sparse(model_path, ram_budget_mb=100, sparse_strategy="predictor", density=0.6, pack=root,
+    sparse = load_sparse(model_path, ram_budget_mb=100, sparse_strategy="predictor", density=0.6, pack=pack_root,
                          predictor="lowrank", progress=False)
     use_oracle(sparse)
     yield sparse

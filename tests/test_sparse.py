@@ -16,18 +16,10 @@ from cfm_runtime.errors import CfmError
 from cfm_runtime.model import MLP
 from cfm_runtime.sparse import PackError, load_sparse, open_pack
 from cfm_runtime.sparse.load import attach, source_digest
-from cfm_runtime.sparse.profile import build_pack, mean_loss
+from cfm_runtime.sparse.profile import mean_loss
 
 PROMPT = [{"role": "user", "content": "Give two reasons to learn to cook."}]
 CGROUP = Path("/sys/fs/cgroup/memory")
-
-
-@pytest.fixture(scope="session")
-def pack_root(model, model_path, tmp_path_factory) -> Path:
-    """One small pack for the session: 1,200 calibration tokens, short predictor training."""
-    root = tmp_path_factory.mktemp("packs") / "smollm2"
-    return build_pack(model, root, source_digest=source_digest(model_path), chat_answers=0, max_tokens=1200,
-                      sens_tokens=64, levels=(0.5, 0.6), progress=False)
 
 
 @pytest.fixture(scope="session")

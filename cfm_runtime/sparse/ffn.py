@@ -88,7 +88,9 @@ class FlashStore:
             where = {int(p): memoryview(self.cache.rows[s]).cast("B") for p, s in zip(miss, new) if s >= 0}
             where.update({int(p): memoryview(scratch[j]).cast("B") for j, p in enumerate(overflow)})
             junk = memoryview(self.shared.junk).cast("B")
-            self.file.read_scattered(self.layer, plan_runs(miss, self.max_gap), lambda p: where.get(p, junk))
+            # the pack addresses bundles from the layer's start; cache keys count from the first cold neuron
+            self.file.read_scattered(self.layer, plan_runs(miss + self.n_hot, self.max_gap),
+                                     lambda p: where.get(p - self.n_hot, junk))
         return slots, scratch
 
     def gather(self, positions: np.ndarray, step: int, stats) -> torch.Tensor:
