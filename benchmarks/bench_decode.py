@@ -6,7 +6,7 @@ Also: weight bytes read per token, a physical limit (measured read bandwidth / b
 model RSS, perplexity and top-1 agreement against cfm fp32 on tests/data/eval_texts.json, and an
 onnxruntime profile of one int4 decode step (where the time goes).
 
-    python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--decode 64] [--configs fp32,int8,int4]
+    python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--decode 64] [--configs fp32,int8,int4,int4:spin]
 
 Saves benchmarks/results/decode.json and decode.png.
 """
@@ -205,12 +205,20 @@ def plot(summary: dict, path: Path) -> None:
 def load_all(args) -> tuple[dict, dict]:
     models, rss = {}, {}
     for fmt in args.configs.split(","):
+        fmt, _, option = fmt.partition(":")
         weights, _, head = fmt.partition("+")
         before = rss_mb()
-        models[f"cfm_{fmt}"] = cfm_runtime.load_model(args.model, threads=args.threads, weights=weights,
-                                                      lm_head=head or None)
+        m = cfm_runtime.load_model(args.model, threads=args.threads, weights=weights, lm_head=head or None)
+        if option == "spin":  # the fused graph with spinning onnxruntime workers (see kernels.graph)
+            from cfm_runtime.kernels.fused import FusedRunner
+
+            m.transformer.fused = FusedRunner(m.transformer, args.threads, spin=True)
+        elif option:
+            raise SystemExit(f"unknown config option {option!r} in {args.configs!r} (known: spin)")
+        name = f"cfm_{fmt}" + (f":{option}" if option else "")
+        models[name] = m
         release_freed_memory()
-        rss[f"cfm_{fmt}"] = rss_mb() - before
+        rss[name] = rss_mb() - before
     return models, rss
 
 
@@ -220,7 +228,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--configs", default="fp32,int8,int4", help="comma-separated weight formats")
+    ap.add_argument("--configs", default="fp32,int8,int4",
+                    help="comma-separated weight formats, each optionally +HEAD and :spin (e.g. int4:spin)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
 
