@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,25 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_sparse import evaluate, held_out  # noqa: E402  (one perplexity loop for both)
 from benchmarks.common import environment, save  # noqa: E402
 
 DENSITIES = (0.3, 0.5, 0.7)
-
-
-def held_out(model) -> list[list[int]]:
-    d = json.loads((ROOT / "tests/data/eval_texts.json").read_text())
-    return [model.tokenizer.encode(t) for t in d["texts"].values()] + [model.encode_prompt(d["chat"])]
-
-
-@torch.inference_mode()
-def evaluate(model, texts) -> tuple[float, list[torch.Tensor]]:
-    total, n, top = 0.0, 0, []
-    for ids in texts:
-        logits = torch.from_numpy(model.logits(ids))
-        total += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
-        n += len(ids) - 1
-        top.append(logits.argmax(-1))
-    return math.exp(total / n), top
 
 
 def end_to_end(model, nets, strategy: str, densities, texts, base, base_top) -> list[dict]:

@@ -15,7 +15,7 @@ import torch
 from cfm_runtime.errors import CfmError
 from cfm_runtime.model import MLP
 from cfm_runtime.sparse import PackError, load_sparse, open_pack
-from cfm_runtime.sparse.load import attach, source_digest
+from cfm_runtime.sparse.load import attach
 from cfm_runtime.sparse.profile import mean_loss
 
 PROMPT = [{"role": "user", "content": "Give two reasons to learn to cook."}]
