@@ -13,12 +13,14 @@ def cfm(*args, input=None, timeout=180):
 
 
 def test_generate_json():
-    r = cfm("generate", "--chat", "--prompt", "What is the capital of France?", "--temperature", "0",
+    # not France: there the first answer token is a 0.08-logit near-tie ("The" -> Paris vs "L" -> "L'Étoile");
+    # fp32 says Paris, llama.cpp and the int4 CLI default say "L'Étoile". Tokyo is what all three answer.
+    r = cfm("generate", "--chat", "--prompt", "What is the capital of Japan?", "--temperature", "0",
             "--max-tokens", "20", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert {"text", "tokens", "prompt_tps", "decode_tps", "peak_rss_mb"} <= set(out)
-    assert "Paris" in out["text"] and out["tokens"] > 0
+    assert "Tokyo" in out["text"] and out["tokens"] > 0
 
 
 def test_chat_keeps_conversation():
