@@ -4,7 +4,8 @@ Layout (com.microsoft MatMulNBits): codes [N, K/block, block*bits/8] packed low 
 fp32 scales [N * K/block], uint8 zero points (two per byte for 4 bits, each row padded to whole
 bytes); value = scale * (code - zero_point). The CPU kernels only run fast with integer zero
 points (float zero points fall back to a dequantizing path ~30x slower), so a Q4_1 block
-(value = d*q + m) is re-fitted to the integer grid.
+(value = d*q + m) keeps its codes and scale with the nearest integer zero point, and the remainder of
+the offset goes to a separate exact term (scheme "min" below).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def pack(w: torch.Tensor, bits: int = 4, block: int = 32, scheme: str = "min") -
                    the kernel's int8-quantized activations then meet centred weights, and `mins` holds only
                    the small remainder (|.| <= scale / 2 unless zp is clamped). With zp = 0 the kernel would
                    multiply the activation rounding error by the uncentred codes (+1.3% perplexity on the
-                   embedded model vs +0.4% centred, int8 activations everywhere).
+                   embedded model vs +0.0-0.3% centred, int8 activations everywhere).
     scheme "asym": value = scale * (code - zp), integer zp (grid holds 0; re-fitting a Q4_1 grid loses quality).
     scheme "sym":  value = scale * (code - 2^(bits-1)), scale = absmax / (2^(bits-1) - 1) (exact for Q8_0 at 8 bits).
     """
