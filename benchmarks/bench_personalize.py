@@ -37,6 +37,7 @@ from common import environment, save  # noqa: E402
 import cfm_runtime  # noqa: E402
 from cfm_runtime.bricks import Brick, BrickStore, apply_brick, base_info, remove_brick  # noqa: E402
 from cfm_runtime.bricks.lora import TARGET_KINDS  # noqa: E402
+from cfm_runtime.bricks.routing import DEFAULT_THRESHOLD, route, signature  # noqa: E402
 from cfm_runtime.bricks.train import TrainConfig, load_examples, mean_loss, train_lora  # noqa: E402
 
 DATA = Path(__file__).parent.parent / "tests" / "data"
@@ -152,8 +153,29 @@ class Setup:
             "unrelated_changed": {q: after["unrelated"][q] for q in d if q not in unchanged},
         }
         if keep:
-            row |= {"result": result, "brick": brick, "after": after}
+            row |= {"result": result, "brick": brick, "after": after, "routed": self.routed(brick, after)}
         return row
+
+    def routed(self, brick: Brick, after: dict) -> dict:
+        """What a user of `--bricks auto` gets: each question goes to the brick only when routing picks it
+        (the brick's signature is the mean hidden state of its training text, as `cfm brick train` stores)."""
+        m, d = self.model, self.data
+        sig, layer = signature(m, [e.ids for e in self.examples])
+        meta = {"name": "bench-me", "signature": sig, "signature_layer": layer}
+        pick = {q: route(m, m.encode_prompt([{"role": "user", "content": q}]), [meta])
+                for q in [*d["questions"], *d["unrelated"]]}
+        answers = {q: after["answers"][q] if pick[q][0] else self.before["answers"][q] for q in d["questions"]}
+        unrelated = {q: after["unrelated"][q] if pick[q][0] else self.before["unrelated"][q] for q in d["unrelated"]}
+        return {
+            "threshold": DEFAULT_THRESHOLD,
+            "facts_routed_to_brick": f"{sum(bool(pick[q][0]) for q in d['questions'])}/{len(d['questions'])}",
+            "unrelated_routed_to_brick": f"{sum(bool(pick[q][0]) for q in d['unrelated'])}/{len(d['unrelated'])}",
+            "fact_recall": f"{sum(w.lower() in answers[q].lower() for q, w in d['questions'].items())}"
+                           f"/{len(d['questions'])}",
+            "unrelated_unchanged": f"{sum(unrelated[q] == self.before['unrelated'][q] for q in d['unrelated'])}"
+                                   f"/{len(d['unrelated'])}",
+            "scores": {q: round(pick[q][1].get("bench-me", float("nan")), 3) for q in pick},
+        }
 
 
 def sweep_configs(base: TrainConfig) -> list[tuple[str, TrainConfig]]:
@@ -229,7 +251,7 @@ def main() -> None:
     m = s.model
     base_tps = decode_tps(m)
     row = s.run(cfg, keep=True)
-    result, brick, after = row.pop("result"), row.pop("brick"), row.pop("after")
+    result, brick, after, routed = row.pop("result"), row.pop("brick"), row.pop("after"), row.pop("routed")
     meta = BrickStore(s.tmp / "store").save(brick)
     out = {
         "environment": environment(args.threads),
@@ -246,6 +268,7 @@ def main() -> None:
         "answers": {"base": s.before["answers"], "brick": after["answers"]},
         "unrelated": {"base": s.before["unrelated"], "brick": after["unrelated"]},
         "drift_eval_texts": after["drift"],
+        "bricks_auto": routed,
     }
     path = save("personalize", out)
     print(json.dumps({k: v for k, v in out.items() if k not in ("environment", "loss_curve")}, indent=1))

@@ -153,6 +153,9 @@ def test_routing_picks_the_matching_brick_or_none(model, personal):
     assert pick("Tell me about my hometown Quillbury and my violins.") == "me"
     assert pick("Write a Python function that reads a CSV file with open() and returns a list.") == "code"
     assert pick("How do volcanoes form?") is None
+    # with `--bricks auto` the general questions whose answers a forced-on brick changes get the base model
+    # (measured scores 0.16-0.30 against the 0.35 threshold; benchmarks/results/personalize.json)
+    assert [q for q in PERSONAL["unrelated"] if pick(q) is not None] == []
 
 
 # ------------------------------------------------------------------ store and CLI

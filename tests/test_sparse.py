@@ -112,6 +112,37 @@ def test_offload_density_one_matches_dense_fp16(model_path, pack_root, fp16_refe
     engine.close()
 
 
+def test_sparse_decode_from_flash_matches_ram(model_path, pack_root, fp16_reference):
+    """Predictor decode under a RAM budget (cold neurons from the pack) computes what the same selection
+    computes over the same fp16 weights in RAM, whether the misses go through the LRU cache or a layer is
+    read whole; telemetry says which path ran."""
+    pack = open_pack(pack_root, verify=False)
+    with fp16_reference as ref:
+        originals = [layer.mlp for layer in ref.transformer.layers]
+        try:
+            attach(ref, pack, strategy="predictor", density=0.6)
+            want = greedy(ref, 24)
+        finally:
+            for layer, mlp in zip(ref.transformer.layers, originals):
+                layer.mlp = mlp
+            del ref.transformer.sparse
+    for full_read_at in (2.0, 0.0):  # never read a layer whole / whenever anything misses
+        off = load_sparse(model_path, ram_budget_mb=100, sparse=True, pack=pack_root)
+        engine = off.transformer.sparse
+        for m in engine.modules:
+            m.store.full_read_at = full_read_at
+        chunks = list(off.stream(PROMPT, max_tokens=24, temperature=0))
+        engine.close()
+        report = chunks[-1].stats.extra["sparse"]
+        assert [c.token for c in chunks if c.token is not None] == want, (full_read_at, report)
+        assert report["predictor"] == "int4" and report["neurons_computed_pct"] < 100
+        assert report["flash_mb_per_token"] > 0
+        if full_read_at > 1:
+            assert report["whole_layer_reads_per_token"] == 0 and report["cache_hit_rate"] > 0
+        else:
+            assert report["whole_layer_reads_per_token"] > 20
+
+
 # ---------------------------------------------------------------- predictor quality on held-out text
 
 

@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import psutil
+import torch
 
 from ..errors import CfmError
 from ..generate import Generator
@@ -27,6 +28,9 @@ class SparseEngine:
         self.phase = "prefill"
         self.staging = [np.zeros((staging_rows, *row_shape), dtype=np.float16) for _ in range(2 if file else 0)]
         self.junk = np.zeros(row_shape, dtype=np.float16)  # gap bundles read only to merge requests
+        # one layer's bundles in fp32, where flash-backed layers convert what they compute on (reused)
+        n = modules[0].n if modules else 0
+        self.work = torch.empty((n, *row_shape), dtype=torch.float32) if file else None
         self.pending: dict[int, tuple[Future, np.ndarray | None]] = {}
         self.background = ThreadPoolExecutor(1, thread_name_prefix="cfm-prefetch") if file else None
         self.budget = budget or {}
@@ -53,9 +57,15 @@ class SparseEngine:
         if not nxt.sparse_now(x.shape[1]):
             self._prefetch_dense(nxt)
         elif nxt.strategy == "predictor" and not nxt.measure:
+            if nxt.store.last_whole:  # it read whole last token: read all of it again, no guess needed
+                self._prefetch_dense(nxt)
+                return
             positions = topk_positions(nxt.scores(x), nxt.k).reshape(-1).unique().numpy()
-            fut = self.background.submit(nxt.store.prefetch, positions, self.step, nxt.stats)
-            self.pending[nxt.layer] = (fut, None)
+            if nxt.store.reads_whole(nxt.store.cold_of(positions)):
+                self._prefetch_dense(nxt)  # the guess covers most of the layer: read all of it, sequentially
+            else:
+                fut = self.background.submit(nxt.store.prefetch, positions, self.step, nxt.stats)
+                self.pending[nxt.layer] = (fut, None)
 
     def staged(self, store: FlashStore) -> np.ndarray:
         """The staging buffer holding `store`'s cold bundles (read now if no prefetch brought them)."""
@@ -66,6 +76,11 @@ class SparseEngine:
         buf = self._free_buffer()
         store.read_cold(buf)
         return buf
+
+    def staged_if_pending(self, store: FlashStore) -> np.ndarray | None:
+        """The staging buffer of a whole-region prefetch for `store`'s layer, if one was started."""
+        entry = self.pending.get(store.layer)
+        return self.staged(store) if entry is not None and entry[1] is not None else None
 
     def _next(self, module: SparseFFN) -> SparseFFN | None:
         i = self.modules.index(module)
@@ -131,6 +146,7 @@ class SparseEngine:
             "computed": sum(m.stats.computed for m in self.modules),
             "hits": sum(m.stats.hits for m in self.modules),
             "misses": sum(m.stats.misses for m in self.modules),
+            "whole_reads": sum(m.stats.whole_reads for m in self.modules),
             "decode_bytes": self.phase_bytes["decode"], "decode_reads": self.phase_reads["decode"],
             "prefill_bytes": self.phase_bytes["prefill"],
             "decode_tokens": self.step,
@@ -152,6 +168,7 @@ class SparseEngine:
             "flash_reads_per_token": round(d["decode_reads"] / tokens, 1),
             "prefill_flash_mb": round(d["prefill_bytes"] / 2**20, 1),
             "cache_hit_rate": round(d["hits"] / lookups, 3) if lookups else None,
+            "whole_layer_reads_per_token": round(d["whole_reads"] / tokens, 1),
             "rss_mb": round(rss, 1),
             "rss_hwm_mb": round(rss_high_water_mb(), 1),
             **self.budget,

@@ -113,22 +113,24 @@ def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, ca
     predictors = predictor_bytes(pack, predictor, rank) if sparse else 0
     cache = int(budget * cache_fraction) if sparse else 0
     staging = 2 * n * bb
+    work = 2 * n * bb  # one layer in fp32 (SparseEngine.work)
     cmass = [pack.cluster_mass(i) for i in range(pack.n_layers)]
     counts = [0] * pack.n_layers
     for _ in range(3):  # staging shrinks with the hot set: iterate to a fixed point
-        left = budget - predictors - cache - staging
+        left = budget - predictors - cache - staging - work
         if left < 0:
             raise CfmError(f"--ram-budget {ram_budget_mb:g} MB is below this model's minimum of "
-                           f"{(predictors + cache + 2 * bb * cluster) / 2**20 + 1:.0f} MB "
-                           f"(staging, cache and predictors); raise it")
+                           f"{(predictors + cache + work + 2 * bb * cluster) / 2**20 + 1:.0f} MB "
+                           f"(staging, fp32 work buffer, cache and predictors); raise it")
         counts = hot_counts(cmass, cluster, left // (cluster * bb))
         staging = 2 * max(n - c for c in counts) * bb
     hot = sum(counts) * bb
     return {"counts": counts, "cache_rows": cache // bb // pack.n_layers, "staging_rows": staging // (2 * bb),
             "report": {"ram_budget_mb": ram_budget_mb,
-                       "ffn_weights_mb": round((hot + cache + staging + predictors) / 2**20, 1),
+                       "ffn_weights_mb": round((hot + cache + staging + work + predictors) / 2**20, 1),
                        "hot_mb": round(hot / 2**20, 1), "cache_mb": round(cache / 2**20, 1),
-                       "staging_mb": round(staging / 2**20, 1), "predictors_mb": round(predictors / 2**20, 1),
+                       "staging_mb": round(staging / 2**20, 1), "work_mb": round(work / 2**20, 1),
+                       "predictors_mb": round(predictors / 2**20, 1),
                        **({"predictor": predictor if rank is None else f"lowrank-{rank}"} if sparse else {}),
                        "hot_neurons_pct": round(100 * sum(counts) / (n * pack.n_layers), 1),
                        "hot_mass_covered": round(covered_mass(cmass, counts, cluster), 3)}}
