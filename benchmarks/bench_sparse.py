@@ -131,9 +131,11 @@ def agreement(a: str, b: str) -> float:
 
 
 def memory_runs(args, pack_dir: str) -> dict:
-    ref = in_cgroup(cfm_cmd(args.tokens), None)
+    # the reference is the fp32 in-RAM model (offload and --sparse run on fp32 compute; the CLI's local
+    # default would be int4)
+    ref = in_cgroup(cfm_cmd(args.tokens, "--weights", "fp32"), None)
     runs = {"dense_in_ram_uncapped": ref,
-            "dense_in_ram_capped": in_cgroup(cfm_cmd(args.tokens), args.cap),
+            "dense_in_ram_capped": in_cgroup(cfm_cmd(args.tokens, "--weights", "fp32"), args.cap),
             "llama_cpp_capped": in_cgroup([sys.executable, "-c", LLAMA, PROMPT, str(args.tokens)], args.cap)}
     for b in args.budgets:
         for sparse in (False, True):

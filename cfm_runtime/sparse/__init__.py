@@ -57,13 +57,13 @@ def ensure_pack(path: Path, pack: Path | None = None, *, threads=None, progress:
 
 def load_sparse(path=None, *, threads=None, progress=None, ram_budget_mb=None, sparse: bool = False,
                 density: float | None = None, sparse_strategy: str | None = None, pack=None,
-                cache_fraction: float = 0.25, predictor: str | None = None, density_plan: str = "uniform",
+                cache_fraction: float = 0.25, predictor: str | None = None, density_plan: str | None = None,
                 **overrides):
     """A Model with SparseFFN modules (see the module docstring); builds the pack on first use."""
     from ..loading import resolve_model_path
     from ..runtime import Model, load_model, load_tokenizer, release_freed_memory, set_threads
     from ..model import Transformer
-    from .load import attach, lean_gguf_checkpoint, source_digest
+    from .load import DEFAULT_PLAN, attach, lean_gguf_checkpoint, source_digest
 
     strategy, density = resolve_options(ram_budget_mb, sparse, density, sparse_strategy)
     path = resolve_model_path(path)
@@ -82,7 +82,7 @@ def load_sparse(path=None, *, threads=None, progress=None, ram_budget_mb=None, s
         opened = open_pack(root, fingerprint=model.fingerprint())
     release_freed_memory()
     attach(model, opened, ram_budget_mb=ram_budget_mb, strategy=strategy, density=density,
-           cache_fraction=cache_fraction, predictor=predictor, plan=density_plan)
+           cache_fraction=cache_fraction, predictor=predictor, plan=density_plan or DEFAULT_PLAN)
     return model
 
 
