@@ -78,12 +78,20 @@ def _mmap_large_allocations() -> None:
         pass
 
 
+# Each layer's int4 predictor is an onnxruntime session, which takes 5-7 MB of anonymous memory on its first
+# run beyond its 1.3 MB of weights (prepacked weights, arena, thread pool; measured on the embedded model: 30
+# sessions +186 MB). It counts against the RAM budget with the weights.
+INT4_SESSION_BYTES = 6 << 20
+
+
 def predictor_bytes(pack: packfmt.NeuronPack, kind: str, rank: int | None = None) -> int:
+    """RAM a predictor of `kind` takes for all layers: its weights, and for int4 the runtime sessions."""
     if kind == "lowrank" and rank is not None:
         man = pack.manifest["model"]
         return pack.n_layers * rank * (man["d_model"] + 2 * man["d_ff"]) * 4
     key = f".{PREDICTOR_KEYS[kind]}."
-    return sum(v.numel() * v.element_size() for k, v in pack.tables.items() if key in k)
+    weights = sum(v.numel() * v.element_size() for k, v in pack.tables.items() if key in k)
+    return weights + (pack.n_layers * INT4_SESSION_BYTES if kind == "int4" else 0)
 
 
 def choose_predictor(pack: packfmt.NeuronPack, ram_budget_mb: float | None, kind: str | None) -> tuple[str, int | None]:
@@ -119,9 +127,12 @@ def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, ca
     for _ in range(3):  # staging shrinks with the hot set: iterate to a fixed point
         left = budget - predictors - cache - staging - work
         if left < 0:
-            raise CfmError(f"--ram-budget {ram_budget_mb:g} MB is below this model's minimum of "
-                           f"{(predictors + cache + work + 2 * bb * cluster) / 2**20 + 1:.0f} MB "
-                           f"(staging, fp32 work buffer, cache and predictors); raise it")
+            mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+            parts = f"staging {mb(staging)}, fp32 work buffer {mb(work)}" + (
+                f", neuron cache {mb(cache)} ({100 * cache_fraction:g}% of the budget), predictor {mb(predictors)}"
+                if sparse else "")
+            raise CfmError(f"--ram-budget {ram_budget_mb:g} MB does not hold this model's fixed parts ({parts} MB) "
+                           "and any hot neurons; raise it" + (" or drop --sparse" if sparse else ""))
         counts = hot_counts(cmass, cluster, left // (cluster * bb))
         staging = 2 * max(n - c for c in counts) * bb
     hot = sum(counts) * bb
