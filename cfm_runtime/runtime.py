@@ -143,15 +143,16 @@ def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
 
 def load_model(path=None, *, threads: int | None = None, progress: bool | None = None, weights: str = "fp32",
                lm_head: str | None = None, ram_budget_mb: float | None = None, sparse: bool = False,
-               density: float | None = None, sparse_strategy: str | None = None, pack=None, **overrides) -> Model:
+               density: float | None = None, sparse_strategy: str | None = None, pack=None,
+               predictor: str | None = None, density_plan: str | None = None, **overrides) -> Model:
     """Load a GGUF file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct).
 
     `weights` "fp32" | "int8" | "int4" picks the format of the block linears (`cfm_runtime.quant`;
     int4 re-packs a Q4_1 GGUF exactly); `lm_head` "fp32" | "int8" (default: int8 with quantized weights).
     `overrides` replace config fields read from the file, e.g. activation="relu" for a ReLU model
     whose GGUF does not say so.
-    `ram_budget_mb`, `sparse`, `density`, `sparse_strategy`, `pack`: FFN offload to a neuron pack and
-    predictor-driven sparsity (`cfm_runtime.sparse`).
+    `ram_budget_mb`, `sparse`, `density`, `sparse_strategy`, `pack`, `predictor`, `density_plan`: FFN offload
+    to a neuron pack and predictor-driven sparsity (`cfm_runtime.sparse`).
     """
     if ram_budget_mb is not None or sparse or sparse_strategy:
         if weights != "fp32":
@@ -159,7 +160,10 @@ def load_model(path=None, *, threads: int | None = None, progress: bool | None =
         from .sparse import load_sparse
 
         return load_sparse(path, threads=threads, progress=progress, ram_budget_mb=ram_budget_mb, sparse=sparse,
-                           density=density, sparse_strategy=sparse_strategy, pack=pack, **overrides)
+                           density=density, sparse_strategy=sparse_strategy, pack=pack, predictor=predictor,
+                           density_plan=density_plan, **overrides)
+    if predictor is not None or density_plan is not None:
+        raise CfmError("--predictor and --density-plan go with --sparse (or --ram-budget); add it or drop them")
     from .quant import check_formats
 
     lm_head = lm_head or ("fp32" if weights == "fp32" else "int8")

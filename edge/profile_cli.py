@@ -30,13 +30,19 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
                    help="mean fraction of FFN neurons computed with --sparse (default 0.6)")
     p.add_argument("--sparse-strategy", choices=("dense", "oracle", "predictor"), default=None,
                    help="neuron selection: dense, oracle (true top-k, for measurement), predictor")
+    p.add_argument("--predictor", choices=("int4", "lowrank"), default=None,
+                   help="neuron predictor for --sparse (default: int4 unless it takes over half of --ram-budget)")
+    p.add_argument("--density-plan", choices=("planned", "uniform"), default=None,
+                   help="per-layer densities from the pack's sensitivity table (default) or the same for every layer")
     p.add_argument("--pack", default=None, metavar="DIR", help="neuron pack directory (default: per-model cache)")
 
 
 def sparse_options(args) -> dict:
-    opts = {k: getattr(args, k, None) for k in ("ram_budget", "density", "sparse_strategy", "pack")}
+    opts = {k: getattr(args, k, None) for k in ("ram_budget", "density", "sparse_strategy", "pack", "predictor",
+                                                 "density_plan")}
     out = {"ram_budget_mb": opts["ram_budget"], "density": opts["density"],
-           "sparse_strategy": opts["sparse_strategy"], "pack": opts["pack"]}
+           "sparse_strategy": opts["sparse_strategy"], "pack": opts["pack"], "predictor": opts["predictor"],
+           "density_plan": opts["density_plan"]}
     if getattr(args, "sparse", False):
         out["sparse"] = True
     return {k: v for k, v in out.items() if v is not None}
@@ -45,7 +51,8 @@ def sparse_options(args) -> dict:
 def format_report(r: dict) -> str:
     hit = "n/a" if r.get("cache_hit_rate") is None else f"{100 * r['cache_hit_rate']:.0f}%"
     budget = (f" | FFN weights {r['ffn_weights_mb']} MB of {r['ram_budget_mb']:g} MB budget (hot {r['hot_mb']}, "
-              f"cache {r['cache_mb']}, staging {r['staging_mb']}, predictors {r['predictors_mb']})"
+              f"cache {r['cache_mb']}, staging {r['staging_mb']}, work {r.get('work_mb', 0)}, "
+              f"predictors {r['predictors_mb']})"
               if "ram_budget_mb" in r else "")
     return (f"[sparse {r['strategy']} density {r['density_mean']} | neurons computed {r['neurons_computed_pct']}% | "
             f"flash {r['flash_mb_per_token']} MB/token in {r['flash_reads_per_token']} reads | cache hits {hit} | "
