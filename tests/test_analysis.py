@@ -160,7 +160,7 @@ def flash_model(model_path, pack_root):
     from cfm_runtime.sparse import load_sparse
 
     sparse = load_sparse(model_path, ram_budget_mb=100, sparse_strategy="predictor", density=0.6, pack=pack_root,
-                         predictor="lowrank", progress=False)
+                         predictor="lowrank", density_plan="uniform", progress=False)
     use_oracle(sparse)
     yield sparse
     sparse.transformer.sparse.close()

@@ -288,7 +288,7 @@ class Analysis:
         o = self.opts
         sparse = load_sparse(self.model.path, ram_budget_mb=o.cache_budget_mb, sparse_strategy="predictor",
                              density=o.cache_density, pack=o.cache_pack, progress=o.progress,
-                             predictor=o.cache_predictor)
+                             predictor=o.cache_predictor, density_plan="uniform")  # as measured (README)
         try:
             result = measure(self, sparse, o.cache_prompts, o.cache_tokens, o.cache_cold, o.cache_selection,
                              rank_texts=o.cache_rank_texts)
