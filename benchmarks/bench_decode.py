@@ -6,7 +6,7 @@ Also: weight bytes read per token, a physical limit (measured read bandwidth / b
 model RSS, perplexity and top-1 agreement against cfm fp32 on tests/data/eval_texts.json, and an
 onnxruntime profile of one int4 decode step (where the time goes).
 
-    python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--decode 64] [--configs fp32,int8,int4,int4:spin]
+    python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--decode 64] [--configs fp32,int8,int4,int4:nospin]
 
 Saves benchmarks/results/decode.json and decode.png.
 """
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import PROMPT, RESULTS, environment, median, save  # noqa: E402
 
 from cfm_runtime.reference import llama_cpp_logits  # noqa: E402
+from cfm_runtime.generate import torch_threads  # noqa: E402
 import cfm_runtime  # noqa: E402
 from cfm_runtime.gguf_file import read_gguf  # noqa: E402
 from cfm_runtime.quant import weight_bytes_per_token  # noqa: E402
@@ -63,14 +64,15 @@ def run_llama_cpp(llm, ids: list[int], n_decode: int) -> tuple[float, float]:
 
 def run_cfm(model, ids: list[int], n_decode: int) -> tuple[float, float]:
     runner = model.new_runner()
-    t0 = time.perf_counter()
-    logits = runner.forward(ids)[-1]
-    t_prompt = time.perf_counter() - t0
-    tok = int(torch.argmax(logits))
-    t0 = time.perf_counter()
-    for _ in range(n_decode):
-        tok = int(torch.argmax(runner.forward([tok])[-1]))
-    return len(ids) / t_prompt, n_decode / (time.perf_counter() - t0)
+    with torch_threads(runner.torch_threads()):  # as Generator.stream runs it
+        t0 = time.perf_counter()
+        logits = runner.forward(ids)[-1]
+        t_prompt = time.perf_counter() - t0
+        tok = int(torch.argmax(logits))
+        t0 = time.perf_counter()
+        for _ in range(n_decode):
+            tok = int(torch.argmax(runner.forward([tok])[-1]))
+        return len(ids) / t_prompt, n_decode / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------- quality
@@ -209,12 +211,12 @@ def load_all(args) -> tuple[dict, dict]:
         weights, _, head = fmt.partition("+")
         before = rss_mb()
         m = cfm_runtime.load_model(args.model, threads=args.threads, weights=weights, lm_head=head or None)
-        if option == "spin":  # the fused graph with spinning onnxruntime workers (see kernels.graph)
+        if option in ("spin", "nospin"):  # onnxruntime workers spinning between ops (the default) or sleeping
             from cfm_runtime.kernels.fused import FusedRunner
 
-            m.transformer.fused = FusedRunner(m.transformer, args.threads, spin=True)
+            m.transformer.fused = FusedRunner(m.transformer, args.threads, spin=option == "spin")
         elif option:
-            raise SystemExit(f"unknown config option {option!r} in {args.configs!r} (known: spin)")
+            raise SystemExit(f"unknown config option {option!r} in {args.configs!r} (known: spin, nospin)")
         name = f"cfm_{fmt}" + (f":{option}" if option else "")
         models[name] = m
         release_freed_memory()
@@ -229,7 +231,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode", type=int, default=64)
     ap.add_argument("--configs", default="fp32,int8,int4",
-                    help="comma-separated weight formats, each optionally +HEAD and :spin (e.g. int4:spin)")
+                    help="comma-separated weight formats, each optionally +HEAD and :spin/:nospin (e.g. int4:nospin)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
 

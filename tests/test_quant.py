@@ -10,6 +10,8 @@ from torch import nn
 
 from cfm_runtime.reference import llama_cpp_logits
 from cfm_runtime import LocalRunner, load_model
+from cfm_runtime.generate import Generator
+from cfm_runtime.sampling import SamplingParams
 from cfm_runtime.errors import CfmError
 from cfm_runtime.kernels.packing import pack, unpack
 from cfm_runtime.quant import QuantizedHead, QuantizedLinear, install, weight_bytes_per_token
@@ -163,3 +165,22 @@ def test_bytes_per_token_and_bad_options(model, int4):
         load_model(weights="int3")
     with pytest.raises(CfmError, match="lm_head"):
         load_model(weights="int4", lm_head="int2")
+
+
+def test_generation_on_the_fused_graph_runs_torch_single_threaded(model, int4):
+    """While the fused onnxruntime graph decodes, torch (sampling, embedding lookups) runs on one thread, so its
+    OpenMP workers do not spin on the cores onnxruntime's workers need; the count is restored afterwards, and
+    the module path (a wrapped projection) leaves it alone."""
+    runner = LocalRunner(int4)
+    gen = Generator(runner, model.tokenizer, model.config.context_length)
+    before = torch.get_num_threads()
+    seen = [torch.get_num_threads() for _ in gen.stream(model.encode_prompt([{"role": "user", "content": "Hi"}]),
+                                                        SamplingParams(max_tokens=4, temperature=0))]
+    assert runner.torch_threads() == 1 and set(seen) == {1} and torch.get_num_threads() == before
+    layer = int4.layers[0].self_attn
+    original = layer.q_proj
+    layer.q_proj = Wrapped(original)
+    try:
+        assert runner.torch_threads() is None  # the graph no longer matches the modules: module path
+    finally:
+        layer.q_proj = original

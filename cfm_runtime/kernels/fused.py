@@ -203,7 +203,7 @@ class FusedRunner:
     between this path and the module path at any token.
     """
 
-    def __init__(self, t: Transformer, threads: int, spin: bool = False):
+    def __init__(self, t: Transformer, threads: int, spin: bool = True):
         self.t, self.threads, self.spin = t, threads, spin
         self._span: FusedSpan | None = None
 

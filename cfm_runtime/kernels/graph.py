@@ -76,9 +76,10 @@ class GraphBuilder:
 
 
 def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
-    """spin: worker threads busy-wait between ops (as llama.cpp's do) instead of sleeping. Off by default:
-    on this 2-core machine the fused int4 decode measured 0.56x / 0.46x llama.cpp with spinning against
-    0.81x / 0.66x without (benchmarks/bench_decode.py, configs int4 and int4:spin)."""
+    """spin: worker threads busy-wait between ops (as llama.cpp's do) instead of sleeping. The fused decode
+    graph spins (`FusedRunner`, with torch on one thread meanwhile: `LocalRunner.torch_threads`): int4 decode
+    0.84x llama.cpp against 0.78x sleeping (benchmarks/bench_decode.py). Spinning lost (0.56x) only while
+    torch's own OpenMP workers spun on the same two cores. Other sessions (one linear each) sleep."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
