@@ -29,7 +29,7 @@ from .kernels.packing import Packed, pack, unpack
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 HEAD_FORMATS = ("fp32", "int8")
-_BODY = {"int4": (4, "min"), "int8": (8, "asym")}
+_BODY = {"int4": (4, "mid"), "int8": (8, "asym")}
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -60,7 +60,8 @@ class QuantizedLinear(nn.Module):
         # buffers share memory with the packed numpy arrays: state_dict / fingerprints see the real weights
         self.register_buffer("codes", torch.from_numpy(packed.codes), persistent=True)
         self.register_buffer("scales", torch.from_numpy(packed.scales), persistent=True)
-        self.register_buffer("zero_points", torch.from_numpy(packed.zero_points), persistent=True)
+        if packed.zero_points is not None:
+            self.register_buffer("zero_points", torch.from_numpy(packed.zero_points), persistent=True)
         if packed.mins is not None:
             self.register_buffer("mins", torch.from_numpy(packed.mins), persistent=True)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)

@@ -47,8 +47,8 @@ class GraphBuilder:
 
     def linear(self, x: str, p: Packed, accuracy: int | None = None) -> str:
         """x [..., k] -> [..., n] through MatMulNBits (+ the per-block mins term of the "min" scheme)."""
-        y, = self.op("MatMulNBits", [x, self.const(p.codes, "w"), self.const(p.scales, "s"),
-                                     self.const(p.zero_points, "zp")],
+        zp = [] if p.zero_points is None else [self.const(p.zero_points, "zp")]  # None: the kernel's implicit mid-code
+        y, = self.op("MatMulNBits", [x, self.const(p.codes, "w"), self.const(p.scales, "s"), *zp],
                      domain=MS, K=p.k, N=p.n, bits=p.bits, block_size=p.block,
                      accuracy_level=ACCURACY_LEVEL if accuracy is None else accuracy)
         if p.mins is None:
@@ -78,7 +78,7 @@ class GraphBuilder:
 def session_options(threads: int, spin: bool = False) -> ort.SessionOptions:
     """spin: worker threads busy-wait between ops (as llama.cpp's do) instead of sleeping. The fused decode
     graph spins (`FusedRunner`, with torch on one thread meanwhile: `LocalRunner.torch_threads`): int4 decode
-    0.84x llama.cpp against 0.78x sleeping (benchmarks/bench_decode.py). Spinning lost (0.56x) only while
+    0.98x llama.cpp against 0.87x sleeping (benchmarks/bench_decode.py). Spinning lost (0.56x) only while
     torch's own OpenMP workers spun on the same two cores. Other sessions (one linear each) sleep."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
