@@ -75,6 +75,8 @@ def test_pack_rejects_bad_shapes():
         pack(torch.randn(4, 64), bits=3)
     w = torch.randn(8, 64)
     assert (unpack(pack(w, 4, 32, "min")) - w).abs().max() <= (w.max() - w.min()) / 15
+    mid = pack(w, 4, 32, "mid")  # the same grid with the kernel's implicit zero point (none stored)
+    assert mid.zero_points is None and torch.allclose(unpack(mid), unpack(pack(w, 4, 32, "min")), atol=1e-6)
 
 
 def test_int4_quality_against_fp32_and_llama_cpp(model, eval_ids, int4_logits):

@@ -46,7 +46,7 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
     def linear(self, x: str, p: Packed, accuracy: int | None = None) -> str:
-        """x [..., k] -> [..., n] through MatMulNBits (+ the per-block mins term of the "min" scheme)."""
+        """x [..., k] -> [..., n] through MatMulNBits (+ the per-block mins term of the "mid"/"min" schemes)."""
         zp = [] if p.zero_points is None else [self.const(p.zero_points, "zp")]  # None: the kernel's implicit mid-code
         y, = self.op("MatMulNBits", [x, self.const(p.codes, "w"), self.const(p.scales, "s"), *zp],
                      domain=MS, K=p.k, N=p.n, bits=p.bits, block_size=p.block,
