@@ -45,7 +45,7 @@ def main() -> None:
     model = cfm_runtime.load_model(threads=2)
     pack = open_pack(Path(args.pack), verify=False)
     n = model.config.d_ff
-    nets = [predictor_from(pack.tables, i, np.arange(n), model.config.activation, "int4")
+    nets = [predictor_from(pack, i, np.arange(n), model.config.activation, "int4")
             for i in range(pack.n_layers)]
     # predictor_from permutes outputs by `order`; identity order keeps model order for the sensitivity run
     seqs = token_sequences(model, calibration_texts(), 0)

@@ -149,6 +149,9 @@ class Attention(nn.Module):
         )[0]
 
 
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu}  # ModelConfig.activation -> the gate's nonlinearity
+
+
 class MLP(nn.Module):
     """Gated FFN: down(act(gate x) * up x). Sparse/offloaded FFNs replace this module."""
 
@@ -157,7 +160,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.up_proj = nn.Linear(c.d_model, c.d_ff, bias=False)
         self.down_proj = nn.Linear(c.d_ff, c.d_model, bias=False)
-        self.act = F.silu if c.activation == "silu" else F.relu
+        self.act = ACTIVATIONS[c.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -22,7 +22,7 @@ from .engine import SparseEngine
 from .ffn import STRATEGIES, FlashStore, RamStore, SparseFFN
 from .io import BundleFile, NeuronCache
 from .plan import covered_mass, densities, hot_counts
-from .profile import PREDICTOR_KEYS, predictor_from
+from .profile import predictor_from
 
 
 def source_digest(path: Path) -> str:
@@ -89,7 +89,7 @@ def predictor_bytes(pack: packfmt.NeuronPack, kind: str, rank: int | None = None
     if kind == "lowrank" and rank is not None:
         man = pack.manifest["model"]
         return pack.n_layers * rank * (man["d_model"] + 2 * man["d_ff"]) * 4
-    key = f".{PREDICTOR_KEYS[kind]}."
+    key = f".{packfmt.PREDICTOR_KEYS[kind]}."
     weights = sum(v.numel() * v.element_size() for k, v in pack.tables.items() if key in k)
     return weights + (pack.n_layers * INT4_SESSION_BYTES if kind == "int4" else 0)
 
@@ -98,8 +98,8 @@ def choose_predictor(pack: packfmt.NeuronPack, ram_budget_mb: float | None, kind
     """(kind, rank): as asked, else int4 (near-exact) unless it takes over half of the RAM budget, then
     the low-rank predictor cut to the rank that fits a quarter of the budget (its SVD directions are
     nested, so a prefix of the stored rank is the best predictor of that rank)."""
-    if kind is not None and kind not in PREDICTOR_KEYS:
-        raise CfmError(f"predictor {kind!r} is unknown; choose one of {', '.join(PREDICTOR_KEYS)}")
+    if kind is not None and kind not in packfmt.PREDICTOR_KEYS:
+        raise CfmError(f"predictor {kind!r} is unknown; choose one of {', '.join(packfmt.PREDICTOR_KEYS)}")
     budget = None if ram_budget_mb is None else ram_budget_mb * 2**20
     if kind == "int4" or (kind is None and (budget is None or predictor_bytes(pack, "int4") <= budget / 2)):
         return "int4", None
@@ -201,7 +201,7 @@ def attach(model, pack: packfmt.NeuronPack, *, ram_budget_mb: float | None = Non
 def _ram_module(i: int, mlp, pack, kind: str | None, rank: int | None) -> SparseFFN:
     order = pack.order(i)
     rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T))  # [3, F, D]
-    net = predictor_from(pack.tables, i, order, pack.manifest["model"]["activation"], kind, rank) if kind else None
+    net = predictor_from(pack, i, order, pack.manifest["model"]["activation"], kind, rank) if kind else None
     return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net)
 
 
@@ -217,7 +217,7 @@ def _flash_engine(model, pack, ram_budget_mb, kind, rank, cache_fraction, max_ga
         file.read_block(i, 0, hot)
         cache = NeuronCache(plan["cache_rows"], n, (3, d)) if use_pred else None
         store = FlashStore(i, torch.from_numpy(hot), n, file, None, cache, max_gap)
-        net = predictor_from(pack.tables, i, pack.order(i), model.config.activation, kind, rank) if use_pred else None
+        net = predictor_from(pack, i, pack.order(i), model.config.activation, kind, rank) if use_pred else None
         modules.append(SparseFFN(i, store, layer.mlp.act, n, predictor=net))
     file.io.bytes = file.io.reads = 0
     engine = SparseEngine(modules, file, plan["staging_rows"], (3, d), plan["report"])

@@ -26,6 +26,11 @@ from ..errors import CfmError
 
 FORMAT = "cfm-neuron-pack"
 VERSION = 2  # 2: int4 and low-rank gate/up predictors; 1: linear low-rank scores
+PREDICTOR_KEYS = {"int4": "predictor_int4", "lowrank": "predictor"}  # predictor kind -> its tables' name
+
+
+def predictor_prefix(i: int, kind: str) -> str:
+    return f"layers.{i}.{PREDICTOR_KEYS[kind]}."
 ALIGN = 4096
 NEURONS, TABLES, MANIFEST = "neurons.bin", "tables.safetensors", "manifest.json"
 
@@ -121,8 +126,9 @@ class NeuronPack:
     def cluster_mass(self, i: int) -> np.ndarray:
         return self.tables[f"layers.{i}.cluster_mass"].numpy()
 
-    def predictor_state(self, i: int, kind: str = "lowrank") -> dict[str, torch.Tensor]:
-        p = f"layers.{i}.{'predictor_int4' if kind == 'int4' else 'predictor'}."
+    def predictor_state(self, i: int, kind: str) -> dict[str, torch.Tensor]:
+        """Layer i's stored predictor of `kind` (a key of PREDICTOR_KEYS), rows in model order."""
+        p = predictor_prefix(i, kind)
         return {k[len(p):]: v for k, v in self.tables.items() if k.startswith(p)}
 
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..model import ACTIVATIONS as ACTS
 from .stats import topk_mask
 
-ACTS = {"silu": F.silu, "relu": F.relu}
 DEFAULT_RANK = 96
 
 

@@ -19,7 +19,6 @@ from .engine import SparseEngine
 from .stats import calibration_texts, coactivation_order, collect, neuron_mass, token_sequences, topk_mask
 
 LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
-PREDICTOR_KEYS = {"int4": "predictor_int4", "lowrank": "predictor"}
 CLUSTER = 32  # 32 fp16 bundles of D=576 are 27 pages: clusters stay 4 KiB aligned
 
 
@@ -96,8 +95,8 @@ def layer_tables(i: int, order, cmass, a: torch.Tensor, low, q4) -> dict[str, to
     t = {p + "order": torch.from_numpy(order), p + "cluster_mass": torch.from_numpy(cmass.astype(np.float32)),
          p + "mass": torch.from_numpy(neuron_mass(a).astype(np.float32)),
          p + "frequency": topk_mask(a, 0.5).float().mean(0)}
-    t.update({p + "predictor." + k: v.detach().clone() for k, v in low.state_dict().items()})
-    t.update({p + "predictor_int4." + k: v.clone() for k, v in q4.state().items()})
+    t.update({packfmt.predictor_prefix(i, "lowrank") + k: v.detach().clone() for k, v in low.state_dict().items()})
+    t.update({packfmt.predictor_prefix(i, "int4") + k: v.clone() for k, v in q4.state().items()})
     return t
 
 
@@ -156,10 +155,10 @@ def ram_module(i: int, mlp, order: np.ndarray, predictor) -> SparseFFN:
 
 
 @torch.no_grad()
-def predictor_from(tables, i: int, order: np.ndarray, activation: str, kind: str = "int4", rank: int | None = None):
+def predictor_from(pack: packfmt.NeuronPack, i: int, order: np.ndarray, activation: str, kind: str = "int4",
+                   rank: int | None = None):
     """Layer i's predictor of the given kind ("int4" or "lowrank", cut to `rank`) in pack order."""
-    p = f"layers.{i}.{PREDICTOR_KEYS[kind]}."
-    state = {k[len(p):]: v for k, v in tables.items() if k.startswith(p)}
+    state = pack.predictor_state(i, kind)
     idx = torch.from_numpy(order)
     if kind == "int4":
         d_model = state["mins"].shape[0] * 32
