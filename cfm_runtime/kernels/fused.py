@@ -57,7 +57,7 @@ class FusedSpan:
     """Layers [start, end) of `t` as one graph; `forward(h, cache)` runs one sequence (B = 1).
 
     With head=True the graph also applies the final norm and the quantized LM head to the last
-    position (output "logits" [1, 1, vocab]), so a decode step is a single session run.
+    position (output "logits" [1, vocab]), so a decode step is a single session run.
     """
 
     def __init__(self, t: Transformer, start: int, end: int, threads: int, head: bool = False, spin: bool = False):
@@ -86,7 +86,8 @@ class FusedSpan:
         cos = g.const(self.t.rotary.cos[:c.context_length].numpy(), "cos")
         sin = g.const(self.t.rotary.sin[:c.context_length].numpy(), "sin")
         kv_shape = [1, c.n_kv_heads, "cap", c.head_dim]
-        x, pending = h, None  # pending: the last block output not yet added to the residual
+        # 2-D [t, d] inside (Gemm takes the offset terms' adds; see GraphBuilder.linear); 3-D only around GQA
+        x, pending = g.op("Reshape", [h, g.const(np.array([-1, c.d_model], np.int64), "shape")])[0], None
         for i in range(self.start, self.end):
             layer = self.t.layers[i]
             x, xn = self._norm(g, x, pending, layer.input_layernorm)
@@ -97,14 +98,14 @@ class FusedSpan:
             for kind, past in zip(("present_k", "present_v"), names):
                 g.outputs.append(_value_info(f"{kind}_{i}", kv_shape))
         out = g.op("Add", [x, pending])[0] if pending is not None else x
-        g.output(out, "h_out", FLOAT, [1, "t", c.d_model])
+        g.output(g.op("Reshape", [out, g.const(np.array([1, -1, c.d_model], np.int64), "shape")])[0], "h_out",
+                 FLOAT, [1, "t", c.d_model])
         if self.head:
             last = g.op("Slice", [out, g.const(np.array([-1], np.int64)), g.const(np.array([2**31], np.int64)),
-                                  g.const(np.array([1], np.int64))])[0]
+                                  g.const(np.array([0], np.int64))])[0]
             _, normed = self._norm(g, last, None, self.t.norm)
             head = self.t.lm_head
-            g.output(g.linear(normed, head.packed, accuracy=head.accuracy), "logits", FLOAT,
-                     [1, 1, c.vocab_size])
+            g.output(g.linear(normed, head.packed, accuracy=head.accuracy), "logits", FLOAT, [1, c.vocab_size])
         return g.session(threads, spin)
 
     def _norm(self, g: GraphBuilder, x: str, pending: str | None, norm) -> tuple[str, str]:
@@ -126,9 +127,12 @@ class FusedSpan:
                               for b, p in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
             qkv = g.op("Add", [qkv, g.const(bias.numpy(), "bias")])[0]
         i = past[0].split("_")[-1]
+        qkv = g.op("Reshape", [qkv, g.const(np.array([1, -1, a.q_proj.out_features + 2 * a.k_proj.out_features],
+                                                     np.int64), "shape")])[0]
         out = g.name("attn")
         g.nodes.append(_gqa_node(qkv, past, seqlens, total, cos, sin, [out, f"present_k_{i}", f"present_v_{i}"],
                                  c.n_heads, c.n_kv_heads, c.head_dim, c.rope_style != "neox"))
+        out = g.op("Reshape", [out, g.const(np.array([-1, a.o_proj.in_features], np.int64), "shape")])[0]
         return g.linear(out, a.o_proj.packed, accuracy=a.o_proj.accuracy)
 
     def _mlp(self, g: GraphBuilder, xn: str, m: MLP) -> str:
@@ -160,7 +164,7 @@ class FusedSpan:
         self.session.run_with_iobinding(binding)
         for kv in layers:
             kv.offset = pos + t
-        return (out, self._logits[0, 0]) if self.head else out
+        return (out, self._logits[0]) if self.head else out
 
     def _binding(self, cache: SpanCache, layers) -> "object":
         ptrs = tuple(kv.k.data_ptr() for kv in layers) + tuple(kv.v.data_ptr() for kv in layers)
@@ -169,7 +173,7 @@ class FusedSpan:
         binding = self.session.io_binding()
         bind_tensor(binding, "lens", self._lens)
         if self.head:
-            self._logits = torch.empty(1, 1, self.t.config.vocab_size)
+            self._logits = torch.empty(1, self.t.config.vocab_size)
             bind_tensor(binding, "logits", self._logits, output=True)
         for i, kv in zip(range(self.start, self.end), layers):
             k, v = kv.k[None], kv.v[None]  # [1, Hkv, cap, hd]: the buffer is both past and present

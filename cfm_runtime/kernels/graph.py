@@ -21,7 +21,6 @@ class GraphBuilder:
     def __init__(self):
         self.nodes, self.inits, self.inputs, self.outputs = [], [], [], []
         self._n = 0
-        self._indicators: dict[tuple[int, int], str] = {}
 
     def name(self, base: str) -> str:
         self._n += 1
@@ -46,26 +45,19 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, dtype, shape))
 
     def linear(self, x: str, p: Packed, accuracy: int | None = None) -> str:
-        """x [..., k] -> [..., n] through MatMulNBits (+ the per-block mins term of the "mid"/"min" schemes)."""
+        """x [m, k] -> [m, n] (2-D) through MatMulNBits (+ the per-block offset term of the "mid"/"min" schemes)."""
         zp = [] if p.zero_points is None else [self.const(p.zero_points, "zp")]  # None: the kernel's implicit mid-code
         y, = self.op("MatMulNBits", [x, self.const(p.codes, "w"), self.const(p.scales, "s"), *zp],
                      domain=MS, K=p.k, N=p.n, bits=p.bits, block_size=p.block,
                      accuracy_level=ACCURACY_LEVEL if accuracy is None else accuracy)
         if p.mins is None:
             return y
-        # sum_b m[b, n] * sum_{i in block b} x_i: the exact Q4_1 offset term, [.., k/block] @ [k/block, n];
-        # the block sums are one MatMul with a 0/1 matrix (one op: Reshape + ReduceSum cost two launches)
-        sums, = self.op("MatMul", [x, self.block_indicator(p.k, p.block)])
-        corr, = self.op("MatMul", [sums, self.const(p.mins, "mins")])
-        return self.op("Add", [y, corr])[0]
-
-    def block_indicator(self, k: int, block: int) -> str:
-        """The constant [k, k/block] with ones where row i lies in block j (shared by every linear of this k)."""
-        key = (k, block)
-        if key not in self._indicators:
-            self._indicators[key] = self.const(np.kron(np.eye(k // block, dtype=np.float32),
-                                                       np.ones((block, 1), np.float32)), "blocks")
-        return self._indicators[key]
+        # sum_b m[b, n] * sum_{i in block b} x_i: the exact Q4_1 offset term, [m, k/block] @ [k/block, n] + y in
+        # one Gemm (its C input; a MatMul and an Add are two launches). The block sums are a Reshape (free:
+        # it aliases) and a ReduceSum: ~2.5x cheaper than a MatMul with a 0/1 matrix (measured in a chain of 120).
+        blocks, = self.op("Reshape", [x, self.const(np.array([-1, p.k // p.block, p.block], np.int64), "shape")])
+        sums, = self.op("ReduceSum", [blocks, self.const(np.array([-1], np.int64), "axes")], keepdims=0)
+        return self.op("Gemm", [sums, self.const(p.mins, "mins"), y])[0]
 
     def session(self, threads: int, spin: bool = False) -> ort.InferenceSession:
         graph = helper.make_graph(self.nodes, "cfm", self.inputs, self.outputs, self.inits)
