@@ -1,12 +1,14 @@
 """Decode and prompt speed of every weight format vs llama-cpp-python, with bytes per token and quality.
 
-One process, one prompt set, runs alternate (llama.cpp, cfm fp32, cfm int8, cfm int4, ... then again)
-so machine noise hits every runtime alike; medians over the repetitions and ratios to llama.cpp.
+One process, one prompt set; runtimes alternate every few decode tokens (llama.cpp 8 tokens, cfm fp32 8,
+cfm int4 8, ... each continuing its own greedy sequence), so machine noise hits every runtime alike;
+medians over the repetitions, ratios to llama.cpp, and the median of the per-chunk paired ratios.
 Also: weight bytes read per token, a physical limit (measured read bandwidth / bytes per token),
 model RSS, perplexity and top-1 agreement against cfm fp32 on tests/data/eval_texts.json, and an
 onnxruntime profile of one int4 decode step (where the time goes).
 
-    python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--decode 64] [--configs fp32,int8,int4,int4:nospin]
+    python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--decode 64] [--chunk 8]
+        [--configs fp32,int8,int4,int4:nospin]
 
 Saves benchmarks/results/decode.json and decode.png.
 """
@@ -49,30 +51,71 @@ PROMPTS = [
 # ---------------------------------------------------------------- runs
 
 
-def run_llama_cpp(llm, ids: list[int], n_decode: int) -> tuple[float, float]:
-    llm.reset()
-    t0 = time.perf_counter()
-    llm.eval(ids)
-    t_prompt = time.perf_counter() - t0
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    t0 = time.perf_counter()
-    for _ in range(n_decode):
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return len(ids) / t_prompt, n_decode / (time.perf_counter() - t0)
+class LlamaCppSteps:
+    """llama-cpp-python, greedy, one token per eval (as a chat UI streams)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def prefill(self, ids: list[int]) -> float:
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(ids)
+        dt = time.perf_counter() - t0
+        self.tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return dt
+
+    def decode(self, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.llm.eval([self.tok])
+            self.tok = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return time.perf_counter() - t0
 
 
-def run_cfm(model, ids: list[int], n_decode: int) -> tuple[float, float]:
-    runner = model.new_runner()
-    with torch_threads(runner.torch_threads()):  # as Generator.stream runs it
-        t0 = time.perf_counter()
-        logits = runner.forward(ids)[-1]
-        t_prompt = time.perf_counter() - t0
-        tok = int(torch.argmax(logits))
-        t0 = time.perf_counter()
-        for _ in range(n_decode):
-            tok = int(torch.argmax(runner.forward([tok])[-1]))
-        return len(ids) / t_prompt, n_decode / (time.perf_counter() - t0)
+class CfmSteps:
+    """A cfm_runtime model, greedy, with the thread setup `Generator.stream` uses."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, ids: list[int]) -> float:
+        self.runner = self.model.new_runner()
+        with torch_threads(self.runner.torch_threads()):
+            t0 = time.perf_counter()
+            logits = self.runner.forward(ids)[-1]
+            dt = time.perf_counter() - t0
+        self.tok = int(torch.argmax(logits))
+        return dt
+
+    def decode(self, n: int) -> float:
+        with torch_threads(self.runner.torch_threads()):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                self.tok = int(torch.argmax(self.runner.forward([self.tok])[-1]))
+            return time.perf_counter() - t0
+
+
+def run_interleaved(steppers: dict, ids: list[int], n_decode: int, chunk: int, pause: float = 0.1) -> dict:
+    """One prompt through every runtime: prefills in turn, then decode in chunks of `chunk` tokens taken in
+    turn (llama.cpp 8 tokens, cfm 8 tokens, ..., each continuing its own sequence), so runtimes compared in a
+    chunk ran ~0.1-1 s apart and the machine's drifts (other tenants: single 64-token runs varied 0.73-1.28x)
+    hit them alike. `pause` seconds (untimed) before each turn let the previous runtime's worker threads stop
+    spinning (onnxruntime's, llama.cpp's and torch's OpenMP workers all busy-wait for a while after their
+    work), which would otherwise steal the cores from the next one. -> {name: {"prompt_tps", "decode_tps",
+    "chunk_s": [...]}}"""
+    out = {}
+    for name, st in steppers.items():
+        time.sleep(pause)
+        out[name] = {"prompt_tps": len(ids) / st.prefill(ids), "chunk_s": []}
+    for done in range(0, n_decode, chunk):
+        k = min(chunk, n_decode - done)
+        for name, st in steppers.items():
+            time.sleep(pause)
+            out[name]["chunk_s"].append(st.decode(k) / k)
+    for r in out.values():
+        r["decode_tps"] = 1.0 / float(np.mean(r["chunk_s"]))
+    return out
 
 
 # ---------------------------------------------------------------- quality
@@ -230,6 +273,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--chunk", type=int, default=8, help="decode tokens per runtime per turn (interleaving)")
     ap.add_argument("--configs", default="fp32,int8,int4",
                     help="comma-separated weight formats, each optionally +HEAD and :spin/:nospin (e.g. int4:nospin)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
@@ -247,17 +291,17 @@ def main(argv=None) -> dict:
     rss = {"llama_cpp": None, **rss}
     prompts = [first.encode_prompt(p) for p in PROMPTS]
 
-    runners = {"llama_cpp": lambda ids: run_llama_cpp(llm, ids, args.decode)}
-    for name, m in models.items():
-        runners[name] = lambda ids, m=m: run_cfm(m, ids, args.decode)
-    for name, run in runners.items():  # warm-up (builds the fused graphs)
-        run(prompts[0][:16])
-    raw = {name: [] for name in runners}
+    steppers = {"llama_cpp": LlamaCppSteps(llm), **{name: CfmSteps(m) for name, m in models.items()}}
+    run_interleaved(steppers, prompts[0][:16], 8, 4)  # warm-up (builds the fused graphs)
+    raw = {name: [] for name in steppers}
+    chunk_ratios = {name: [] for name in steppers}  # per chunk: llama.cpp's time per token / this runtime's
     for rep in range(args.reps):
         for ids in prompts:
-            for name, run in runners.items():
-                raw[name].append(run(ids))
-        print(f"rep {rep + 1}: " + ", ".join(f"{n} {raw[n][-1][1]:.1f}" for n in runners), flush=True)
+            runs = run_interleaved(steppers, ids, args.decode, args.chunk)
+            for name, r in runs.items():
+                raw[name].append((r["prompt_tps"], r["decode_tps"]))
+                chunk_ratios[name] += [a / b for a, b in zip(runs["llama_cpp"]["chunk_s"], r["chunk_s"])]
+        print(f"rep {rep + 1}: " + ", ".join(f"{n} {raw[n][-1][1]:.1f}" for n in steppers), flush=True)
 
     bandwidth = read_bandwidth(args.threads)
     ids = eval_ids(first)
@@ -279,6 +323,9 @@ def main(argv=None) -> dict:
         s["prompt_ratio_vs_llama_cpp"] = s["prompt_tps"] / base["prompt_tps"]
         s["decode_ratio_vs_llama_cpp"] = s["decode_tps"] / base["decode_tps"]
         s["decode_fraction_of_limit"] = s["decode_tps"] / s["bandwidth_limit_tps"]
+    for name, s in summary.items():  # the paired measure: robust to drifts between repetitions
+        s["decode_ratio_median_of_chunks"] = median(chunk_ratios[name])
+        s["decode_ratio_chunks_iqr"] = [float(np.percentile(chunk_ratios[name], q)) for q in (25, 75)]
 
     profile = None
     fast = [n for n in models if n.startswith("cfm_int4")]
@@ -290,6 +337,7 @@ def main(argv=None) -> dict:
         "model": str(path),
         "prompt_tokens": [len(p) for p in prompts],
         "decode_tokens": args.decode,
+        "decode_chunk": args.chunk,
         "reps": args.reps,
         "read_bandwidth_gb_s": bandwidth / 1e9,
         "load_average_1min_before_after": [load_before, os.getloadavg()[0]],  # other processes share the CPU
@@ -303,11 +351,12 @@ def main(argv=None) -> dict:
     saved = save("decode", result, out_dir)
     plot(summary, out_dir / "decode.png")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    print(f"{'runtime':<16} {'prompt':>8} {'decode':>8} {'prompt x':>9} {'decode x':>9} {'MB/tok':>7} "
-          f"{'limit':>6} {'ppl':>7} {'dppl %':>7} {'top1':>6}")
+    print(f"{'runtime':<16} {'prompt':>8} {'decode':>8} {'prompt x':>9} {'decode x':>9} {'chunks x':>9} "
+          f"{'MB/tok':>7} {'limit':>6} {'ppl':>7} {'dppl %':>7} {'top1':>6}")
     for name, s in summary.items():
         print(f"{name:<16} {s['prompt_tps']:>8.1f} {s['decode_tps']:>8.1f} {s['prompt_ratio_vs_llama_cpp']:>9.2f} "
-              f"{s['decode_ratio_vs_llama_cpp']:>9.2f} {s['weight_mb_per_token']:>7.1f} "
+              f"{s['decode_ratio_vs_llama_cpp']:>9.2f} {s['decode_ratio_median_of_chunks']:>9.2f} "
+              f"{s['weight_mb_per_token']:>7.1f} "
               f"{s['bandwidth_limit_tps']:>6.0f} {s.get('perplexity', float('nan')):>7.3f} "
               f"{s.get('perplexity_delta_pct', float('nan')):>7.2f} {s.get('top1_agreement_vs_fp32', float('nan')):>6.3f}")
     if profile:

@@ -94,6 +94,15 @@ def test_bad_options_are_user_errors(model_path, pack_root):
         load_sparse(model_path, ram_budget_mb=100, sparse=True, predictor="int4", pack=pack_root)
 
 
+def test_a_budget_too_small_for_the_int4_predictor_warns_and_uses_low_rank(model_path, pack_root):
+    with pytest.warns(UserWarning, match=r"does not fit half of --ram-budget 100 MB; using the low-rank one"):
+        m = load_sparse(model_path, ram_budget_mb=100, sparse=True, pack=pack_root)
+    try:
+        assert m.transformer.sparse.budget["predictor"].startswith("lowrank")
+    finally:
+        m.transformer.sparse.close()
+
+
 # ---------------------------------------------------------------- offload is exact at density 1.0
 
 

@@ -3,7 +3,9 @@
 Per layer: SkipSimplifiedLayerNormalization (residual add + RMSNorm), one MatMulNBits for q|k|v,
 GroupQueryAttention (rotary inside, KV written in place into the `KVCache` tensors, which are bound
 by pointer as both past and present: no copy, no reallocation per token), MatMulNBits for o,
-gate|up and down. One `session.run` per token instead of ~25 torch ops per layer.
+gate|up and down, each with its offset term as one Gemm (`GraphBuilder.linear`). Hidden states are
+2-D [tokens, d] inside the graph (Gemm is 2-D only) and 3-D only around GroupQueryAttention. One
+`session.run` per token instead of ~25 torch ops per layer.
 
 It is built from, and only used for, the stock module configuration: every projection a
 `QuantizedLinear`, every `mlp` an `MLP`, every `self_attn` an `Attention`. If any module was

@@ -9,13 +9,14 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CfmError
-from ..loading import check_weights, dequantize, gguf_config_values, gguf_weight_name, resolve_model_path, Checkpoint
+from ..loading import check_weights, dequantize, gguf_config_values, gguf_weight_name, Checkpoint
 from ..config import ModelConfig
 from . import pack as packfmt
 from .engine import SparseEngine
@@ -176,13 +177,11 @@ def attach(model, pack: packfmt.NeuronPack, *, ram_budget_mb: float | None = Non
     layers = model.transformer.layers
     use_pred = strategy == "predictor"
     kind, rank = choose_predictor(pack, ram_budget_mb, predictor) if use_pred else (None, None)
-    if use_pred and predictor is None and kind == "lowrank":
-        import sys
-
-        print(f"note: the int4 predictor ({predictor_bytes(pack, 'int4') / 2**20:.0f} MB with its runtime) does not fit "
-              f"half of --ram-budget {ram_budget_mb:g} MB; using the low-rank one (rank {rank}), which selects "
-              "neurons poorly on SiLU models (README: +119% perplexity at density 0.6 on the embedded model)",
-              file=sys.stderr)
+    if use_pred and predictor is None and kind == "lowrank":  # a warning: the CLI shows it, callers may filter it
+        warnings.warn(f"the int4 predictor ({predictor_bytes(pack, 'int4') / 2**20:.0f} MB with its runtime) does not fit "
+                      f"half of --ram-budget {ram_budget_mb:g} MB; using the low-rank one (rank {rank}), which selects "
+                      "neurons poorly on SiLU models (README: +119% perplexity at density 0.6 on the embedded model)",
+                      stacklevel=2)
     dens = layer_densities(pack, density, plan)
     if ram_budget_mb is None:
         modules = [_ram_module(i, layer.mlp, pack, kind, rank) for i, layer in enumerate(layers)]

@@ -15,7 +15,6 @@ from tqdm import tqdm
 from . import pack as packfmt
 from . import predictor as pred
 from .ffn import RamStore, SparseFFN
-from .engine import SparseEngine
 from .stats import calibration_texts, coactivation_order, collect, neuron_mass, token_sequences, topk_mask
 
 LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
