@@ -121,6 +121,34 @@ def test_fused_decode_matches_prefill_and_module_path(model, int4_exact, eval_id
     torch.testing.assert_close(kv_fused, kv_module, atol=1e-4, rtol=1e-4)
 
 
+def test_native_decode_step_matches_fp32_and_the_graph(model, int4, eval_ids):
+    """Single-token steps through the compiled kernel (kernels/native.py) after a prefill on the graph:
+    the fp32 model's next tokens and perplexity, the graph's keys and values, and a graph step after it."""
+    from cfm_runtime.kernels import native
+
+    t, ids = int4, eval_ids["prose"][:96]
+    assert t.fused.native() is not None, native.failure()
+    full = model.logits(ids)
+    runner, graph = LocalRunner(t), LocalRunner(t)
+    runner.forward(ids[:32])
+    graph.forward(ids[:32])
+    steps = np.stack([runner.forward([i])[-1].numpy() for i in ids[32:]])
+    t.fused._native, native_decoder = None, t.fused._native  # the same steps on the graph
+    try:
+        graph_steps = np.stack([graph.forward([i])[-1].numpy() for i in ids[32:]])
+    finally:
+        t.fused._native = native_decoder
+    ref, nxt = full[32:], torch.tensor(ids[33:])
+    assert np.mean(steps.argmax(-1) == ref.argmax(-1)) >= 0.9
+    nll = [float(-torch.log_softmax(torch.from_numpy(x[:-1]), -1).gather(1, nxt[:, None]).mean()) for x in (steps, ref)]
+    assert abs(nll[0] - nll[1]) < 0.03, nll  # perplexity within ~3% of fp32 on this window
+    assert np.abs(steps - graph_steps).max() < 2.0 and np.mean(steps.argmax(-1) == graph_steps.argmax(-1)) >= 0.9
+    k, k_graph = runner.cache[7].k[:, :len(ids)], graph.cache[7].k[:, :len(ids)]
+    assert (k - k_graph).abs().max() < 0.05 * k_graph.abs().max()
+    after = runner.forward(ids[:2])  # a two-token step goes through the graph on top of the native cache
+    assert after.shape == (1, t.config.vocab_size) and torch.isfinite(after).all()
+
+
 class Wrapped(nn.Module):
     """A LoRA-style brick: base(x) + B(A(x)), B starting at zero."""
 

@@ -209,18 +209,34 @@ class FusedRunner:
     between this path and the module path at any token.
     """
 
-    def __init__(self, t: Transformer, threads: int, spin: bool = True):
+    def __init__(self, t: Transformer, threads: int, spin: bool = True, native: bool = True):
         self.t, self.threads, self.spin = t, threads, spin
         self._span: FusedSpan | None = None
+        self._native, self._native_tried = None, not native  # single-token steps: kernels/native.py
 
     def usable(self) -> bool:
+        if self._native is not None and not self._native.usable():
+            return False
         if self._span is not None:
             return self._span.usable()
         return supported(self.t, 0, self.t.config.n_layers)
 
+    def native(self):
+        """The compiled decode step for this model, or None (not built here, or not the stock int4 layout)."""
+        if not self._native_tried:
+            from . import native
+
+            self._native_tried = True
+            module = native.load() if native.supported(self.t) else None
+            if module is not None:
+                self._native = native.NativeDecoder(self.t, self.threads, module)
+        return self._native
+
     def forward(self, ids: list[int], cache: SpanCache, all_logits: bool = False) -> torch.Tensor:
         """Logits [len(ids) or 1, vocab] (a fresh tensor); appends len(ids) positions to cache."""
         t = self.t
+        if len(ids) == 1 and not all_logits and self.native() is not None:
+            return self._native.step(ids[0], cache)[None]
         if self._span is None:  # built on first use: ~2 s, and no memory for it unless this path runs
             head = supported(t, 0, t.config.n_layers, head=True)
             self._span = FusedSpan(t, 0, t.config.n_layers, self.threads, head=head, spin=self.spin)
