@@ -141,6 +141,13 @@ def perplexity(all_logits: dict[str, np.ndarray], ids: dict[str, list[int]]) -> 
     return float(np.exp(nll / n))
 
 
+def step_logits(model, ids: list[int]) -> np.ndarray:
+    """Logits of every position fed one token at a time, as decoding computes them (teacher forcing)."""
+    runner = model.new_runner()
+    with torch_threads(runner.torch_threads()):
+        return np.stack([runner.forward([i])[-1].numpy() for i in ids])
+
+
 def quality(logits: dict[str, dict], ids: dict[str, list[int]]) -> dict:
     ref = logits["cfm_fp32"]
     base = perplexity(ref, ids)
@@ -306,8 +313,14 @@ def main(argv=None) -> dict:
     bandwidth = read_bandwidth(args.threads)
     ids = eval_ids(first)
     logits = {name: {k: m.logits(v) for k, v in ids.items()} for name, m in models.items()}
+    for name, m in models.items():  # decode steps take another path (the native kernel): measure it too
+        if getattr(m.transformer, "fused", None) is not None:
+            logits[f"{name}:steps"] = {k: step_logits(m, v) for k, v in ids.items()}
     logits["llama_cpp"] = {k: llama_cpp_logits(path, v, args.threads) for k, v in ids.items()}
     q = quality(logits, ids) if "cfm_fp32" in logits else {}
+    for name in models:
+        for key, value in q.pop(f"{name}:steps", {}).items():
+            q.setdefault(name, {})[f"decode_steps_{key}"] = value
 
     bytes_per_token = {"llama_cpp": llama_cpp_bytes_per_token(path)}
     bytes_per_token.update({n: weight_bytes_per_token(m.transformer) for n, m in models.items()})
@@ -323,6 +336,12 @@ def main(argv=None) -> dict:
         s["prompt_ratio_vs_llama_cpp"] = s["prompt_tps"] / base["prompt_tps"]
         s["decode_ratio_vs_llama_cpp"] = s["decode_tps"] / base["decode_tps"]
         s["decode_fraction_of_limit"] = s["decode_tps"] / s["bandwidth_limit_tps"]
+    for name, m in models.items():  # which decode step ran: the native kernel or the onnxruntime graph
+        fused = getattr(m.transformer, "fused", None)
+        if fused is not None:
+            from cfm_runtime.kernels import native
+
+            summary[name]["decode_path"] = "native" if fused._native is not None else f"graph ({native.failure()})"
     for name, s in summary.items():  # the paired measure: robust to drifts between repetitions
         s["decode_ratio_median_of_chunks"] = median(chunk_ratios[name])
         s["decode_ratio_chunks_iqr"] = [float(np.percentile(chunk_ratios[name], q)) for q in (25, 75)]
@@ -359,6 +378,12 @@ def main(argv=None) -> dict:
               f"{s['weight_mb_per_token']:>7.1f} "
               f"{s['bandwidth_limit_tps']:>6.0f} {s.get('perplexity', float('nan')):>7.3f} "
               f"{s.get('perplexity_delta_pct', float('nan')):>7.2f} {s.get('top1_agreement_vs_fp32', float('nan')):>6.3f}")
+        if "decode_steps_perplexity" in s:
+            print(f"{'  decode steps':<16} {'':>57} {s['decode_steps_perplexity']:>7.3f} "
+                  f"{s['decode_steps_perplexity_delta_pct']:>7.2f} {s['decode_steps_top1_agreement_vs_fp32']:>6.3f}")
+    for name, s in summary.items():
+        if "decode_path" in s:
+            print(f"{name}: decode steps on the {s['decode_path']}")
     if profile:
         print(f"int4 decode step {profile['step_us']:.0f} us, kernels {profile['kernels_us']:.0f} us:",
               ", ".join(f"{k} {v:.0f}" for k, v in list(profile["per_op_us"].items())[:8]))

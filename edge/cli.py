@@ -94,6 +94,12 @@ def load(args):
     from cfm_runtime import load_model
 
     model = load_model(args.model, threads=args.threads, **runtime_options(args))
+    fused = getattr(model.transformer, "fused", None)
+    if fused is not None:  # the native decode kernel: compiled on the first run (cfm_runtime/kernels/native.py)
+        from cfm_runtime.kernels import native
+
+        native.load(notice=lambda: print("building the native decode kernel (first run only, about a minute)...",
+                                         file=sys.stderr, flush=True))
     bricks_cli.apply_args(args, model)
     return model
 

@@ -24,13 +24,15 @@ import torch
 
 from ..model import SpanCache, Transformer
 
+NAME = "cfm_q4_decode"
 _lock = threading.Lock()
 _module: object | None = None
 _failure: str | None = None
 
 
-def load():
-    """The compiled extension, or None (the reason is in `failure()`)."""
+def load(notice=None):
+    """The compiled extension, or None (the reason is in `failure()`). `notice()` is called first when it
+    has to be compiled (not in torch's extension cache yet), so a CLI can say why it waits."""
     global _module, _failure
     with _lock:
         if _module is not None or _failure is not None:
@@ -42,7 +44,9 @@ def load():
             from torch.utils import cpp_extension
 
             src = Path(__file__).with_name("q4_decode.cpp")
-            mod = cpp_extension.load(name="cfm_q4_decode", sources=[str(src)], verbose=False,
+            if notice is not None and not any(Path(cpp_extension.get_default_build_root()).glob(f"*/{NAME}/{NAME}*.so")):
+                notice()
+            mod = cpp_extension.load(name=NAME, sources=[str(src)], verbose=False,
                                      extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                      extra_ldflags=["-fopenmp"])
             if not mod.available():
