@@ -179,6 +179,8 @@ Linear make_linear(const std::vector<torch::Tensor>& t) {
 
 }  // namespace
 
+// Holds the weights (sharing memory with the Python-side packed arrays) and one scratch activation: one step
+// at a time per decoder (the callers serialize: one generation per model at a time).
 class Q4Decoder {
  public:
   // layers: per layer [ln1, ln2, qkv codes, qkv scales, qkv offsets, o ..., gate|up ..., down ...] (14 tensors)
@@ -211,6 +213,7 @@ class Q4Decoder {
 #if CFM_NATIVE
     TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size(), "one key and value cache per layer");
     TORCH_CHECK(pos < cos_.size(0), "position beyond the rotary table");
+    TORCH_CHECK(x_in.scalar_type() == torch::kFloat32 && x_in.numel() == d_, "x must be float32 [d_model]");
     torch::Tensor xt = x_in.contiguous().clone();
     float* x = xt.data_ptr<float>();
     const int d = d_, group = h_ / hkv_;
