@@ -54,7 +54,8 @@ def load(notice=None):
                 return None
             _module = mod
         except Exception as e:  # no compiler, headers or ninja: the onnxruntime graph remains
-            _failure = f"could not build the native kernel: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            first_line = (str(e).splitlines() or [""])[0][:200]
+            _failure = f"could not build the native kernel: {type(e).__name__}: {first_line}"
             warnings.warn(_failure + "; decoding on the onnxruntime graph", stacklevel=2)
         return _module
 
