@@ -37,6 +37,12 @@ def _stock_modules(t: Transformer, start: int, end: int, head: bool = False) -> 
     return tuple(out)
 
 
+def projections(layer) -> tuple:
+    """A layer's q, k, v, o, gate, up and down projections."""
+    a, m = layer.self_attn, layer.mlp
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
+
+
 def supported(t: Transformer, start: int, end: int, head: bool = False) -> bool:
     """Whether layers [start, end) (and the head) are the stock modules with quantized projections."""
     from ..quant import QuantizedHead, QuantizedLinear
@@ -47,8 +53,7 @@ def supported(t: Transformer, start: int, end: int, head: bool = False) -> bool:
         a, m = t.layers[i].self_attn, t.layers[i].mlp
         if type(a) is not Attention or type(m) is not MLP:
             return False
-        projections = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
-        if not all(type(p) is QuantizedLinear for p in projections):
+        if not all(type(p) is QuantizedLinear for p in projections(t.layers[i])):
             return False
         if any(p.bias is not None for p in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj)):
             return False
@@ -215,11 +220,12 @@ class FusedRunner:
         self._native, self._native_tried = None, not native  # single-token steps: kernels/native.py
 
     def usable(self) -> bool:
-        if self._native is not None and not self._native.usable():
-            return False
-        if self._span is not None:
-            return self._span.usable()
-        return supported(self.t, 0, self.t.config.n_layers)
+        if self._native is None:
+            return self._span.usable() if self._span is not None else supported(self.t, 0, self.t.config.n_layers)
+        # one walk of the modules for both parts (checked every token); a native decoder implies the stock head,
+        # so a span built beside it holds the same head=True snapshot
+        current = _stock_modules(self.t, 0, self.t.config.n_layers, head=True)
+        return current == self._native.modules and (self._span is None or current == self._span.modules)
 
     def native(self):
         """The compiled decode step for this model, or None (not built here, or not the stock int4 layout)."""

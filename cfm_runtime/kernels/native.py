@@ -69,7 +69,7 @@ def supported(t: Transformer) -> bool:
     head, int8 activations (accuracy level 4; a model built with fp32 activations keeps the graph), SiLU,
     adjacent-pair rotary (what the kernel implements)."""
     from ..quant import QuantizedHead
-    from .fused import supported as graph_supported
+    from .fused import projections, supported as graph_supported
     from .graph import ACCURACY_LEVEL
 
     c = t.config
@@ -80,8 +80,7 @@ def supported(t: Transformer) -> bool:
             or head.mins is not None or t.lm_head.accuracy != ACCURACY_LEVEL):
         return False
     for layer in t.layers:
-        a, m = layer.self_attn, layer.mlp
-        for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+        for p in projections(layer):
             q = p.packed
             if p.bias is not None or q.bits != 4 or q.zero_points is not None or q.mins is None or p.accuracy != ACCURACY_LEVEL:
                 return False
@@ -108,16 +107,11 @@ class NativeDecoder:
         t.rotary.apply(torch.zeros(1, 1, c.head_dim), c.context_length - 1)  # grow the tables to the context
         head = t.lm_head.packed
         self.t = t
-        self.modules = _stock_modules(t, 0, c.n_layers, head=True)  # identity check, as FusedSpan.usable
+        self.modules = _stock_modules(t, 0, c.n_layers, head=True)  # checked by FusedRunner.usable
         self.decoder = module.Q4Decoder(layers, t.norm.weight.detach(), torch.from_numpy(head.codes),
                                         torch.from_numpy(head.scales), t.rotary.cos[:c.context_length].contiguous(),
                                         t.rotary.sin[:c.context_length].contiguous(), c.n_heads, c.n_kv_heads,
                                         c.head_dim, float(t.norm.eps), threads)
-
-    def usable(self) -> bool:
-        from .fused import _stock_modules
-
-        return _stock_modules(self.t, 0, self.t.config.n_layers, head=True) == self.modules
 
     @torch.inference_mode()
     def step(self, token: int, cache: SpanCache) -> torch.Tensor:
