@@ -39,7 +39,7 @@ D, SPAN, PREFILL = 576, (2, 28), 16
 
 
 def start_center() -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "center", "serve", "--port", "0", "--layers",
+    proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", "center", "serve", "--port", "0", "--layers",
                              f"{SPAN[0]}:{SPAN[1]}", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:

@@ -106,7 +106,7 @@ def in_cgroup(cmd: list[str], cap_mb: int | None) -> dict:
 
 
 def cfm_cmd(tokens: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "edge.cli", "generate", "--chat", "--prompt", PROMPT, "--temperature", "0",
+    return [sys.executable, "-m", "cfm_cli", "generate", "--chat", "--prompt", PROMPT, "--temperature", "0",
             "--max-tokens", str(tokens), "--threads", "2", "--json", *extra]
 
 

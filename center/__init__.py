@@ -1,1 +1,1 @@
-"""Center server: serves a span of shared layers over gRPC."""
+"""The center: a gRPC server running a span of layers for many edge sessions (one process, or Ray Serve)."""

@@ -12,7 +12,7 @@ import grpc
 
 from cfm_runtime.errors import CfmError
 
-from .errors import InvalidArgument, Unauthenticated, status_for
+from cfm_runtime.protocol.errors import InvalidArgument, Unauthenticated, status_for
 
 log = logging.getLogger("cfm.center")
 EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # standard clients and probes carry no token

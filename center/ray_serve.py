@@ -19,6 +19,7 @@ so Serve's `target_ongoing_requests` is "live sessions per replica", and `max_on
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -27,9 +28,16 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
+from cfm_runtime import LoadOptions, load_model
 from cfm_runtime.errors import CfmError
+from cfm_runtime.gguf_file import read_gguf
+from cfm_runtime.loading import gguf_config_values, resolve_model_path
 
-from .errors import status_for
+from cfm_runtime.protocol.errors import status_for
+from cfm_runtime.protocol.spans import parse_span
+
+from .interceptor import Tokens, caller_id
+from .server import CenterLimits, CenterServicer
 
 log = logging.getLogger("cfm.center")
 
@@ -76,13 +84,8 @@ class CenterReplica:
     """One Serve replica of the center: `CenterServicer` behind Serve's gRPC proxy."""
 
     def __init__(self, spec: dict):
-        from cfm_runtime import load_model
-
-        from .interceptor import Tokens
-        from .server import CenterLimits, CenterServicer, parse_span
-
         s = ReplicaSpec(**spec)
-        model = load_model(s.model, threads=s.threads)
+        model = load_model(s.model, LoadOptions(threads=s.threads, weights="fp32"))
         limits = CenterLimits(max_sessions=s.max_sessions, max_kv_mb=s.max_kv_mb,
                               idle_timeout_s=s.idle_timeout_s, max_batch=s.max_batch)
         self.servicer = CenterServicer(model, parse_span(s.layers, model.config.n_layers), limits,
@@ -115,8 +118,6 @@ class CenterReplica:
             self.metrics.streams -= 1
 
     async def _unary(self, method, request, grpc_context):
-        from .interceptor import caller_id
-
         try:
             caller_id(grpc_context, self.servicer.tokens)  # what the single-process interceptor checks
             return await method(request, grpc_context)
@@ -283,8 +284,6 @@ def deployment_options(replica: ReplicaSpec, scaling: ScalingSpec, kv_bytes_per_
 
 def kv_bytes_per_position(replica: ReplicaSpec) -> int:
     """KV bytes one position costs over the served span (fp32 K and V), read from the model's metadata."""
-    from .server import parse_span
-
     n_layers, n_kv_heads, head_dim = _kv_shape(replica.model)
     a, b = parse_span(replica.layers, n_layers)
     return 2 * n_kv_heads * head_dim * 4 * (b - a)
@@ -292,11 +291,6 @@ def kv_bytes_per_position(replica: ReplicaSpec) -> int:
 
 def _kv_shape(model: str | None) -> tuple[int, int, int]:
     """(n_layers, n_kv_heads, head_dim) from the checkpoint's metadata, without reading weights."""
-    import json
-
-    from cfm_runtime.gguf_file import read_gguf
-    from cfm_runtime.loading import gguf_config_values, resolve_model_path
-
     p = resolve_model_path(model)
     if p.is_dir():
         c = json.loads((p / "config.json").read_text())

@@ -15,11 +15,13 @@ from grpc_reflection.v1alpha import reflection
 
 from cfm_runtime.errors import CfmError
 
-from . import wire
+from cfm_runtime.protocol import wire
+from cfm_runtime.protocol.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from cfm_runtime.protocol.proto import SERVICE_NAME, pb, pb_grpc
+from cfm_runtime.protocol.spans import default_span
+
 from .engine import Engine
-from .errors import FailedPrecondition, InvalidArgument, OutOfRange
 from .interceptor import StatusInterceptor, Tokens, caller_id
-from .proto import SERVICE_NAME, pb, pb_grpc
 from .sessions import Session, SessionTable
 
 log = logging.getLogger("cfm.center")
@@ -35,25 +37,6 @@ class CenterLimits:
     max_message_bytes: int = 4 * 2**20
     idle_timeout_s: float = 300.0
     max_batch: int = 32
-
-
-def default_span(n_layers: int) -> tuple[int, int]:
-    """The dense middle: the edge keeps at least 2 layers at each end (30 layers -> 2:28)."""
-    keep = 2 if n_layers >= 8 else 1 if n_layers >= 3 else 0
-    return keep, n_layers - keep
-
-
-def parse_span(text: str | None, n_layers: int) -> tuple[int, int]:
-    """'a:b' -> (a, b) within [0, n_layers]; None -> default_span."""
-    if not text:
-        return default_span(n_layers)
-    try:
-        a, b = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise CfmError(f"--layers {text!r}: write the span as START:END, e.g. 2:28") from None
-    if not 0 <= a < b <= n_layers:
-        raise CfmError(f"--layers {text}: need 0 <= START < END <= {n_layers} (the model has {n_layers} layers)")
-    return a, b
 
 
 class CenterServicer(pb_grpc.CenterServicer):

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from cfm_runtime.model import SpanCache
 
-from .errors import FailedPrecondition, NotFound, OutOfRange, PermissionDenied, ResourceExhausted
+from cfm_runtime.protocol.errors import FailedPrecondition, NotFound, OutOfRange, PermissionDenied, ResourceExhausted
 
 
 @dataclass

@@ -1,8 +1,7 @@
-"""Prefill and decode loops over a runner (local spans, or spans composed with a center)."""
+"""Prefill and decode loops over a runner (local, or split with a center), with per-answer statistics."""
 
 from __future__ import annotations
 
-import resource
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -11,21 +10,10 @@ from typing import Iterator, Protocol
 import torch
 
 from .errors import ContextOverflowError, CfmError
-from .model import SpanCache, Transformer
+from .memory import peak_rss_mb
+from .runners import Runner
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
-
-
-class Runner(Protocol):
-    """Runs token ids through the whole model, keeping a KV cache of `n_past` positions."""
-
-    n_past: int
-
-    def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        """Feed ids after the cached ones; logits [len(ids) or 1, vocab] in float32."""
-
-    def truncate(self, n: int) -> None:
-        """Forget cached positions from n on."""
 
 
 @contextmanager
@@ -42,46 +30,6 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-class LocalRunner:
-    """All layers on this machine, prompt fed in chunks of `chunk` tokens."""
-
-    def __init__(self, model: Transformer, max_len: int | None = None, chunk: int = 512):
-        self.model, self.chunk = model, chunk
-        self.cache: SpanCache = model.new_cache(max_len=max_len)
-
-    @property
-    def n_past(self) -> int:
-        return self.cache.offset
-
-    @torch.inference_mode()
-    def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
-        outs = []
-        fused = getattr(self.model, "fused", None)  # set by load_model(weights="int4"|"int8"): cfm_runtime.quant
-        for s in range(0, len(ids), self.chunk):
-            part = ids[s:s + self.chunk]
-            if fused is not None and fused.usable():
-                logits = fused.forward(part, self.cache, all_logits)
-                if all_logits or s + self.chunk >= len(ids):
-                    outs.append(logits)
-                continue
-            h = self.model.embed(torch.tensor([part]))
-            h = self.model.forward_span(h, 0, self.model.config.n_layers, [self.cache])
-            if all_logits or s + self.chunk >= len(ids):
-                outs.append(self.model.head(h if all_logits else h[:, -1:])[0])
-        return torch.cat(outs)
-
-    def truncate(self, n: int) -> None:
-        self.cache.truncate(n)
-
-    def torch_threads(self) -> int | None:
-        """Torch threads for a generation: 1 while the fused onnxruntime graph does the work (its own workers
-        compute; torch only samples and looks up embeddings, and its OpenMP workers, spinning after each of
-        those small parallel ops, took the cores from onnxruntime's: 0.69x -> 0.76x llama.cpp decode, and
-        0.85x with onnxruntime's workers spinning, measured), else None (unchanged)."""
-        fused = getattr(self.model, "fused", None)
-        return 1 if fused is not None and fused.usable() else None
-
-
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
@@ -91,7 +39,7 @@ class GenerationStats:
     decode_seconds: float = 0.0
     decode_steps: int = 0
     finish_reason: str | None = None
-    extra: dict = field(default_factory=dict)  # telemetry from runners (split, sparse, ...)
+    extra: dict = field(default_factory=dict)  # telemetry: the runner's report() (backend, split, sparse), bricks
 
     @property
     def prompt_tps(self) -> float:
@@ -107,10 +55,6 @@ class GenerationStats:
         extra = d.pop("extra")
         d.update(prompt_tps=self.prompt_tps, decode_tps=self.decode_tps, peak_rss_mb=peak_rss_mb(), **extra)
         return d
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass
@@ -146,12 +90,33 @@ class StopMatcher:
         return out
 
 
+class BrickSelector(Protocol):
+    """Puts the bricks an answer needs on the model before its prompt runs (`cfm_runtime.bricks.BrickSet`)."""
+
+    def select(self, prompt_ids: list[int], requested: list[tuple[str, float]] | None) -> bool:
+        """Apply the bricks for this prompt (`requested`: a caller's choice; None: the run's own rule);
+        True if the model's bricks changed (the cached positions were computed with other weights)."""
+
+    def report(self) -> dict:
+        """Telemetry of the last selection, merged into `GenerationStats.extra`."""
+
+
 class Generator:
     """Owns a runner and the ids in its cache; a new prompt reuses the longest cached prefix."""
 
-    def __init__(self, runner: Runner, tokenizer: Tokenizer, context_length: int):
+    def __init__(self, runner: Runner, tokenizer: Tokenizer, context_length: int,
+                 bricks: BrickSelector | None = None):
         self.runner, self.tokenizer, self.context_length = runner, tokenizer, context_length
+        self.bricks = bricks
         self.tokens: list[int] = []
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next prompt is computed from its first token)."""
+        self.runner.truncate(0)
+        self.tokens = []
+
+    def close(self) -> None:
+        self.runner.close()
 
     def _prefill(self, ids: list[int], stats: GenerationStats) -> torch.Tensor:
         common = 0
@@ -169,7 +134,10 @@ class Generator:
         self.tokens = list(ids)
         return logits
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationChunk]:
+    def stream(self, prompt_ids: list[int], params: SamplingParams,
+               bricks: list[tuple[str, float]] | None = None) -> Iterator[GenerationChunk]:
+        """Yields GenerationChunk(text, token, stats); the last chunk has empty text and final stats.
+        `bricks`: the bricks (name, weight) for this answer instead of the run's own choice."""
         if not prompt_ids:
             raise CfmError("the prompt is empty; give some text to continue or a chat message")
         if len(prompt_ids) >= self.context_length:
@@ -177,9 +145,17 @@ class Generator:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context holds {self.context_length}; "
                 "shorten the prompt (or start a new chat)"
             )
-        threads = getattr(self.runner, "torch_threads", None)
-        with torch_threads(threads() if threads is not None else None):
-            yield from self._stream(prompt_ids, params)
+        if bricks is not None and self.bricks is None:
+            raise CfmError("this generator was made without bricks; ask for them in its run options")
+        if self.bricks is not None and self.bricks.select(prompt_ids, bricks):
+            self.reset()  # the cached prefix was computed with other bricks
+        self.runner.begin()
+        with torch_threads(self.runner.torch_threads()):
+            for chunk in self._stream(prompt_ids, params):
+                chunk.stats.extra.update(self.runner.report())
+                if self.bricks is not None:
+                    chunk.stats.extra.update(self.bricks.report())
+                yield chunk
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationChunk]:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))

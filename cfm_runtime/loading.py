@@ -7,11 +7,13 @@ prefix), so that adapters written for HF models (PEFT) address the same names.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import importlib.util
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,16 @@ class Checkpoint:
     path: Path
     format: str  # "gguf" or "hf"
     metadata: dict
+    sources: dict[int, list] = field(default_factory=dict, repr=False)  # layer -> [(HF name, reader of fp32)]
+
+    def layer_digest(self, i: int) -> bytes:
+        """blake2b of layer i's weights as the file stores them, dequantized to fp32 (names inside the layer,
+        sorted): the same for every format the weights are later held in, and readable without them."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, read in sorted(self.sources.get(i, []), key=lambda s: s[0]):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(read(), dtype=np.float32).tobytes())
+        return h.digest()
 
 
 def default_model_path() -> Path:
@@ -82,12 +94,40 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike | None = None, progress: bool | None = None, **overrides) -> Checkpoint:
-    """Read a checkpoint. `overrides` replace config fields (e.g. activation="relu")."""
+def load_checkpoint(path: str | os.PathLike | None = None, progress: bool | None = None, skip_ffn: bool = False,
+                    **overrides) -> Checkpoint:
+    """Read a checkpoint. `overrides` replace config fields (e.g. activation="relu").
+
+    skip_ffn: the FFN weights are left in the file (meta tensors: shapes only, no memory), for a model whose
+    FFNs come from a neuron pack; peak memory then stays near the rest of the model's size."""
     p = resolve_model_path(path)
     if p.is_dir():
-        return load_hf_folder(p, progress=progress, **overrides)
-    return load_gguf(p, progress=progress, **overrides)
+        return load_hf_folder(p, progress=progress, skip_ffn=skip_ffn, **overrides)
+    return load_gguf(p, progress=progress, skip_ffn=skip_ffn, **overrides)
+
+
+def _is_ffn(name: str) -> bool:
+    return ".mlp." in name
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "layers" else None
+
+
+def _add_source(sources: dict, name: str, read) -> None:
+    i = _layer_of(name)
+    if i is not None:
+        sources.setdefault(i, []).append((name.split(".", 2)[2], read))
+
+
+def mmap_large_allocations() -> None:
+    """Allocations of 1 MiB and more go straight to mmap (glibc), so freed dequantization temporaries are
+    returned to the OS at once instead of staying in the heap."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------- GGUF
@@ -187,14 +227,17 @@ def _q4_1(raw):  # block: fp16 scale, fp16 min, 16 bytes of nibbles; value = d *
 _FAST_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
 
 
-def load_gguf(path: Path, progress: bool | None = None, **overrides) -> Checkpoint:
+def load_gguf(path: Path, progress: bool | None = None, skip_ffn: bool = False, **overrides) -> Checkpoint:
     from tqdm import tqdm
 
     meta, tensors = read_gguf(path)
     values = gguf_config_values(meta, path, **overrides)
     weights: dict[str, torch.Tensor] = {}
+    sources: dict[int, list] = {}
     rope_factors = None
     big = sum(t.n_bytes for t in tensors) > (512 << 20)
+    if skip_ffn:
+        mmap_large_allocations()
     bar = tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=not (progress or (progress is None and big)))
     for t in bar:
         if t.name == "rope_freqs.weight":
@@ -203,19 +246,23 @@ def load_gguf(path: Path, progress: bool | None = None, **overrides) -> Checkpoi
         name = gguf_weight_name(t.name)
         if name is None:
             continue
-        weights[name] = torch.from_numpy(dequantize(t))
+        _add_source(sources, name, lambda t=t: dequantize(t))
+        if skip_ffn and _is_ffn(name):
+            weights[name] = torch.empty(tuple(t.shape), device="meta")
+        else:
+            weights[name] = torch.from_numpy(dequantize(t))
     values["vocab_size"] = int(weights["embed_tokens.weight"].shape[0]) if "embed_tokens.weight" in weights else 0
     values["tied_embeddings"] = "lm_head.weight" not in weights
     values["rope_freq_factors"] = rope_factors
     config = ModelConfig.from_dict(values)
     check_weights(config, weights, path)
-    return Checkpoint(config, weights, path, "gguf", meta)
+    return Checkpoint(config, weights, path, "gguf", meta, sources)
 
 
 # ---------------------------------------------------------------- Hugging Face folders
 
 
-def load_hf_folder(path: Path, progress: bool | None = None, **overrides) -> Checkpoint:
+def load_hf_folder(path: Path, progress: bool | None = None, skip_ffn: bool = False, **overrides) -> Checkpoint:
     from safetensors import safe_open
     from tqdm import tqdm
 
@@ -265,12 +312,17 @@ def load_hf_folder(path: Path, progress: bool | None = None, **overrides) -> Che
         raise ModelFileError(f"{cfg_path}: hidden_act {act!r} is not supported (supported: silu, relu)")
     values.update(overrides)
     weights: dict[str, torch.Tensor] = {}
+    sources: dict[int, list] = {}
     for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not progress):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
                     name = k[len("model."):] if k.startswith("model.") else k
-                    weights[name] = sf.get_tensor(k).to(torch.float32)
+                    _add_source(sources, name, lambda f=f, k=k: _read_safetensor(f, k).numpy())
+                    if skip_ffn and _is_ffn(name):
+                        weights[name] = torch.empty(tuple(sf.get_slice(k).get_shape()), device="meta")
+                    else:
+                        weights[name] = sf.get_tensor(k).to(torch.float32)
         except Exception as e:  # safetensors raises its own error types on corrupt headers
             raise ModelFileError(f"{f} is corrupt or truncated: {e}") from e
     if values["tied_embeddings"]:
@@ -281,7 +333,14 @@ def load_hf_folder(path: Path, progress: bool | None = None, **overrides) -> Che
         values["rope_freq_factors"] = llama3_rope_factors(values["head_dim"], values["rope_base"], rope_scaling)
     config = ModelConfig.from_dict(values)
     check_weights(config, weights, path)
-    return Checkpoint(config, weights, path, "hf", hf)
+    return Checkpoint(config, weights, path, "hf", hf, sources)
+
+
+def _read_safetensor(f: Path, key: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as sf:
+        return sf.get_tensor(key).to(torch.float32)
 
 
 def llama3_rope_factors(head_dim: int, base: float, s: dict) -> list[float]:

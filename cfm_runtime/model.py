@@ -43,6 +43,12 @@ class Rotary:
         angles = torch.outer(torch.arange(n, dtype=torch.float64), self.inv_freq)
         self.cos, self.sin = angles.cos().float(), angles.sin().float()
 
+    def tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, hd/2] for positions 0..n-1 (what a fused kernel bakes in)."""
+        if n > self.cos.shape[0]:
+            self._grow(n)
+        return self.cos[:n].contiguous(), self.sin[:n].contiguous()
+
     def apply(self, x: torch.Tensor, offset: int) -> torch.Tensor:
         t = x.shape[-2]
         if offset + t > self.cos.shape[0]:
@@ -189,8 +195,8 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(Block(config, self.rotary) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.rms_eps)
-        if not config.tied_embeddings:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # None: the head is the embedding (tied); else nn.Linear, or a quantized head (cfm_runtime.backends)
+        self.lm_head = None if config.tied_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: dict[str, torch.Tensor]) -> "Transformer":
@@ -217,8 +223,6 @@ class Transformer(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [B, T, D] -> logits [B, T, vocab]."""
-        head = getattr(self, "lm_head", None)
-        if head is not None and not isinstance(head, nn.Linear):  # a quantized or sparse head (cfm_runtime.quant)
-            return head(self.norm(h))
-        w = self.embed_tokens.weight if self.config.tied_embeddings else self.lm_head.weight
-        return F.linear(self.norm(h), w)
+        if self.lm_head is None:
+            return F.linear(self.norm(h), self.embed_tokens.weight)
+        return self.lm_head(self.norm(h))

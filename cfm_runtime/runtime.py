@@ -1,20 +1,33 @@
-"""The public model object: `load_model(path)` -> Model with tokenizer, logits and generation."""
+"""The composition point: load options -> a `Model` with one execution backend; run options -> a generator.
+
+The CLI, `cfm serve`, the center and Python callers all come through here, so a combination of
+features behaves the same whoever asks for it, and one that does not work is refused here with one
+`CfmError` naming the pair (`options.refusal`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from . import sparse as sparse_ffn
+from .backends import ModuleBackend, FusedBackend, choose_backend, quantize_model
+from .bricks.selection import BrickSet
+from .bricks.store import BrickStore
 from .config import ModelConfig
 from .errors import CfmError
-from .generate import GenerationChunk, Generator, LocalRunner, Runner
-from .loading import Checkpoint, load_checkpoint
+from .generate import GenerationChunk, Generator
+from .loading import Checkpoint, load_checkpoint, resolve_model_path
+from .memory import release_freed_memory
 from .model import Transformer
+from .options import CenterOptions, LoadOptions, RunOptions, SparseOptions, refusal
+from .runners import LocalRunner, Runner
 from .sampling import SamplingParams
 from .tokenizer import GGUFTokenizer, HFTokenizer, Tokenizer
 
@@ -22,24 +35,35 @@ from .tokenizer import GGUFTokenizer, HFTokenizer, Tokenizer
 def set_threads(threads: int | None) -> int:
     """Use `threads` intra-op threads (default: every core this process may run on)."""
     n = threads or len(os.sched_getaffinity(0))
-    if n < 1:
-        raise CfmError(f"threads must be >= 1, got {threads}")
     torch.set_num_threads(n)
     return n
 
 
 class Model:
-    """A loaded model: `.config`, `.tokenizer`, `.transformer`, `.logits()`, `.generate()`."""
+    """A loaded model: `.config`, `.tokenizer`, `.transformer`, `.backend`, `.logits()`, `.generate()`."""
 
-    def __init__(self, transformer: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint):
+    def __init__(self, transformer: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint, options: LoadOptions,
+                 threads: int):
         self.transformer = transformer
         self.tokenizer = tokenizer
         self.config: ModelConfig = transformer.config
         self.path: Path = checkpoint.path
         self.format = checkpoint.format
         self.metadata = checkpoint.metadata
+        self.options = options  # resolved: the formats and features this model was loaded with
+        self.threads = threads
+        self.sparse: sparse_ffn.SparseEngine | None = None  # the sparse FFNs' engine, when loaded with them
+        self.backend: ModuleBackend | FusedBackend = ModuleBackend(transformer)
+        self._checkpoint = checkpoint  # reads the file's weights for fingerprints
+        self._fused: FusedBackend | None = None  # kept while bricks are on, reused when they come off
         self._fingerprints: dict[tuple[int, int], str] = {}
-        self._layer_digests: dict[int, bytes] = {}
+
+    def refresh_backend(self) -> None:
+        """Choose the execution backend for the modules as they are now. Called by whatever changes the
+        modules (bricks, sparse FFNs) right after the change."""
+        self.backend = choose_backend(self.transformer, self.threads, self._fused)
+        if isinstance(self.backend, FusedBackend):
+            self._fused = self.backend
 
     # ------------------------------------------------------------ prompts and logits
 
@@ -65,36 +89,92 @@ class Model:
             raise CfmError("logits() needs at least one token id")
         if len(ids) > self.config.context_length:
             raise CfmError(f"{len(ids)} ids exceed the model's context of {self.config.context_length}")
-        runner = LocalRunner(self.transformer, max_len=len(ids))
-        return runner.forward(ids, all_logits=True).numpy()
+        return LocalRunner(self, max_len=len(ids)).forward(ids, all_logits=True).numpy()
 
     # ------------------------------------------------------------ generation
 
-    def new_runner(self) -> Runner:
-        return LocalRunner(self.transformer)
+    def new_generator(self, run: RunOptions | None = None) -> Generator:
+        """A generator for a run (local, or split with a center; bricks fixed, routed or per request) that keeps
+        its KV cache between calls (multi-turn chat). Close it when done (it may hold a center session)."""
+        run = run or RunOptions()
+        run.check()
+        log = run.log or (lambda message: None)
+        fixed = run.bricks if isinstance(run.bricks, tuple) else ()
+        bricks = BrickSet(self, BrickStore(run.brick_store), fixed, run.bricks == "auto", run.brick_threshold, log)
+        runner = LocalRunner(self) if run.center is None else self._split_runner(run.center, bricks.layers(), log)
+        span = getattr(runner, "span", None)
+        if span is not None:
+            bricks.center_layers = frozenset(range(*span))
+        return Generator(runner, self.tokenizer, self.config.context_length, bricks)
 
-    def new_generator(self, runner: Runner | None = None) -> Generator:
-        """A generator that keeps its KV cache between calls (multi-turn chat)."""
-        sparse = getattr(self.transformer, "sparse", None)  # cfm_runtime.sparse: telemetry in stats.extra
-        if sparse is not None:
-            return sparse.generator(runner or self.new_runner(), self.tokenizer, self.config.context_length)
-        return Generator(runner or self.new_runner(), self.tokenizer, self.config.context_length)
+    def _split_runner(self, center: CenterOptions, brick_layers: set[int], log) -> Runner:
+        """The split runner for `center`, with the planner's split for "auto", and the center's layers kept
+        clear of the layers bricks touch (bricks never leave this device)."""
+        from .split.client import CenterClient, CenterFailure  # grpc: imported only by split runs
+        from .split.planner import plan
+        from .split.runner import SplitRunner
 
-    def stream(self, prompt, generator: Generator | None = None, **sampling) -> Iterator[GenerationChunk]:
-        """Yields GenerationChunk(text, token, stats); the last chunk has empty text and final stats."""
+        split = center.split
+        if split == "auto":
+            client = CenterClient(center.address, center.token, center.tls_ca, center.tls, center.timeout)
+            try:
+                p = plan(self, client, center.wire)
+            except CenterFailure as e:
+                log(f"[split: center {center.address} unreachable ({e}); running locally, will reconnect]")
+                split = None
+            else:
+                log(f"[{p.describe()}]")
+                if p.split is None:
+                    return LocalRunner(self)
+                split = p.split
+            finally:
+                client.close()
+        runner = SplitRunner(self, center, None if split == "center" else split)
+        a, b = runner.span
+        clash = sorted(i for i in brick_layers if a <= i < b)
+        if not clash:
+            return runner
+        runner.close()
+        if isinstance(center.split, tuple):
+            raise CfmError(refusal(f"split {a}:{b}", "these bricks",
+                                   f"it puts layers {clash} on the center, but personal bricks touch them and bricks "
+                                   f"never leave this device; choose a split whose center layers avoid "
+                                   f"{sorted(brick_layers)}, or drop the bricks"))
+        runs, s = [], a
+        for i in range(a, b + 1):
+            if i == b or i in brick_layers:
+                if i > s:
+                    runs.append((s, i))
+                s = i + 1
+        if not runs:
+            log(f"[bricks: every center layer {a}:{b} holds a brick; running locally]")
+            return LocalRunner(self)
+        new = max(runs, key=lambda r: r[1] - r[0])
+        log(f"[bricks: center span {a}:{b} -> {new[0]}:{new[1]} so layers with bricks stay on this device]")
+        return SplitRunner(self, center, new)
+
+    def stream(self, prompt, generator: Generator | None = None, bricks: list[tuple[str, float]] | None = None,
+               **sampling) -> Iterator[GenerationChunk]:
+        """Yields GenerationChunk(text, token, stats); the last chunk has empty text and final stats.
+        `bricks`: (name, weight) bricks from the store for this answer (on top of the generator's own)."""
         params = SamplingParams(**sampling)
         ids = self.encode_prompt(prompt)
-        return (generator or self.new_generator()).stream(ids, params)
+        return (generator or self.new_generator()).stream(ids, params, bricks)
 
     def generate(self, prompt, **sampling) -> Iterator[str]:
         """Yields text pieces. Options: max_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop."""
         return (c.text for c in self.stream(prompt, **sampling) if c.text)
 
+    def close(self) -> None:
+        """Stop the sparse FFN's background reads and close the neuron pack (if any)."""
+        if self.sparse is not None:
+            self.sparse.close()
+
     # ------------------------------------------------------------ identity
 
     def fingerprint(self, start: int = 0, end: int | None = None) -> str:
-        """Hash of the config and the weights of layers [start, end): equal spans of equal models match,
-        whatever format the weights are held in here (digests are taken from the file's weights)."""
+        """Hash of the config and the weights of layers [start, end) as the file stores them: equal spans of
+        equal files match, whatever format the weights are held in here (fp32, int4, a neuron pack)."""
         end = self.config.n_layers if end is None else end
         key = (start, end)
         if key not in self._fingerprints:
@@ -103,19 +183,9 @@ class Model:
             h.update(repr((c.d_model, c.d_ff, c.n_heads, c.n_kv_heads, c.head_dim, c.rope_base, c.rope_style,
                            c.activation, c.rms_eps, start, end)).encode())
             for i in range(start, end):
-                h.update(self.layer_digest(i))
+                h.update(self._checkpoint.layer_digest(i))
             self._fingerprints[key] = h.hexdigest()
         return self._fingerprints[key]
-
-    def layer_digest(self, i: int) -> bytes:
-        """Digest of layer i's weights as loaded (taken before any re-packing into another format)."""
-        if i not in self._layer_digests:
-            h = hashlib.blake2b(digest_size=16)
-            for name, t in sorted(self.transformer.layers[i].state_dict().items()):
-                h.update(name.encode())
-                h.update(t.contiguous().numpy().tobytes())
-            self._layer_digests[i] = h.digest()
-        return self._layer_digests[i]
 
     def info(self) -> dict:
         c = self.config
@@ -132,7 +202,12 @@ class Model:
             "kv_cache_mb_full_context": round(c.kv_bytes_per_token * c.context_length / 2**20, 1),
             "chat_template": bool(self.tokenizer.chat_template),
             "quantization": self.metadata.get("general.file_type") if self.format == "gguf" else None,
+            "weights": self.options.weights,
+            "backend": self.backend.name,
         }
+
+
+# ---------------------------------------------------------------- loading
 
 
 def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
@@ -141,35 +216,37 @@ def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
     return HFTokenizer(checkpoint.path)
 
 
-def load_model(path=None, *, threads: int | None = None, progress: bool | None = None, weights: str = "fp32",
-               lm_head: str | None = None, ram_budget_mb: float | None = None, sparse: bool = False,
-               density: float | None = None, sparse_strategy: str | None = None, pack=None,
-               predictor: str | None = None, density_plan: str | None = None, **overrides) -> Model:
+_SPARSE_KEYWORDS = {"ram_budget_mb": "ram_budget_mb", "sparse": "sparse", "density": "density",
+                    "sparse_strategy": "strategy", "pack": "pack", "predictor": "predictor",
+                    "density_plan": "density_plan"}
+_LOAD_KEYWORDS = ("threads", "weights", "lm_head", "progress")
+
+
+def options_from_keywords(**kwargs) -> LoadOptions:
+    """LoadOptions from `load_model`'s keyword form: threads, weights, lm_head, progress, the sparse options
+    (ram_budget_mb, sparse, density, sparse_strategy, pack, predictor, density_plan) and config overrides."""
+    sparse = {_SPARSE_KEYWORDS[k]: kwargs.pop(k) for k in list(kwargs) if k in _SPARSE_KEYWORDS}
+    load = {k: kwargs.pop(k) for k in list(kwargs) if k in _LOAD_KEYWORDS}
+    return LoadOptions(sparse=SparseOptions(**sparse), overrides=kwargs, **load)
+
+
+def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Model:
     """Load a GGUF file or a Hugging Face folder (default: the embedded SmolLM2-135M-Instruct).
 
-    `weights` "fp32" | "int8" | "int4" picks the format of the block linears (`cfm_runtime.quant`;
-    int4 re-packs a Q4_1 GGUF exactly); `lm_head` "fp32" | "int8" (default: int8 with quantized weights).
-    `overrides` replace config fields read from the file, e.g. activation="relu" for a ReLU model
-    whose GGUF does not say so.
-    `ram_budget_mb`, `sparse`, `density`, `sparse_strategy`, `pack`, `predictor`, `density_plan`: FFN offload
-    to a neuron pack and predictor-driven sparsity (`cfm_runtime.sparse`).
+    Options (`LoadOptions`, or the same as keywords): `weights` "fp32" | "int8" | "int4" (default int4; int4
+    re-packs a Q4_1 GGUF exactly), `lm_head`, `threads`, `sparse` (`SparseOptions`: FFN offload to a neuron
+    pack and predictor-driven sparsity, see `cfm_runtime.sparse`), `overrides` (config fields replacing the
+    file's, e.g. activation="relu" for a ReLU model whose GGUF does not say so).
     """
-    if ram_budget_mb is not None or sparse or sparse_strategy:
-        if weights != "fp32":
-            raise CfmError("FFN offload and sparsity (--ram-budget, --sparse) run on fp32 weights; drop the weight format")
-        from .sparse import load_sparse
-
-        return load_sparse(path, threads=threads, progress=progress, ram_budget_mb=ram_budget_mb, sparse=sparse,
-                           density=density, sparse_strategy=sparse_strategy, pack=pack, predictor=predictor,
-                           density_plan=density_plan, **overrides)
-    if predictor is not None or density_plan is not None:
-        raise CfmError("--predictor and --density-plan go with --sparse (or --ram-budget); add it or drop them")
-    from .quant import check_formats
-
-    lm_head = lm_head or ("fp32" if weights == "fp32" else "int8")
-    check_formats(weights, lm_head)
-    n_threads = set_threads(threads)
-    ckpt = load_checkpoint(path, progress=progress, **overrides)
+    if options is not None and keywords:
+        raise CfmError(f"give load options either as LoadOptions or as keywords, not both ({', '.join(keywords)})")
+    opts = (options or options_from_keywords(**keywords)).resolved()
+    threads = set_threads(opts.threads)
+    path = resolve_model_path(path)
+    lean = opts.sparse.ram_budget_mb is not None and path.is_file() and not opts.overrides
+    pack = ensure_pack(path, opts.sparse.pack, threads=threads, progress=opts.progress is not False) \
+        if opts.sparse.active else None
+    ckpt = load_checkpoint(path, progress=opts.progress, skip_ffn=lean, **opts.overrides)
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > ckpt.config.vocab_size:
         raise CfmError(
@@ -178,27 +255,34 @@ def load_model(path=None, *, threads: int | None = None, progress: bool | None =
         )
     transformer = Transformer.from_weights(ckpt.config, ckpt.weights)
     ckpt.weights = {}
-    model = Model(transformer, tokenizer, ckpt)
-    if weights != "fp32":
-        from .kernels.fused import FusedRunner
-        from .quant import quantize_model
-
-        for i in range(ckpt.config.n_layers):  # fingerprints name the file's weights, not our packing
-            model.layer_digest(i)
-        quantize_model(transformer, weights, lm_head, threads=n_threads)
-        transformer.fused = FusedRunner(transformer, n_threads)  # LocalRunner's fast path
+    model = Model(transformer, tokenizer, ckpt, opts, threads)
+    if opts.weights != "fp32":
+        quantize_model(transformer, opts.weights, opts.lm_head, threads=threads)
+    if pack is not None:
+        opened = sparse_ffn.open_pack(pack, source_digest=sparse_ffn.source_digest(path) if lean else None,
+                                      fingerprint=None if lean else model.fingerprint())
+        release_freed_memory()
+        model.sparse = sparse_ffn.attach(transformer, opened, opts.sparse)
+    model.refresh_backend()
     release_freed_memory()
     return model
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by dequantization temporaries back to the OS (glibc keeps it otherwise:
-    ~450 MB of RSS on the embedded model)."""
-    import ctypes
-    import gc
+def ensure_pack(path, pack=None, *, threads: int | None = None, progress: bool = True, log=None, **build) -> Path:
+    """The neuron pack folder for the model at `path`: `pack` if given, else the per-model cache entry, which
+    is built (profiling the dense model on calibration text, once per model) if missing or stale."""
+    path = resolve_model_path(path)
+    digest = sparse_ffn.source_digest(path)
+    root = Path(pack) if pack else sparse_ffn.pack_dir(path, digest)
+    if pack is None and not sparse_ffn.is_current(root):
+        why = "stale or incomplete, rebuilding" if root.exists() else "once per model"
+        message = f"building the neuron pack for {path.name} in {root} ({why})"
+        (log or (lambda m: print(m, file=sys.stderr)))(message)
+        model = load_model(path, LoadOptions(threads=threads, weights="fp32"))
+        sparse_ffn.build_pack(model, root, source_digest=digest, progress=progress, **build)
+        del model
+        release_freed_memory()
+    return root
 
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+
+__all__ = ["Model", "ensure_pack", "load_model", "load_tokenizer", "options_from_keywords", "set_threads"]

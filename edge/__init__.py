@@ -1,1 +1,1 @@
-"""Edge runtime: composes local spans, the center client, fallback and the CLI."""
+"""The device's own service: the OpenAI-compatible HTTP API over a local or split model (`server`)."""

@@ -75,16 +75,25 @@ def _message_text(content) -> str:
                    param="messages")
 
 
-class Engine:
-    """The model, its generator and the bricks a model id selects; used by one request at a time."""
+def model_id(model) -> str:
+    """A short id for the base model: GGUF basename + size label, else the file or folder name."""
+    meta = model.metadata if model.format == "gguf" else {}
+    parts = [str(meta[k]) for k in ("general.basename", "general.size_label") if meta.get(k)]
+    name = "-".join(parts) if parts else model.path.stem
+    return name.lower().replace(" ", "-")
 
-    def __init__(self, model, generator, model_id: str, bricks: dict[str, Callable[[], Any]] | None = None):
+
+class Engine:
+    """The model, its generator and the bricks a model id selects; used by one request at a time.
+
+    Model ids: the base model's, and `base+NAME` for each brick in `bricks` (the brick is put on for
+    that request by the generator, and taken off for the next request that does not ask for it)."""
+
+    def __init__(self, model, generator, model_id: str, bricks: list[str] | None = None):
         self.model, self.generator, self.model_id = model, generator, model_id
-        # model id -> context manager factory applying that brick for one request
-        self.bricks = bricks or {}
+        self.bricks = {f"{model_id}+{name}": name for name in bricks or []}
         self.busy = threading.Lock()
         self.last_stats = None  # stats of the latest generation (telemetry, tests)
-        self.last_model = model_id
 
     def model_ids(self) -> list[str]:
         return [self.model_id, *self.bricks]
@@ -98,13 +107,11 @@ class Engine:
         """Sync iterator of GenerationChunks; stops early when `cancel` is set or when closed."""
         self.last_stats = None
         brick = self.bricks.get(model_name)
-        with self.busy, (brick() if brick else _nullcontext()):
-            if model_name != self.last_model:  # a KV cache computed under other bricks is not reusable
-                self.generator.tokens = []
-                self.last_model = model_name
+        with self.busy:
             done = False
             try:
-                for chunk in self.model.stream(prompt, generator=self.generator, **sampling):
+                for chunk in self.model.stream(prompt, generator=self.generator,
+                                               bricks=[(brick, 1.0)] if brick else None, **sampling):
                     self.last_stats = chunk.stats
                     yield chunk
                     if cancel.is_set():
@@ -114,14 +121,6 @@ class Engine:
             finally:  # closed early (client gone) or cancelled
                 if not done and self.last_stats is not None:
                     self.last_stats.finish_reason = "cancelled"
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _ClosingStream(StreamingResponse):

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 
 import cfm_runtime
+from cfm_bench.split import EVAL_TEXTS
 from cfm_runtime.loading import default_model_path
 
-DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="session")
@@ -16,13 +16,15 @@ def model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def model(model_path):
-    return cfm_runtime.load_model(model_path)
+    """The fp32 reference model (shared by the session: tests put bricks on it and take them off, never
+    leave it changed)."""
+    return cfm_runtime.load_model(model_path, weights="fp32")
 
 
 @pytest.fixture(scope="session")
 def eval_ids(model) -> dict[str, list[int]]:
     """Varied evaluation texts (prose, code, math, science, a chat) as token ids."""
-    d = json.loads((DATA / "eval_texts.json").read_text())
+    d = json.loads(EVAL_TEXTS.read_text())
     ids = {k: model.tokenizer.encode(t) for k, t in d["texts"].items()}
     ids["chat"] = model.encode_prompt(d["chat"])
     return ids

@@ -143,7 +143,7 @@ def test_prefetch_report_is_sane(analysis):
 
 
 def test_cli_rejects_bad_options(tmp_path, capsys):
-    from edge.cli import main
+    from cfm_cli.main import main
 
     assert main(["analyze", "sparsity", "--top", "2", "--out", str(tmp_path)]) == 2
     assert "--top" in capsys.readouterr().err

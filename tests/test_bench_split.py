@@ -13,7 +13,7 @@ import torch
 from cfm_runtime import CfmError
 from edge.bench_center import REQUEST, TokenClient, TokenService
 from edge.bench_split import roundtrip, settings_from_args
-from edge.cli import build_parser
+from cfm_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_split")
-    proc = subprocess.run([sys.executable, "-m", "edge.cli", "bench", "split", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "cfm_cli", "bench", "split", "--quick", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads((out / "split.json").read_text()), out

@@ -12,7 +12,7 @@ from cfm_runtime.bricks.lora import LoraPair
 from cfm_runtime.bricks.merge import merge_bricks
 from cfm_runtime.bricks.routing import route, signature
 from cfm_runtime.bricks.train import TrainConfig, load_examples, mean_loss, train_lora
-from edge import cli
+from cfm_cli import main as cli
 
 PERSONAL = json.loads((Path(__file__).parent / "data" / "personal_facts.json").read_text())
 FACTS, HELD_OUT = PERSONAL["facts"], PERSONAL["held_out"]

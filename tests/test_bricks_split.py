@@ -1,7 +1,6 @@
 """Bricks in split mode against a real center on 127.0.0.1: every byte sent to the center is recorded
 by a TCP proxy and holds no text, token id, brick weight or gradient; training runs the center forward only."""
 
-import argparse
 import json
 import socket
 import struct
@@ -11,11 +10,12 @@ import pytest
 import torch
 
 from center.server import CenterServer
+from cfm_cli import main as cli
+from cfm_runtime import CenterOptions
 from cfm_runtime.bricks import Brick, BrickStore, base_info
 from cfm_runtime.bricks.lora import LoraPair
 from cfm_runtime.bricks.train import load_examples, local_frozen
-from edge import cli
-from edge.bricks_cli import center_frozen
+from cfm_runtime.split.frozen import center_frozen
 
 SECRET = "My dog Biscuit lives with me in Quillbury and my PIN is 4711."
 
@@ -122,7 +122,7 @@ def test_split_generation_with_a_brick_sends_only_hidden_states(model, center, h
     assert code == 2 and "bricks never leave this device" in capsys.readouterr().err
     proxy.take()
     code = cli.main(["generate", "--center", proxy.address, "--split", "center", "--chat", "--prompt", SECRET,
-                     "--bricks", "mine", "--temperature", "0", "--max-tokens", "6", "--json"])
+                     "--bricks", "mine", "--temperature", "0", "--max-tokens", "6", "--json", "--weights", "fp32"])
     out = capsys.readouterr()
     assert code == 0, out.err
     result = json.loads(out.out)
@@ -155,7 +155,7 @@ def test_split_training_runs_the_center_forward_only(model, center, home, tmp_pa
     positions = sum(len(e.ids) for e in examples)
     assert len(wire) < 1.1 * positions * model.config.d_model * 4 + 20_000  # one forward per example, no gradients
     # the trainer's frozen part through the center gives the hidden states the local layers give
-    frozen, close = center_frozen(argparse.Namespace(center=proxy.address, split="2:24"), model, 26)
+    frozen, close = center_frozen(model, CenterOptions(proxy.address, (2, 24)), 26)
     try:
         for e in examples:
             torch.testing.assert_close(frozen(e.ids), local_frozen(model.transformer, 26)(e.ids), rtol=1e-4, atol=1e-3)

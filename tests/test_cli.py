@@ -8,7 +8,7 @@ import pytest
 
 
 def cfm(*args, input=None, timeout=180):
-    return subprocess.run([sys.executable, "-m", "edge.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cfm_cli", *args], capture_output=True, text=True,
                           input=input, timeout=timeout)
 
 

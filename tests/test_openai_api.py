@@ -139,7 +139,7 @@ def test_public_host_needs_api_key():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "serve", "--host", "0.0.0.0"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "cfm_cli", "serve", "--host", "0.0.0.0"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and "--api-key" in r.stderr
 

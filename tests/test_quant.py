@@ -1,37 +1,46 @@
-"""Quantized weights (cfm_runtime.quant): kernels against dequantized references, quality against fp32
-and llama.cpp, the fused decode path against the module path, and LoRA-style wrapping."""
+"""Quantized weights (cfm_runtime.kernels): kernels against dequantized references, quality against fp32
+and llama.cpp, the fused backend against the module backend, and real LoRA bricks on quantized linears."""
 
 import copy
 
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from cfm_runtime.reference import llama_cpp_logits
 from cfm_runtime import LocalRunner, load_model
-from cfm_runtime.generate import Generator
-from cfm_runtime.sampling import SamplingParams
+from cfm_runtime.backends import FusedBackend, decoder_weights, quantize_model, weight_bytes_per_token
+from cfm_runtime.bricks import LoRALinear, LoraPair
 from cfm_runtime.errors import CfmError
+from cfm_runtime.generate import Generator
+from cfm_runtime.kernels import native
 from cfm_runtime.kernels.packing import pack, unpack
-from cfm_runtime.quant import QuantizedHead, QuantizedLinear, install, weight_bytes_per_token
+from cfm_runtime.kernels.quant import QuantizedHead, QuantizedLinear
+from cfm_runtime.reference import llama_cpp_logits
+from cfm_runtime.sampling import SamplingParams
+
+
+def quantized(model, accuracy=None):
+    """The session model (fp32) with a quantized copy of its transformer: int4 blocks, 8-bit head."""
+    m = copy.copy(model)
+    m.transformer = quantize_model(copy.deepcopy(model.transformer), "int4", "int8", torch.get_num_threads(), accuracy)
+    m.refresh_backend()
+    return m
 
 
 @pytest.fixture(scope="module")
 def int4(model):
-    """The session model's transformer, copied and quantized to int4 with an int8 head."""
-    return install(copy.deepcopy(model.transformer), "int4", "int8", threads=torch.get_num_threads())
+    return quantized(model)
 
 
 @pytest.fixture(scope="module")
 def int4_exact(model):
     """int4 with fp32 activations in the kernels: the fp32 model's logits to ~1e-4, so paths compare tightly."""
-    return install(copy.deepcopy(model.transformer), "int4", "int8", threads=torch.get_num_threads(), accuracy=0)
+    return quantized(model, accuracy=0)
 
 
 @pytest.fixture(scope="module")
 def int4_logits(int4, eval_ids):
-    return {k: LocalRunner(int4, max_len=len(v)).forward(v, all_logits=True).numpy() for k, v in eval_ids.items()}
+    return {k: int4.logits(v) for k, v in eval_ids.items()}
 
 
 def perplexity(logits: dict, ids: dict) -> float:
@@ -95,27 +104,38 @@ def test_int4_quality_against_fp32_and_llama_cpp(model, eval_ids, int4_logits):
     assert agree / total >= 0.95, f"{agree}/{total}"
 
 
+def zero_lora(base, rank: int = 4) -> LoRALinear:
+    """The real brick wrapper around `base` with one adapter whose update is zero (B = 0)."""
+    wrapped = LoRALinear.from_base(base)
+    wrapped.add("zero", LoraPair(torch.randn(rank, base.in_features), torch.zeros(base.out_features, rank), 1.0))
+    return wrapped
+
+
 def test_fused_decode_matches_prefill_and_module_path(model, int4_exact, eval_ids):
-    """Chunked prefill and token-by-token decode on the fused graph, then on the module path (a wrapped
-    projection disables the graph) continuing the same KV cache, reproduce the fp32 model's logits."""
-    t, ids = int4_exact, eval_ids["math"][:48]
+    """Chunked prefill and token-by-token decode on the fused backend, then on the module backend (a wrapped
+    projection makes the model re-choose it) continuing the same KV cache, reproduce the fp32 model's logits."""
+    m, ids = int4_exact, eval_ids["math"][:48]
+    t = m.transformer
     full = model.logits(ids)
-    runner = LocalRunner(t, chunk=16)
-    assert t.fused.usable()
+    runner = LocalRunner(m, chunk=16)
+    fused = m.backend
+    assert fused.name == "fused"
     prefix = runner.forward(ids[:30], all_logits=True).numpy()
     fused_steps = [runner.forward([i])[-1].numpy() for i in ids[30:40]]
     kv_fused = runner.cache[7].k[:, :40].clone()
     proj = t.layers[5].mlp.up_proj
-    t.layers[5].mlp.up_proj = Wrapped(proj)
+    t.layers[5].mlp.up_proj = zero_lora(proj)
+    m.refresh_backend()
     try:
-        assert not t.fused.usable()
+        assert m.backend.name == "modules"
         module_steps = [runner.forward([i])[-1].numpy() for i in ids[40:48]]
-        check = LocalRunner(t)
+        check = LocalRunner(m)
         check.forward(ids[:40])
         kv_module = check.cache[7].k[:, :40]
     finally:
         t.layers[5].mlp.up_proj = proj
-    assert t.fused.usable()
+        m.refresh_backend()
+    assert m.backend is fused  # the stock modules again: the built graph is reused
     np.testing.assert_allclose(prefix, full[:30], atol=2e-3)
     np.testing.assert_allclose(np.stack(fused_steps + module_steps), full[30:], atol=2e-3)
     torch.testing.assert_close(kv_fused, kv_module, atol=1e-4, rtol=1e-4)
@@ -124,20 +144,18 @@ def test_fused_decode_matches_prefill_and_module_path(model, int4_exact, eval_id
 def test_native_decode_step_matches_fp32_and_the_graph(model, int4, eval_ids):
     """Single-token steps through the compiled kernel (kernels/native.py) after a prefill on the graph:
     the fp32 model's next tokens and perplexity, the graph's keys and values, and a graph step after it."""
-    from cfm_runtime.kernels import native
-
-    t, ids = int4, eval_ids["prose"][:96]
-    assert t.fused.native() is not None, native.failure()
+    ids = eval_ids["prose"][:96]
+    assert int4.backend.native() is not None, native.failure()
+    graph_only = copy.copy(int4)  # the same weights on a fused backend that never uses the native step
+    graph_only.backend = FusedBackend(int4.transformer, decoder_weights(int4.transformer), torch.get_num_threads(),
+                                      use_native=False)
     full = model.logits(ids)
-    runner, graph = LocalRunner(t), LocalRunner(t)
+    runner, graph = LocalRunner(int4), LocalRunner(graph_only)
     runner.forward(ids[:32])
     graph.forward(ids[:32])
     steps = np.stack([runner.forward([i])[-1].numpy() for i in ids[32:]])
-    t.fused._native, native_decoder = None, t.fused._native  # the same steps on the graph
-    try:
-        graph_steps = np.stack([graph.forward([i])[-1].numpy() for i in ids[32:]])
-    finally:
-        t.fused._native = native_decoder
+    graph_steps = np.stack([graph.forward([i])[-1].numpy() for i in ids[32:]])
+    assert "native" in int4.backend.report()["decode_path"] and "graph" in graph_only.backend.report()["decode_path"]
     ref, nxt = full[32:], torch.tensor(ids[33:])
     assert np.mean(steps.argmax(-1) == ref.argmax(-1)) >= 0.9
     nll = [float(-torch.log_softmax(torch.from_numpy(x[:-1]), -1).gather(1, nxt[:, None]).mean()) for x in (steps, ref)]
@@ -146,31 +164,19 @@ def test_native_decode_step_matches_fp32_and_the_graph(model, int4, eval_ids):
     k, k_graph = runner.cache[7].k[:, :len(ids)], graph.cache[7].k[:, :len(ids)]
     assert (k - k_graph).abs().max() < 0.05 * k_graph.abs().max()
     after = runner.forward(ids[:2])  # a two-token step goes through the graph on top of the native cache
-    assert after.shape == (1, t.config.vocab_size) and torch.isfinite(after).all()
-
-
-class Wrapped(nn.Module):
-    """A LoRA-style brick: base(x) + B(A(x)), B starting at zero."""
-
-    def __init__(self, base, rank: int = 4):
-        super().__init__()
-        self.base = base
-        self.lora_a = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_b = nn.Linear(rank, base.out_features, bias=False)
-        nn.init.zeros_(self.lora_b.weight)
-
-    def forward(self, x):
-        return self.base(x) + self.lora_b(self.lora_a(x))
+    assert after.shape == (1, int4.config.vocab_size) and torch.isfinite(after).all()
 
 
 def test_lora_wrapping_a_quantized_linear_trains(int4):
-    base = int4.layers[2].self_attn.q_proj
-    brick = Wrapped(base)
+    base = int4.transformer.layers[2].self_attn.q_proj
+    brick = zero_lora(base)
     x = torch.randn(1, 3, base.in_features, requires_grad=True)
     torch.testing.assert_close(brick(x), base(x))
-    nn.init.normal_(brick.lora_b.weight, std=0.1)
+    pair = brick.adapters["zero"]
+    pair.a.requires_grad_(True)
+    pair.b.normal_(std=0.1).requires_grad_(True)
     brick(x).pow(2).sum().backward()
-    assert brick.lora_a.weight.grad is not None and brick.lora_a.weight.grad.abs().sum() > 0
+    assert pair.a.grad is not None and pair.a.grad.abs().sum() > 0
     # the gradient through the quantized base is the dequantized weight's
     y = base(x)
     g = torch.autograd.grad(y.sum(), x)[0]
@@ -179,6 +185,7 @@ def test_lora_wrapping_a_quantized_linear_trains(int4):
 
 def test_spans_compose_with_quantized_modules(int4, eval_ids):
     ids = torch.tensor([eval_ids["prose"][:24]])
+    int4 = int4.transformer
     n = int4.config.n_layers
     with torch.inference_mode():
         whole = int4.head(int4.forward_span(int4.embed(ids), 0, n, [int4.new_cache()]))
@@ -189,28 +196,30 @@ def test_spans_compose_with_quantized_modules(int4, eval_ids):
 
 
 def test_bytes_per_token_and_bad_options(model, int4):
-    fp32, q = weight_bytes_per_token(model.transformer), weight_bytes_per_token(int4)
+    fp32, q = weight_bytes_per_token(model.transformer), weight_bytes_per_token(int4.transformer)
     assert fp32 > 500e6 and q < 0.25 * fp32
-    with pytest.raises(CfmError, match="weights must be one of"):
+    with pytest.raises(CfmError, match=r"weights \(--weights\) must be one of"):
         load_model(weights="int3")
     with pytest.raises(CfmError, match="lm_head"):
         load_model(weights="int4", lm_head="int2")
 
 
 def test_generation_on_the_fused_graph_runs_torch_single_threaded(model, int4):
-    """While the fused onnxruntime graph decodes, torch (sampling, embedding lookups) runs on one thread, so its
-    OpenMP workers do not spin on the cores onnxruntime's workers need; the count is restored afterwards, and
-    the module path (a wrapped projection) leaves it alone."""
+    """While the fused backend decodes, torch (sampling, embedding lookups) runs on one thread, so its OpenMP
+    workers do not spin on the cores the kernels' workers need; the count is restored afterwards, and the
+    module backend (a wrapped projection) leaves it alone."""
     runner = LocalRunner(int4)
     gen = Generator(runner, model.tokenizer, model.config.context_length)
     before = torch.get_num_threads()
     seen = [torch.get_num_threads() for _ in gen.stream(model.encode_prompt([{"role": "user", "content": "Hi"}]),
                                                         SamplingParams(max_tokens=4, temperature=0))]
     assert runner.torch_threads() == 1 and set(seen) == {1} and torch.get_num_threads() == before
-    layer = int4.layers[0].self_attn
+    layer = int4.transformer.layers[0].self_attn
     original = layer.q_proj
-    layer.q_proj = Wrapped(original)
+    layer.q_proj = zero_lora(original)
+    int4.refresh_backend()
     try:
-        assert runner.torch_threads() is None  # the graph no longer matches the modules: module path
+        assert runner.torch_threads() is None  # the modules changed: the module backend
     finally:
         layer.q_proj = original
+        int4.refresh_backend()

@@ -179,7 +179,7 @@ def test_app_args_and_the_serve_config_file():
 
 
 def test_cli_errors_before_ray_starts(capsys):
-    from edge.cli import main
+    from cfm_cli.main import main
 
     assert main(["center", "deploy", "--autoscale", "5:2"]) == 2
     assert "MIN <= MAX" in capsys.readouterr().err

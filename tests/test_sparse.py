@@ -214,7 +214,7 @@ def test_generate_under_memory_cgroup(model_path, pack_root, fp16_reference):
     group.mkdir()
     try:
         (group / "memory.limit_in_bytes").write_text(str(cap_mb << 20))
-        cmd = [sys.executable, "-m", "edge.cli", "generate", "--ram-budget", "48", "--pack", str(pack_root),
+        cmd = [sys.executable, "-m", "cfm_cli", "generate", "--ram-budget", "48", "--pack", str(pack_root),
                "--chat", "--prompt", PROMPT[0]["content"], "--temperature", "0", "--max-tokens", "16", "--json"]
         proc = subprocess.Popen(["/bin/sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *cmd],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

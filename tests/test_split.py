@@ -4,17 +4,19 @@ import json
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from center.server import CenterLimits, CenterServer
+from cfm_cli import main as cli
+from cfm_runtime import CenterOptions, RunOptions
 from cfm_runtime.errors import CfmError
-from edge import cli
-from edge.planner import Measurements, choose, plan
-from edge.center_client import CenterClient
-from edge.split import SplitOptions, SplitRunner, split_generator
+from cfm_runtime.split.client import CenterClient
+from cfm_runtime.split.planner import Measurements, choose, plan
+from cfm_runtime.split.runner import SplitRunner
 
 GREEDY = dict(temperature=0, max_tokens=24)
 
@@ -34,6 +36,15 @@ def chat(eval_ids):
 @pytest.fixture(scope="module")
 def local_answer(model, chat):
     return [c.token for c in model.new_generator().stream(chat, _params(**GREEDY))]
+
+
+def split_generator(model, address, split=None, **options):
+    """A split generator through the library's composition point (split None: the center's whole span)."""
+    return model.new_generator(RunOptions(center=CenterOptions(address, split or "center", **options)))
+
+
+def split_runner(model, address, split, **options):
+    return SplitRunner(model, CenterOptions(address, split, **options), split)
 
 
 def _params(**kw):
@@ -79,20 +90,20 @@ def test_fp16_wire_top1_agreement_and_chunked_prefill(model, eval_ids):
     ref = model.logits(ids)
     small = CenterServer(model, span=(2, 28), limits=CenterLimits(max_step_positions=128)).start()
     try:
-        runner = SplitRunner(model, small.address, (2, 28), SplitOptions(wire="fp16"))
+        runner = split_runner(model, small.address, (2, 28), wire="fp16")
         got = runner.forward(ids, all_logits=True).numpy()
         agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
         assert agree >= 0.99, agree
         assert runner.log.round_trips == 3  # 300 positions in steps of at most 128
-        exact = SplitRunner(model, small.address, (2, 28), SplitOptions(wire="fp32")).forward(ids, all_logits=True)
+        exact = split_runner(model, small.address, (2, 28), wire="fp32").forward(ids, all_logits=True)
         np.testing.assert_allclose(exact.numpy(), ref, atol=1e-3)
-        assert runner.report()["wire"] == "fp16"
+        assert runner.split_report()["wire"] == "fp16"
     finally:
         small.stop()
 
 
 def start_center_process(port: int = 0) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "center", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", "center", "serve", "--port", str(port),
                              "--layers", "2:28", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
@@ -158,7 +169,7 @@ def test_fingerprint_mismatch_is_refused_before_sending(model, model_path, tmp_p
     s = CenterServer(other, span=(2, 28)).start()
     try:
         with pytest.raises(CfmError, match="different weights"):
-            SplitRunner(model, s.address, (2, 28))
+            split_runner(model, s.address, (2, 28))
         assert s.servicer.table.sessions == {} and s.servicer.engine.batches == 0
     finally:
         s.stop()
@@ -166,7 +177,7 @@ def test_fingerprint_mismatch_is_refused_before_sending(model, model_path, tmp_p
 
 def test_split_outside_the_center_span_is_refused(model, center):
     with pytest.raises(CfmError, match="not inside the center's span 2:28"):
-        SplitRunner(model, center.address, (1, 20))
+        split_runner(model, center.address, (1, 20))
 
 
 def test_sixteen_concurrent_sessions(model, center):
@@ -237,9 +248,9 @@ def test_resume_after_a_blip_replays_positions_the_center_holds_stale(model, cen
     def blip(i):
         if i == 1:
             runner._drop_stream()  # the network drops the stream; the center keeps the session
-            runner.opts.reconnect_interval = 3600
+            runner.opts = replace(runner.opts, reconnect_interval=3600)
         if i == 2:
-            runner.opts.reconnect_interval = 0
+            runner.opts = replace(runner.opts, reconnect_interval=0)
 
     assert turns(gen, blip) == turns(model.new_generator())
     assert [w for _, _, w in runner.log.segments] == ["center", "local", "center"]
@@ -255,14 +266,14 @@ def test_tls_and_token(model, tmp_path):
                    check=True, capture_output=True)
     s = CenterServer(model, span=(2, 28), tokens=Tokens(["s3cret"]), tls=(key.read_bytes(), cert.read_bytes())).start()
     try:
-        runner = SplitRunner(model, s.address, (2, 28), SplitOptions(token="s3cret", tls_ca=cert.read_bytes()))
+        runner = split_runner(model, s.address, (2, 28), token="s3cret", tls_ca=cert.read_bytes())
         assert runner.forward(model.encode_prompt("Hello there")).shape[-1] == model.config.vocab_size
-        assert runner.report()["positions_center"] > 0
+        assert runner.split_report()["positions_center"] > 0
         with pytest.raises(CfmError, match="not inside"):  # the TLS handshake and token passed: Info was read
-            SplitRunner(model, s.address, (1, 5), SplitOptions(token="s3cret", tls_ca=cert.read_bytes()))
-        plain = SplitRunner(model, s.address, (2, 28), SplitOptions(token="s3cret", timeout=2))  # no TLS: refused
-        assert plain.report()["positions_center"] == 0 and plain.log.fallbacks
-        no_token = SplitRunner(model, s.address, (2, 28), SplitOptions(tls_ca=cert.read_bytes(), timeout=2))
+            split_runner(model, s.address, (1, 5), token="s3cret", tls_ca=cert.read_bytes())
+        plain = split_runner(model, s.address, (2, 28), token="s3cret", timeout=2)  # no TLS: refused
+        assert plain.split_report()["positions_center"] == 0 and plain.log.fallbacks
+        no_token = split_runner(model, s.address, (2, 28), tls_ca=cert.read_bytes(), timeout=2)
         assert "UNAUTHENTICATED" in no_token.log.fallbacks[0]["reason"]
     finally:
         s.stop()

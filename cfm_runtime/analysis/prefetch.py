@@ -9,8 +9,10 @@ pairs of the answer (decode) tokens that such a set covers, against a static set
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from . import figures
+from .collect import template_prefix_len
 from .prompts import FUNCTIONS
 
 
@@ -27,10 +29,6 @@ def train_classifier(features: np.ndarray, labels: np.ndarray, seed: int = 0):
 def probe_features(model, prompts: list[str], layer: int, n_tokens: int = 16) -> np.ndarray:
     """Mean hidden state after `layer` layers over each prompt's first n_tokens user tokens: [N, D].
     Runs only layers [0, layer): what the edge computes before it knows the answer."""
-    import torch
-
-    from .collect import template_prefix_len
-
     t, prefix = model.transformer, template_prefix_len(model)
     out = np.zeros((len(prompts), model.config.d_model), np.float32)
     for j, p in enumerate(prompts):

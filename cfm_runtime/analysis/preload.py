@@ -25,7 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tqdm import tqdm
+
 from ..errors import CfmError
+from ..generate import Generator
+from ..runners import LocalRunner
+from ..sampling import SamplingParams
+from ..sparse.io import NeuronCache
+from . import figures
+from .collect import run_sequence, template_prefix_len
+from .prefetch import probe_features, train_classifier
 from .prompts import FUNCTIONS
 
 CONDITIONS = ("none", "static", "function", "function_true_label")
@@ -52,11 +61,11 @@ class OracleScorer(nn.Module):
 
 def flash_modules(model) -> list:
     """The SparseFFN modules of a model loaded with a RAM budget and a caching strategy."""
-    engine = getattr(model.transformer, "sparse", None)
+    engine = model.sparse
     mods = engine.modules if engine is not None else []
     if not mods or any(getattr(m.store, "cache", None) is None for m in mods):
         raise CfmError("the prefetch measurement needs a sparse model with a neuron cache: "
-                       "load_sparse(..., ram_budget_mb=B, sparse_strategy='predictor')")
+                       "load_model(..., ram_budget_mb=B, sparse_strategy='predictor')")
     return mods
 
 
@@ -74,8 +83,6 @@ def use_oracle(model) -> None:
 
 def reset_caches(model) -> None:
     """Empty every layer's neuron cache (a fresh session)."""
-    from ..sparse.io import NeuronCache
-
     for m in flash_modules(model):
         c = m.store.cache
         m.store.cache = NeuronCache(c.capacity, len(c.slot_of), tuple(c.rows.shape[1:]))
@@ -83,21 +90,17 @@ def reset_caches(model) -> None:
 
 def drop_page_cache(model) -> None:
     """Evict the neuron pack from the OS page cache, so the next reads come from the disk."""
-    os.posix_fadvise(model.transformer.sparse.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.posix_fadvise(model.sparse.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def selection_counts(model, encoded: list, labels: np.ndarray, progress: bool = False) -> np.ndarray:
     """How often each neuron (pack position) is among the oracle's top-k on answer tokens, per function:
     [n_functions, L, n], from teacher-forced texts (prompt + stored answer) through the sparse runtime."""
-    from tqdm import tqdm
-
-    from .collect import run_sequence
-
     mods = flash_modules(model)
     if not all(isinstance(m.predictor, OracleScorer) for m in mods):
         raise CfmError("selection_counts needs use_oracle(model) first")
     counts = np.zeros((len(FUNCTIONS), len(mods), mods[0].n), np.int64)
-    model.transformer.sparse.configure(measure=True)
+    model.sparse.configure(measure=True)
     try:
         for e, f in zip(tqdm(encoded, desc="neuron selections", disable=not progress, unit="text"), labels):
             for i, m in enumerate(mods):
@@ -106,7 +109,7 @@ def selection_counts(model, encoded: list, labels: np.ndarray, progress: bool = 
     finally:
         for m in mods:
             m.predictor.counts = None
-        model.transformer.sparse.configure(measure=False)
+        model.sparse.configure(measure=False)
     return counts
 
 
@@ -141,29 +144,24 @@ class FunctionPrefetch:
         return sum(engine.preload(m.layer, self.ranked[function][i]) for i, m in enumerate(engine.modules))
 
 
-class PrefetchRunner:
-    """Wraps a LocalRunner: after a prompt's prefill, predicts its function and preloads its neurons.
+class PrefetchRunner(LocalRunner):
+    """A LocalRunner that, after a prompt's prefill, predicts its function and preloads its neurons.
 
     `choose(hidden) -> function index or None` overrides the classifier (for the measurement's
     control conditions); `after_prefill()` runs after the prefill and again after a preload (e.g. to
     drop the page cache for cold reads)."""
 
-    def __init__(self, inner, engine, prefetch: FunctionPrefetch | None, choose=None, after_prefill=None):
-        self.inner, self.engine, self.prefetch = inner, engine, prefetch
+    def __init__(self, model, max_len: int, engine, prefetch: FunctionPrefetch | None, choose=None,
+                 after_prefill=None):
+        super().__init__(model, max_len=max_len)
+        self.engine, self.prefetch = engine, prefetch
         self.choose, self.after_prefill = choose, after_prefill
         self.predicted: int | None = None
         self.preload_bytes, self.preload_seconds = 0, 0.0
 
-    @property
-    def n_past(self) -> int:
-        return self.inner.n_past
-
-    def truncate(self, n: int) -> None:
-        self.inner.truncate(n)
-
     def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
         if len(ids) == 1 or self.prefetch is None:
-            out = self.inner.forward(ids, all_logits)
+            out = super().forward(ids, all_logits)
             if len(ids) > 1 and self.after_prefill:
                 self.after_prefill()
             return out
@@ -172,9 +170,9 @@ class PrefetchRunner:
         def keep(mod, args, out):  # returns None: the layer's output stays as it is
             seen.setdefault("h", out[0])
 
-        handle = self.inner.model.layers[self.prefetch.probe_layer - 1].register_forward_hook(keep)
+        handle = self.model.transformer.layers[self.prefetch.probe_layer - 1].register_forward_hook(keep)
         try:
-            out = self.inner.forward(ids, all_logits)
+            out = super().forward(ids, all_logits)
         finally:
             handle.remove()
         if self.after_prefill:
@@ -192,10 +190,7 @@ class PrefetchRunner:
 
 def run_prompt(model, ids: list[int], prefetch: FunctionPrefetch | None, choose, max_tokens: int, cold: bool) -> dict:
     """One generation (greedy) from an empty neuron cache; telemetry of its decode steps."""
-    from ..generate import LocalRunner
-    from ..sampling import SamplingParams
-
-    engine = model.transformer.sparse
+    engine = model.sparse
     reset_caches(model)
     if cold:
         drop_page_cache(model)
@@ -204,11 +199,10 @@ def run_prompt(model, ids: list[int], prefetch: FunctionPrefetch | None, choose,
         if cold:
             drop_page_cache(model)
 
-    runner = PrefetchRunner(LocalRunner(model.transformer, max_len=len(ids) + max_tokens + 1), engine,
-                            prefetch, choose, after_prefill)
+    runner = PrefetchRunner(model, len(ids) + max_tokens + 1, engine, prefetch, choose, after_prefill)
     since = engine.counters()
     stats = None
-    for chunk in engine.generator(runner, model.tokenizer, model.config.context_length).stream(
+    for chunk in Generator(runner, model.tokenizer, model.config.context_length).stream(
             ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
         stats = chunk.stats
     now = engine.counters()
@@ -230,11 +224,6 @@ def measure(an, sparse_model, per_function: int = 5, max_tokens: int = 32, cold:
     """Held-out prompts of `an` (an Analysis on the dense model) through `sparse_model` with each preload
     condition: none, static (most often selected neurons over all functions), function (classifier's
     prediction), function_true_label (the prompt's own function: the classifier's ceiling)."""
-    from tqdm import tqdm
-
-    from .collect import template_prefix_len
-    from .prefetch import probe_features, train_classifier
-
     if selection not in ("oracle", "predictor"):
         raise CfmError(f"selection must be oracle or predictor, got {selection!r}")
     bad = [c for c in conditions if c not in CONDITIONS]
@@ -248,7 +237,7 @@ def measure(an, sparse_model, per_function: int = 5, max_tokens: int = 32, cold:
     # the classifier's features: the same as the collection's probe, computed from the prompts alone
     feats = probe_features(an.model, [an.instances[j].prompt for j in train], pl, an.opts.collect.probe_tokens)
     clf = train_classifier(feats, labels[train], an.opts.seed)
-    engine = sparse_model.transformer.sparse
+    engine = sparse_model.sparse
     # neuron rankings always from the oracle's selections on the training texts
     saved = [(m.predictor, m.strategy) for m in flash_modules(sparse_model)]
     use_oracle(sparse_model)
@@ -319,8 +308,6 @@ def _pool(rows: list[dict]) -> dict:
 
 
 def figure(result: dict, path) -> None:
-    from . import figures
-
     names = list(FUNCTIONS) + ["mean"]
     conds = list(result["mean"])
     get = lambda k, c: [result["per_function"][n][c][k] for n in FUNCTIONS] + [result["mean"][c][k]]  # noqa: E731

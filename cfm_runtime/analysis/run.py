@@ -16,9 +16,12 @@ import numpy as np
 import torch
 
 from ..errors import CfmError
-from . import figures
+from ..options import LoadOptions, SparseOptions
+from ..runtime import load_model
+from . import figures, preload
 from .collect import CDF_BINS, Collection, CollectOptions, collect, encode, template_prefix_len
 from .masking import MaskedMLP, masked, mean_nll
+from .prefetch import evaluate_prefetch
 from .prompts import FUNCTIONS, load_instances
 from .scores import (check_against_sklearn, functionality_scores, layer_summary, partition_similarity,
                      top_sets)
@@ -276,25 +279,22 @@ class Analysis:
 
     def prefetch(self) -> Path:
         """Function classifier on an early layer and the simulated hot-cache hit rate with and without it."""
-        from .prefetch import evaluate_prefetch
-
         return _write(self.out, "prefetch.json", evaluate_prefetch(self))
 
     def prefetch_cache(self) -> Path:
         """The prefetch on the real sparse runtime: cache hit rate and flash bytes with and without it."""
-        from ..sparse import load_sparse
-        from .preload import figure, measure
-
         o = self.opts
-        sparse = load_sparse(self.model.path, ram_budget_mb=o.cache_budget_mb, sparse_strategy="predictor",
-                             density=o.cache_density, pack=o.cache_pack, progress=o.progress,
-                             predictor=o.cache_predictor, density_plan="uniform")  # as measured (README)
+        sparse = load_model(self.model.path, LoadOptions(
+            threads=self.model.threads, progress=o.progress,
+            sparse=SparseOptions(ram_budget_mb=o.cache_budget_mb, strategy="predictor", density=o.cache_density,
+                                 pack=o.cache_pack, predictor=o.cache_predictor,
+                                 density_plan="uniform")))  # as measured (docs/analysis.md)
         try:
-            result = measure(self, sparse, o.cache_prompts, o.cache_tokens, o.cache_cold, o.cache_selection,
-                             rank_texts=o.cache_rank_texts)
+            result = preload.measure(self, sparse, o.cache_prompts, o.cache_tokens, o.cache_cold,
+                                     o.cache_selection, rank_texts=o.cache_rank_texts)
         finally:
-            sparse.transformer.sparse.close()
-        figure(result, self.out / "prefetch_cache.png")
+            sparse.close()
+        preload.figure(result, self.out / "prefetch_cache.png")
         return _write(self.out, "prefetch_cache.json", result)
 
     def run(self, what: str) -> list[Path]:

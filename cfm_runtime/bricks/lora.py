@@ -85,7 +85,15 @@ def _parent_and_attr(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def attach(transformer: nn.Module, name: str, pairs: dict[str, LoraPair], weight: float = 1.0) -> None:
-    """Add brick `name` (pairs by module name, in the model's own row layout) to the transformer."""
+    """Add brick `name` (pairs by module name, in the model's own row layout) to the transformer.
+
+    Every target is checked first, so a refused brick leaves the transformer as it was."""
+    unwrappable = sorted({m.rsplit(".", 1)[0] for m in pairs if not _linear_like(transformer, m)})
+    if unwrappable:
+        raise CfmError(f"brick {name!r} changes linears inside {', '.join(unwrappable[:3])}"
+                       f"{' ...' if len(unwrappable) > 3 else ''}, which this model runs as a sparse or offloaded "
+                       "FFN (--sparse, --ram-budget): bricks on FFN linears do not combine with it; use a brick "
+                       "on attention linears only, or load the model without --sparse/--ram-budget")
     for module_name, pair in pairs.items():
         parent, attr = _parent_and_attr(transformer, module_name)
         mod = getattr(parent, attr)
@@ -93,6 +101,14 @@ def attach(transformer: nn.Module, name: str, pairs: dict[str, LoraPair], weight
             mod = LoRALinear.from_base(mod)
             setattr(parent, attr, mod)
         mod.add(name, pair, weight)
+
+
+def _linear_like(transformer: nn.Module, module_name: str) -> bool:
+    parent, _, attr = module_name.rpartition(".")
+    try:
+        return isinstance(getattr(transformer.get_submodule(parent), attr, None), nn.Module)
+    except AttributeError:
+        return False
 
 
 def detach(transformer: nn.Module, name: str) -> None:

@@ -1,4 +1,4 @@
-"""The native decode step: one token through the whole int4 model in one C++ call (`q4_decode.cpp`).
+"""The native decode step: one token through a whole int4 decoder in one C++ call (`q4_decode.cpp`).
 
 The onnxruntime graph (`fused.py`) cannot read Q4_1 blocks in one op: `MatMulNBits` has only integer
 zero points, so each linear needs a separate offset term (block sums and a Gemm), ~3 ms of a ~16 ms step
@@ -8,9 +8,9 @@ product does, with int8 activations per block (AVX2 integer dot products) and Op
 
 It is compiled on first use with torch's C++ extension loader (g++, -O3 -march=native; ~1 minute, cached
 under ~/.cache/torch_extensions). Where that fails (no compiler, no AVX2/FMA) `load()` returns None
-and decoding stays on the onnxruntime graph; `CFM_NATIVE=0` turns it off. Used only for single-token
-steps on the stock int4 configuration; prompts go through the graph. Both write the same rotated keys
-and values into the same `SpanCache`.
+and decoding stays on the onnxruntime graph; `CFM_NATIVE=0` turns it off. Used for single-token steps
+(`cfm_runtime.backends` decides when); prompts go through the graph. Both write the same rotated keys
+and values into the same caches.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from ..model import SpanCache, Transformer
+from .graph import ACCURACY_LEVEL
+from .packing import concat
+from .weights import DecoderWeights
 
 NAME = "cfm_q4_decode"
 _lock = threading.Lock()
@@ -64,64 +66,48 @@ def failure() -> str | None:
     return _failure
 
 
-def supported(t: Transformer) -> bool:
-    """The stock int4 configuration: "mid"-packed 4-bit projections without biases, an 8-bit symmetric
-    head, int8 activations (accuracy level 4; a model built with fp32 activations keeps the graph), SiLU,
-    adjacent-pair rotary (what the kernel implements)."""
-    from ..quant import QuantizedHead
-    from .fused import projections, supported as graph_supported
-    from .graph import ACCURACY_LEVEL
-
-    c = t.config
-    if not graph_supported(t, 0, c.n_layers, head=True) or c.rope_style == "neox" or c.activation != "silu":
+def supported(w: DecoderWeights) -> bool:
+    """Whether the kernel implements this decoder: every layer "mid"-packed 4-bit projections without biases,
+    an 8-bit symmetric head, int8 activations (accuracy level 4; a model built with fp32 activations keeps the
+    graph), SiLU, adjacent-pair rotary."""
+    if w.activation != "silu" or not w.interleaved_rope or w.head is None or w.final_norm is None:
         return False
-    head = t.lm_head.packed
-    if (type(t.lm_head) is not QuantizedHead or head.bits != 8 or head.zero_points is not None
-            or head.mins is not None or t.lm_head.accuracy != ACCURACY_LEVEL):
+    if w.head.bits != 8 or w.head.zero_points is not None or w.head.mins is not None or w.head_accuracy != ACCURACY_LEVEL:
         return False
-    for layer in t.layers:
-        for p in projections(layer):
-            q = p.packed
-            if p.bias is not None or q.bits != 4 or q.zero_points is not None or q.mins is None or p.accuracy != ACCURACY_LEVEL:
+    for layer in w.layers.values():
+        if layer.qkv_bias is not None or layer.accuracy != ACCURACY_LEVEL:
+            return False
+        for q in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
+            if q.bits != 4 or q.zero_points is not None or q.mins is None:
                 return False
-    return True
+    return len(w.layers) > 0
 
 
 class NativeDecoder:
-    """Single-token decode steps of `t` through the compiled kernel (see the module docstring)."""
+    """Single-token decode steps of the whole decoder `w` (every layer and the head) through the compiled kernel."""
 
-    def __init__(self, t: Transformer, threads: int, module):
-        from .fused import _stock_modules
-        from .packing import concat
-
-        c = t.config
+    def __init__(self, w: DecoderWeights, threads: int, module):
         layers = []
-        for layer in t.layers:
-            a, m = layer.self_attn, layer.mlp
-            parts = [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
-            for p in (concat([a.q_proj.packed, a.k_proj.packed, a.v_proj.packed]), a.o_proj.packed,
-                      concat([m.gate_proj.packed, m.up_proj.packed]), m.down_proj.packed):
+        for i in range(len(w.layers)):
+            layer = w.layers[i]
+            parts = [layer.ln1.detach(), layer.ln2.detach()]
+            for p in (concat([layer.q, layer.k, layer.v]), layer.o, concat([layer.gate, layer.up]), layer.down):
                 parts += [torch.from_numpy(p.codes), torch.from_numpy(p.scales),
                           torch.from_numpy(p.mins.T.copy())]  # offsets row-major [n, k/32]
             layers.append(parts)
-        t.rotary.apply(torch.zeros(1, 1, c.head_dim), c.context_length - 1)  # grow the tables to the context
-        head = t.lm_head.packed
-        self.t = t
-        self.modules = _stock_modules(t, 0, c.n_layers, head=True)  # checked by FusedRunner.usable
-        self.decoder = module.Q4Decoder(layers, t.norm.weight.detach(), torch.from_numpy(head.codes),
-                                        torch.from_numpy(head.scales), t.rotary.cos[:c.context_length].contiguous(),
-                                        t.rotary.sin[:c.context_length].contiguous(), c.n_heads, c.n_kv_heads,
-                                        c.head_dim, float(t.norm.eps), threads)
+        self.n_layers = len(layers)
+        self.decoder = module.Q4Decoder(layers, w.final_norm.detach(), torch.from_numpy(w.head.codes),
+                                        torch.from_numpy(w.head.scales), w.cos.contiguous(), w.sin.contiguous(),
+                                        w.n_heads, w.n_kv_heads, w.head_dim, float(w.eps), threads)
 
     @torch.inference_mode()
-    def step(self, token: int, cache: SpanCache) -> torch.Tensor:
-        """Logits [vocab] of `token` at the cache's next position; appends it to the cache."""
-        layers = [cache[i] for i in range(self.t.config.n_layers)]
-        pos = layers[0].offset
-        for kv in layers:
+    def step(self, x: torch.Tensor, caches) -> torch.Tensor:
+        """Logits [vocab] of the token whose embedding is x [d] at the caches' next position; `caches` are the
+        per-layer KV caches (`model.KVCache`) of every layer; appends the position to them."""
+        pos = caches[0].offset
+        for kv in caches:
             kv.reserve(pos + 1)
-        x = self.t.embed(torch.tensor([[token]]))[0, 0].float()
-        logits = self.decoder.step(x, pos, [kv.k for kv in layers], [kv.v for kv in layers])
-        for kv in layers:
+        logits = self.decoder.step(x.float(), pos, [kv.k for kv in caches], [kv.v for kv in caches])
+        for kv in caches:
             kv.offset = pos + 1
         return logits

@@ -16,7 +16,7 @@ import psutil
 import torch
 
 from ..errors import CfmError
-from ..generate import Generator
+from ..memory import rss_high_water_mb
 from .ffn import FlashStore, SparseFFN, topk_positions
 
 
@@ -175,34 +175,8 @@ class SparseEngine:
             "fixed_overhead_mb": round(rss - self.budget.get("ffn_weights_mb", 0.0), 1),
         }
 
-    def generator(self, runner, tokenizer, context_length: int) -> "SparseGenerator":
-        return SparseGenerator(runner, tokenizer, context_length, self)
-
     def close(self) -> None:
         if self.background is not None:
             self.background.shutdown(wait=True)
         if self.file is not None:
             self.file.close()
-
-
-def rss_high_water_mb() -> float:
-    """Peak RSS of this process image (VmHWM; unlike ru_maxrss it excludes a forking parent's pages)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class SparseGenerator(Generator):
-    """A Generator whose stats carry `extra["sparse"]`: flash traffic, cache hits, neurons computed, RSS."""
-
-    def __init__(self, runner, tokenizer, context_length: int, engine: SparseEngine):
-        super().__init__(runner, tokenizer, context_length)
-        self.engine = engine
-
-    def stream(self, prompt_ids, params):
-        since = self.engine.counters()
-        for chunk in super().stream(prompt_ids, params):
-            chunk.stats.extra["sparse"] = self.engine.report(since)
-            yield chunk

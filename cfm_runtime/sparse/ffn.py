@@ -15,8 +15,6 @@ from torch import nn
 
 from .io import BundleFile, NeuronCache, plan_runs
 
-STRATEGIES = ("dense", "oracle", "predictor")
-
 
 def ffn_rows(x: torch.Tensor, w: torch.Tensor, act, keep=None) -> torch.Tensor:
     """x [.., D], bundles w [3, k, D] (fp32, rows contiguous) -> [.., D]; `keep` [.., k] masks neurons."""

@@ -1,12 +1,11 @@
-"""`load_sparse(...)`: a Model whose FFNs are SparseFFN modules, weights in RAM or on flash.
+"""`attach(transformer, pack, ...)`: replace every FFN by a SparseFFN over a neuron pack, weights in RAM or on flash.
 
-With a RAM budget and a GGUF file the FFN weights are never dequantized: the checkpoint is read
-without them (meta tensors), so peak memory stays near the budgeted size, not the dense model's.
+With a RAM budget the transformer's own FFN weights are not needed (`cfm_runtime.runtime` loads the
+checkpoint without them, as meta tensors), so peak memory stays near the budgeted size.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import re
 import warnings
@@ -16,11 +15,12 @@ import numpy as np
 import torch
 
 from ..errors import CfmError
-from ..loading import check_weights, dequantize, gguf_config_values, gguf_weight_name, Checkpoint
-from ..config import ModelConfig
+from ..gguf_file import read_gguf
+from ..memory import release_freed_memory
+from ..options import DENSITY_PLANS, SparseOptions
 from . import pack as packfmt
 from .engine import SparseEngine
-from .ffn import STRATEGIES, FlashStore, RamStore, SparseFFN
+from .ffn import FlashStore, RamStore, SparseFFN
 from .io import BundleFile, NeuronCache
 from .plan import covered_mass, densities, hot_counts
 from .profile import predictor_from
@@ -28,8 +28,6 @@ from .profile import predictor_from
 
 def source_digest(path: Path) -> str:
     """blake2b of a checkpoint's weight bytes as stored (GGUF tensor data or safetensors files)."""
-    from ..gguf_file import read_gguf
-
     h = hashlib.blake2b(digest_size=16)
     if path.is_dir():
         for f in sorted(path.glob("*.safetensors")):
@@ -45,38 +43,6 @@ def source_digest(path: Path) -> str:
 def pack_dir(path: Path, digest: str, root: Path | None = None) -> Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem if path.is_file() else path.name)
     return Path(root or packfmt.default_root()) / f"{slug}-{digest[:16]}"
-
-
-def lean_gguf_checkpoint(path: Path, **overrides) -> Checkpoint:
-    """A GGUF checkpoint whose FFN weights are meta tensors (shapes only; no memory)."""
-    from ..gguf_file import read_gguf
-
-    meta, tensors = read_gguf(path)
-    values = gguf_config_values(meta, path, **overrides)
-    weights, rope = {}, None
-    _mmap_large_allocations()  # dequantization temporaries go back to the OS at once
-    for t in tensors:
-        if t.name == "rope_freqs.weight":
-            rope = dequantize(t).reshape(-1).tolist()
-            continue
-        name = gguf_weight_name(t.name)
-        if name is None:
-            continue
-        weights[name] = (torch.empty(tuple(t.shape), device="meta") if ".mlp." in name
-                         else torch.from_numpy(dequantize(t)))
-    values["vocab_size"] = int(weights["embed_tokens.weight"].shape[0])
-    values["tied_embeddings"] = "lm_head.weight" not in weights
-    values["rope_freq_factors"] = rope
-    config = ModelConfig.from_dict(values)
-    check_weights(config, weights, path)
-    return Checkpoint(config, weights, path, "gguf", meta)
-
-
-def _mmap_large_allocations() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB, fixed
-    except (OSError, AttributeError):
-        pass
 
 
 # Each layer's int4 predictor is an onnxruntime session, which takes 5-7 MB of anonymous memory on its first
@@ -148,7 +114,6 @@ def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, ca
                        "hot_mass_covered": round(covered_mass(cmass, counts, cluster), 3)}}
 
 
-PLANS = ("uniform", "planned")
 # the per-layer plan, measured end to end on held-out text (benchmarks/results/sparse_plan.json): perplexity
 # +0.24% vs +1.29% uniform at mean density 0.6, +5.5% vs +5.9% at 0.5 (top-1 agreement 1 point lower)
 DEFAULT_PLAN = "planned"
@@ -156,8 +121,8 @@ DEFAULT_PLAN = "planned"
 
 def layer_densities(pack: packfmt.NeuronPack, density: float, plan: str = DEFAULT_PLAN) -> list[float]:
     """Per-layer densities with mean `density`: the same for every layer, or the pack's per-layer plan."""
-    if plan not in PLANS:
-        raise CfmError(f"density plan {plan!r} is unknown; choose one of {', '.join(PLANS)}")
+    if plan not in DENSITY_PLANS:
+        raise CfmError(f"density plan {plan!r} is unknown; choose one of {', '.join(DENSITY_PLANS)}")
     d = pack.manifest["density"]
     if density >= 1.0:
         return [1.0] * pack.n_layers
@@ -166,34 +131,30 @@ def layer_densities(pack: packfmt.NeuronPack, density: float, plan: str = DEFAUL
     return densities(d["levels"], np.array(d["loss_increase"]), density)
 
 
-def attach(model, pack: packfmt.NeuronPack, *, ram_budget_mb: float | None = None, strategy: str = "dense",
-           density: float = 1.0, cache_fraction: float = 0.25, max_gap: int = 4, threads: int = 8,
-           predictor: str | None = None, plan: str = DEFAULT_PLAN) -> SparseEngine:
-    """Replace every layers[i].mlp by a SparseFFN over `pack`; returns the engine (also `transformer.sparse`)."""
-    if strategy not in STRATEGIES:
-        raise CfmError(f"sparse strategy {strategy!r} is unknown; choose one of {', '.join(STRATEGIES)}")
-    if not 0.0 < density <= 1.0:
-        raise CfmError(f"density must be in (0, 1], got {density}")
-    layers = model.transformer.layers
+def attach(transformer, pack: packfmt.NeuronPack, options: SparseOptions, threads: int = 8,
+           max_gap: int = 4) -> SparseEngine:
+    """Replace every layers[i].mlp by a SparseFFN over `pack` (resolved `options`); returns their engine."""
+    ram_budget_mb, strategy, predictor = options.ram_budget_mb, options.strategy, options.predictor
+    layers = transformer.layers
     use_pred = strategy == "predictor"
     kind, rank = choose_predictor(pack, ram_budget_mb, predictor) if use_pred else (None, None)
     if use_pred and predictor is None and kind == "lowrank":  # a warning: the CLI shows it, callers may filter it
         warnings.warn(f"the int4 predictor ({predictor_bytes(pack, 'int4') / 2**20:.0f} MB with its runtime) does not fit "
                       f"half of --ram-budget {ram_budget_mb:g} MB; using the low-rank one (rank {rank}), which selects "
-                      "neurons poorly on SiLU models (README: +119% perplexity at density 0.6 on the embedded model)",
-                      stacklevel=2)
-    dens = layer_densities(pack, density, plan)
+                      "neurons poorly on SiLU models (docs/sparse.md: +119% perplexity at density 0.6 on the embedded "
+                      "model)", stacklevel=2)
+    dens = layer_densities(pack, options.density, options.density_plan)
     if ram_budget_mb is None:
         modules = [_ram_module(i, layer.mlp, pack, kind, rank) for i, layer in enumerate(layers)]
         name = kind if rank is None else f"lowrank-{rank}"
         engine = SparseEngine(modules, budget={"predictor": name} if kind else None)
     else:
-        engine = _flash_engine(model, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads)
+        engine = _flash_engine(transformer, pack, ram_budget_mb, kind, rank, options.cache_fraction, max_gap,
+                               threads)
     engine.configure(strategy=strategy, densities=dens)
     for layer, m in zip(layers, engine.modules):
         layer.mlp = m
-    model.transformer.sparse = engine
-    _release()
+    release_freed_memory()
     return engine
 
 
@@ -204,28 +165,22 @@ def _ram_module(i: int, mlp, pack, kind: str | None, rank: int | None) -> Sparse
     return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net)
 
 
-def _flash_engine(model, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads) -> SparseEngine:
+def _flash_engine(transformer, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads) -> SparseEngine:
     use_pred = kind is not None
     plan = budget_plan(pack, ram_budget_mb, use_pred, cache_fraction, kind or "int4", rank)
-    d, n = model.config.d_model, model.config.d_ff
+    d, n = transformer.config.d_model, transformer.config.d_ff
     file = BundleFile(pack.neurons_path, [pack.layer(i)["offset"] for i in range(pack.n_layers)],
                       pack.bundle_bytes, threads)
     modules = []
-    for i, layer in enumerate(model.transformer.layers):
+    for i, layer in enumerate(transformer.layers):
         hot = np.empty((plan["counts"][i], 3, d), dtype=np.float16)
         file.read_block(i, 0, hot)
         cache = NeuronCache(plan["cache_rows"], n, (3, d)) if use_pred else None
         store = FlashStore(i, torch.from_numpy(hot), n, file, None, cache, max_gap)
-        net = predictor_from(pack, i, pack.order(i), model.config.activation, kind, rank) if use_pred else None
+        net = predictor_from(pack, i, pack.order(i), transformer.config.activation, kind, rank) if use_pred else None
         modules.append(SparseFFN(i, store, layer.mlp.act, n, predictor=net))
     file.io.bytes = file.io.reads = 0
     engine = SparseEngine(modules, file, plan["staging_rows"], (3, d), plan["report"])
     for m in modules:
         m.store.shared = engine
     return engine
-
-
-def _release() -> None:
-    from ..runtime import release_freed_memory
-
-    release_freed_memory()

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..kernels.packing import Packed, pack
+from ..kernels.quant import QuantizedLinear
 from ..model import ACTIVATIONS as ACTS
 from .stats import topk_mask
 
@@ -67,8 +69,6 @@ class QuantPredictor(nn.Module):
 
     def __init__(self, packed, activation: str = "silu"):
         super().__init__()
-        from ..quant import QuantizedLinear
-
         self.packed, self.activation, self.act = packed, activation, ACTS[activation]
         self.linear = QuantizedLinear(packed)
         self.d_ff = packed.n // 2
@@ -79,8 +79,6 @@ class QuantPredictor(nn.Module):
 
     @classmethod
     def fit(cls, mlp, activation: str = "silu") -> "QuantPredictor":
-        from ..kernels.packing import pack
-
         w = torch.cat((mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach())).float()
         return cls(pack(w, 4, 32, "min"), activation)
 
@@ -93,8 +91,6 @@ class QuantPredictor(nn.Module):
     def from_state(cls, state: dict[str, torch.Tensor], d_model: int, activation: str,
                    order: torch.Tensor | None = None) -> "QuantPredictor":
         """From stored arrays (rows in model order); `order` permutes neurons into pack order."""
-        from ..kernels.packing import Packed
-
         codes, scales = state["codes"].numpy(), state["scales"].numpy()
         zps, mins = state["zero_points"].numpy(), state["mins"].numpy()
         n = codes.shape[0]

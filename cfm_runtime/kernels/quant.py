@@ -1,8 +1,8 @@
-"""Weight-only quantized linears (onnxruntime MatMulNBits) and the module surgery that installs them.
+"""Weight-only quantized linears (onnxruntime MatMulNBits).
 
-`quantize_model(transformer, weights="int4")` replaces every block's q/k/v/o and gate/up/down
-`nn.Linear` by a `QuantizedLinear` (a drop-in module: forward(x[..., in]) -> [..., out], so spans,
-LoRA bricks that call `base(x)` and replaced FFN modules keep working) and installs an 8-bit LM head.
+A `QuantizedLinear` is a drop-in for `nn.Linear` (forward(x[..., in]) -> [..., out]), so spans, LoRA
+bricks that call `base(x)` and replaced FFN modules keep working; `cfm_runtime.backends.quantize_model`
+installs them in a transformer, with an 8-bit LM head.
 
 Formats (bytes per weight, block 32):
 - "int4": scale * code + min per block, i.e. the Q4_1 grid; re-packing a Q4_1 GGUF is exact (0.77 B).
@@ -23,15 +23,12 @@ import threading
 import torch
 from torch import nn
 
-from .errors import CfmError
-from .kernels.graph import ACCURACY_LEVEL, FLOAT, GraphBuilder
-from .kernels.packing import Packed, pack, unpack
+from .graph import ACCURACY_LEVEL, FLOAT, GraphBuilder
+from .packing import Packed, pack, unpack
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 HEAD_FORMATS = ("fp32", "int8")
-_BODY = {"int4": (4, "mid"), "int8": (8, "asym")}
-_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_BODY = {"int4": (4, "mid"), "int8": (8, "asym")}  # weight format -> (bits, packing scheme)
 
 
 class _Dequantized(torch.autograd.Function):
@@ -121,70 +118,3 @@ class QuantizedHead(QuantizedLinear):
     @classmethod
     def from_weight(cls, w: torch.Tensor, threads: int | None = None) -> "QuantizedHead":
         return cls(pack(w, 8, 32, "sym"), None, threads)
-
-
-def check_formats(weights: str, lm_head: str) -> None:
-    if weights not in WEIGHT_FORMATS:
-        raise CfmError(f"weights must be one of {', '.join(WEIGHT_FORMATS)}; got {weights!r}")
-    if lm_head not in HEAD_FORMATS:
-        raise CfmError(f"lm_head must be one of {', '.join(HEAD_FORMATS)}; got {lm_head!r}")
-    if weights == "fp32" and lm_head != "fp32":
-        raise CfmError("a quantized or sparse LM head needs quantized weights (--weights int8 or int4)")
-
-
-def quantize_model(transformer, weights: str = "int4", lm_head: str = "int8", threads: int | None = None,
-                   accuracy: int | None = None):
-    """Replace the block linears by QuantizedLinear (in place) and install the LM head; returns transformer.
-
-    accuracy: None = int8 activations everywhere (fast); 0 = fp32 activations everywhere (slower;
-    int4 from a Q4_1 file then gives the fp32 logits to ~1e-4).
-    """
-    check_formats(weights, lm_head)
-    if weights == "fp32":
-        return transformer
-    for layer in transformer.layers:
-        for path in _PROJECTIONS:
-            parent_name, attr = path.split(".")
-            parent = getattr(layer, parent_name)
-            module = getattr(parent, attr)
-            if isinstance(module, nn.Linear):
-                acc = ACCURACY_LEVEL if accuracy is None else accuracy
-                setattr(parent, attr, QuantizedLinear.from_linear(module, weights, threads, acc))
-    w = transformer.embed_tokens.weight if transformer.config.tied_embeddings else transformer.lm_head.weight
-    if lm_head == "int8":
-        transformer.lm_head = QuantizedHead.from_weight(w.data, threads)
-        transformer.lm_head.accuracy = ACCURACY_LEVEL if accuracy is None else accuracy
-    return transformer
-
-
-def install(transformer, weights: str = "int4", lm_head: str = "int8", threads: int | None = None,
-            accuracy: int | None = None):
-    """quantize_model plus the fused decode graph that `LocalRunner` uses while the modules are stock."""
-    from .kernels.fused import FusedRunner
-
-    quantize_model(transformer, weights, lm_head, threads, accuracy)
-    if weights != "fp32":
-        transformer.fused = FusedRunner(transformer, threads or torch.get_num_threads())
-    return transformer
-
-
-def weight_bytes_per_token(transformer) -> int:
-    """Bytes of weights one decode step reads: every block linear, the LM head, one embedding row."""
-    total = transformer.config.d_model * 4
-    for layer in transformer.layers:
-        for path in _PROJECTIONS:
-            parent_name, attr = path.split(".")
-            total += _module_bytes(getattr(getattr(layer, parent_name), attr))
-        total += sum(p.numel() * 4 for n, p in layer.named_parameters() if "layernorm" in n)
-    head = getattr(transformer, "lm_head", None)
-    if head is None:
-        total += transformer.embed_tokens.weight.numel() * 4
-    else:
-        total += getattr(head, "bytes_per_token", None) or _module_bytes(head)
-    return total
-
-
-def _module_bytes(m) -> int:
-    if isinstance(m, QuantizedLinear):
-        return m.nbytes
-    return sum(p.numel() * p.element_size() for p in m.parameters())

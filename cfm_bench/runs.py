@@ -13,9 +13,12 @@ import time
 import numpy as np
 import torch
 
-from center import wire
+from cfm_runtime import CenterOptions, LocalRunner
 from cfm_runtime.errors import CfmError
+from cfm_runtime.protocol import wire
+from cfm_runtime.split.runner import SplitRunner
 
+from .center_service import TokenClient
 from .link import LinkEmulator
 
 HOST = "127.0.0.1"
@@ -38,7 +41,7 @@ class LocalRun:
     """The whole model on the edge."""
 
     def __init__(self, model, config: str = "local"):
-        self.runner, self.config = model.new_runner(), config
+        self.runner, self.config = LocalRunner(model), config
 
     def forward(self, ids: list[int]) -> int:
         return _argmax(self.runner.forward(ids))
@@ -54,15 +57,13 @@ class LocalRun:
 
 
 class SplitRun:
-    """`edge.split.SplitRunner` against a center, optionally through a link emulator."""
+    """`cfm_runtime.split.SplitRunner` against a center, optionally through a link emulator."""
 
     def __init__(self, model, address: str, split: tuple[int, int], wire_name: str, link: LinkEmulator | None = None):
-        from .split import SplitOptions, SplitRunner
-
         self.split, self.wire, self.link = split, wire_name, link
         self.config = f"split {split[0]}:{split[1]} {wire_name}"
         self.payload = 2 * wire.bytes_per_position(model.config.d_model, wire.parse_dtype(wire_name))
-        self.runner = SplitRunner(model, address, split, SplitOptions(wire=wire_name, timeout=60.0))
+        self.runner = SplitRunner(model, CenterOptions(address, split, wire=wire_name, timeout=60.0), split)
         if self.runner.stream is None:
             raise CfmError(f"the benchmark cannot reach its center at {address}: {self.runner.log.fallbacks}")
 
@@ -76,7 +77,7 @@ class SplitRun:
     def result(self, prefill: dict, steps: list[dict]) -> dict:
         rt = [s["rt"] / max(1, s["trips"]) for s in steps]
         center = [s["center"] / max(1, s["trips"]) for s in steps]
-        report = self.runner.report()
+        report = self.runner.split_report()
         out = {"config": self.config, "kind": "split", "split": list(self.split), "wire": self.wire,
                "round_trip_ms": _med(rt), "center_compute_ms": _med(center),
                "network_ms": _med([a - b for a, b in zip(rt, center)]),
@@ -91,13 +92,11 @@ class SplitRun:
 
 
 class CenterOnlyRun:
-    """The privacy-losing baseline: token ids to a server that runs the whole model (`edge.bench_center`)."""
+    """The privacy-losing baseline: token ids to a server that runs the whole model (`center_service`)."""
 
     config = "center-only"
 
     def __init__(self, port: int, link: LinkEmulator | None = None):
-        from .bench_center import TokenClient
-
         self.client, self.link, self.pos, self.compute_ms = TokenClient(HOST, port), link, 0, 0.0
 
     def forward(self, ids: list[int]) -> int:

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from center.server import CenterServer
+from cfm_runtime import LoadOptions, LocalRunner, load_model
 from cfm_runtime.errors import CfmError
 
 REQUEST = struct.Struct("<II")  # position of the first id, number of ids; then n x int32 ids
@@ -56,9 +58,7 @@ class TokenService:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        from cfm_runtime.generate import LocalRunner
-
-        runner = LocalRunner(self.model.transformer)
+        runner = LocalRunner(self.model)
         with conn:
             while (ids_at := self._read_request(conn, runner.n_past)) is not None:
                 pos, ids = ids_at
@@ -115,11 +115,7 @@ class TokenClient:
 
 def _center_main(conn, model_path, threads: int, span) -> None:
     """Child process: load the model, serve gRPC and the baseline, report ports, wait for 'stop'."""
-    from cfm_runtime import load_model
-
-    from center.server import CenterServer
-
-    model = load_model(model_path, threads=threads, progress=False)
+    model = load_model(model_path, LoadOptions(threads=threads, weights="fp32", progress=False))
     center = CenterServer(model, span).start()
     tokens = TokenService(model)
     conn.send({"grpc_port": center.port, "token_port": tokens.port, "span": list(center.servicer.span),

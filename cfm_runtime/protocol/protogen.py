@@ -1,15 +1,16 @@
-"""Compile the .proto files under protos/ into the package `center._proto` with grpcio-tools.
+"""Compile the .proto files under protos/ into the package `cfm_runtime.protocol._proto` with grpcio-tools.
 
-Run by setup.py at build time, and as a fallback by `center.proto` when the stubs are missing.
-The include path maps the virtual directory `center/_proto` onto `protos/`, so the generated
-modules import each other as `center._proto.cfm.v1...` without any rewriting.
+Run by setup.py at build time (loaded by its file path: it imports nothing of the project), and as a
+fallback by `proto` when the stubs are missing. The include path maps the virtual directory
+`cfm_runtime/protocol/_proto` onto `protos/`, so the generated modules import each other as
+`cfm_runtime.protocol._proto.cfm.v1...` without any rewriting.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE = "center._proto"
+PACKAGE = "cfm_runtime.protocol._proto"
 
 
 def generate(root: Path) -> list[str]:
@@ -32,5 +33,5 @@ def generate(root: Path) -> list[str]:
     for package in packages:
         init = root.joinpath(*package.split(".")) / "__init__.py"
         if not init.exists():
-            init.write_text('"""Generated from protos/ by center/protogen.py; do not edit."""\n')
+            init.write_text('"""Generated from protos/ by cfm_runtime/protocol/protogen.py; do not edit."""\n')
     return sorted(packages)

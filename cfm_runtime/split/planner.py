@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from center import wire
+from ..protocol import wire
 
-from .center_client import CenterClient
+from .client import CenterClient
 
 
 @dataclass

@@ -9,9 +9,9 @@ import time
 import grpc
 import torch
 
-from center import wire
-from center.proto import pb, pb_grpc
-from cfm_runtime.errors import CfmError
+from ..errors import CfmError
+from ..protocol import wire
+from ..protocol.proto import pb, pb_grpc
 
 _END = object()
 

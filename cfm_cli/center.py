@@ -1,4 +1,4 @@
-"""`cfm center deploy` and `cfm center status`: the center as a Ray Serve application (center/ray_serve.py)."""
+"""`cfm center serve|deploy|status|undeploy`: a center in one process, or as a Ray Serve application."""
 
 from __future__ import annotations
 
@@ -7,12 +7,79 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
+from center import ray_serve
+from center.interceptor import Tokens
+from center.server import CenterLimits, CenterServer
+from cfm_runtime import LoadOptions, load_model
 from cfm_runtime.errors import CfmError
+from cfm_runtime.protocol.spans import parse_span
 
 
-def add_parsers(csub) -> None:
-    """Adds `deploy` and `status` to the `cfm center` group."""
+def add_parser(sub) -> None:
+    c = sub.add_parser("center", help="run a center server (the shared middle layers over gRPC)")
+    csub = c.add_subparsers(dest="center_command", required=True, metavar="ACTION")
+    s = csub.add_parser("serve", help="serve a span of layers to edges")
+    s.add_argument("--model", "-m", default=None, help="GGUF file or Hugging Face folder (default: the embedded model)")
+    s.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores available)")
+    s.add_argument("--layers", default=None, help="span START:END of layers to serve (default: all but 2 at each end)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
+    s.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    s.add_argument("--token-file", default=None,
+                   help="require bearer tokens listed in this file (one per line); env CFM_CENTER_TOKENS also works")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
+    s.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    s.add_argument("--max-sessions", type=int, default=64, help="sessions alive at once (default 64)")
+    s.add_argument("--max-kv-mb", type=float, default=2048, help="KV cache budget of all sessions, MiB (default 2048)")
+    s.add_argument("--idle-timeout", type=float, default=300, help="seconds before an idle session is freed (default 300)")
+    s.add_argument("--max-batch", type=int, default=32, help="decode steps computed together at most (default 32)")
+    s.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
+                   help="weight format of the served layers (default fp32); edges of any format match it")
+    s.set_defaults(func=cmd_serve)
+    add_ray_parsers(csub)
+
+
+def _tls(args) -> tuple[bytes, bytes] | None:
+    if not args.tls_cert and not args.tls_key:
+        return None
+    if not (args.tls_cert and args.tls_key):
+        raise CfmError("TLS needs both --tls-cert and --tls-key")
+    for p in (args.tls_cert, args.tls_key):
+        if not Path(p).is_file():
+            raise CfmError(f"{p} does not exist")
+    return Path(args.tls_key).read_bytes(), Path(args.tls_cert).read_bytes()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the server like Ctrl-C
+
+
+def cmd_serve(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tokens, tls = Tokens.load(args.token_file), _tls(args)
+    for name in ("max_sessions", "max_batch"):
+        if getattr(args, name) < 1:
+            raise CfmError(f"--{name.replace('_', '-')} must be >= 1")
+    model = load_model(args.model, LoadOptions(threads=args.threads, weights=args.weights))
+    span = parse_span(args.layers, model.config.n_layers)
+    limits = CenterLimits(max_sessions=args.max_sessions, max_kv_mb=args.max_kv_mb,
+                          idle_timeout_s=args.idle_timeout, max_batch=args.max_batch)
+    server = CenterServer(model, span, args.host, args.port, limits, tokens, tls).start()
+    print(f"center serving layers {span[0]}:{span[1]} of {model.config.name} on {server.address} "
+          f"({'TLS' if tls else 'plaintext'}, {'token auth' if tokens else 'no auth'}); Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    print(f"listening {server.address}", flush=True)  # machine-readable line (port 0 -> the real port)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.stop(grace=2)
+    return 0
+
+
+def add_ray_parsers(csub) -> None:
+    """Adds `deploy`, `status` and `undeploy` to the `cfm center` group."""
     d = csub.add_parser("deploy", help="run the center as a Ray Serve application (replicas, autoscaling, failover)")
     d.add_argument("--model", "-m", default=None, help="GGUF file or Hugging Face folder, same path on every node "
                    "(default: the embedded model)")
@@ -61,19 +128,13 @@ def app_args(args) -> dict:
     return out
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def cmd_deploy(args) -> int:
-    from .ray_serve import deploy, parse_args
-
-    parse_args(app_args(args))  # user errors before Ray starts
+    ray_serve.parse_args(app_args(args))  # user errors before Ray starts
     if not 1 <= args.grpc_port <= 65535:
         raise CfmError("--grpc-port must be 1..65535")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
-    proxies = deploy(app_args(args), address=args.address, grpc_port=args.grpc_port, num_cpus=args.num_cpus)
+    proxies = ray_serve.deploy(app_args(args), address=args.address, grpc_port=args.grpc_port, num_cpus=args.num_cpus)
     print(f"center deployed on Ray Serve in {time.perf_counter() - t0:.0f} s; edges connect with "
           f"--center HOST:{args.grpc_port} (Serve's gRPC proxy on {', '.join(proxies)})", file=sys.stderr, flush=True)
     print(f"listening {proxies[0]}:{args.grpc_port}", flush=True)  # machine-readable line
@@ -84,16 +145,12 @@ def cmd_deploy(args) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from .ray_serve import shutdown
-
-        shutdown()
+        ray_serve.shutdown()
     return 0
 
 
 def cmd_status(args) -> int:
-    from .ray_serve import status
-
-    st = status(args.address)
+    st = ray_serve.status(args.address)
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
@@ -108,14 +165,12 @@ def cmd_status(args) -> int:
 
 
 def cmd_undeploy(args) -> int:
-    import ray
-
-    from .ray_serve import shutdown
+    import ray  # the optional extra `ray`
 
     try:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     except ConnectionError as e:
         raise CfmError(f"no Ray cluster at {args.address!r} ({e}); give --address HOST:6379 of the head node") from None
-    shutdown()
+    ray_serve.shutdown()
     print("center application removed", file=sys.stderr)
     return 0

@@ -3,15 +3,18 @@ function-aware prefetch), written as JSON and PNG figures."""
 
 from __future__ import annotations
 
-import argparse
 import time
+
+from cfm_runtime import SparseOptions
+from cfm_runtime.analysis import Analysis, AnalysisOptions, CollectOptions
+from cfm_runtime.errors import CfmError
+
+from .common import add_model_args, load
 
 ANALYSES = ("sparsity", "functions", "partition", "perturb", "prefetch", "prefetch-cache", "all")
 
 
 def add_parser(sub) -> None:
-    from edge.cli import add_model_args
-
     p = sub.add_parser("analyze", help="neuron analysis: sparsity, functional specialisation, partition, prefetch")
     p.add_argument("what", choices=ANALYSES, help="which analysis (all: every one, sharing one activation pass)")
     add_model_args(p)
@@ -43,10 +46,6 @@ def add_parser(sub) -> None:
 
 
 def cmd_analyze(args) -> int:
-    from cfm_runtime.analysis import Analysis, AnalysisOptions, CollectOptions
-    from cfm_runtime.errors import CfmError
-    from edge.cli import load
-
     if not 0 < args.top < 1:
         raise CfmError(f"--top must be between 0 and 1, got {args.top}")
     if args.mask_texts < 1 or args.perturb_texts < 1:
@@ -65,8 +64,7 @@ def cmd_analyze(args) -> int:
                            cache_predictor=args.prefetch_predictor,
                            cache_rank_texts=args.prefetch_rank_texts, collect=CollectOptions(max_len=args.max_len))
     t0 = time.perf_counter()
-    model = load(argparse.Namespace(**{**vars(args), "ram_budget": None, "sparse": False, "density": None,
-                                       "sparse_strategy": None, "pack": None}))
+    model = load(args, sparse=SparseOptions())  # the sparse flags configure only the prefetch measurement
     for path in Analysis(model, args.out, opts).run(args.what):
         print(path)
     print(f"done in {time.perf_counter() - t0:.0f} s; figures and JSON in {args.out}")

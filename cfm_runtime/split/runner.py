@@ -1,6 +1,7 @@
 """Split inference: the edge runs layers [0, a) and [b, n) and the head; a center runs [a, b).
 
-`SplitRunner` implements the `Runner` protocol. It keeps the hidden states it sent to the center,
+`SplitRunner` is a `LocalRunner` whose chunks send the middle span to a center. It keeps the hidden
+states it sent to the center,
 so when the center dies or times out it replays them through its own copy of layers [a, b) to
 rebuild that span's KV cache and carries on locally; later it reconnects (resuming the center
 session, or replaying into a new one). Text and token ids never leave the edge.
@@ -13,28 +14,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from center import wire
-from center.errors import InvalidArgument
-from center.proto import pb
-from cfm_runtime.errors import CfmError
-from cfm_runtime.generate import Generator
-
-from .center_client import CenterClient, CenterFailure
+from ..errors import CfmError
+from ..options import CenterOptions
+from ..protocol import wire
+from ..protocol.errors import InvalidArgument
+from ..protocol.proto import pb
+from ..protocol.spans import default_span
+from ..runners import LocalRunner
+from .client import CenterClient, CenterFailure
 
 
 # The server went away (not a refusal, not a hang that would cost another timeout): reconnect at
 # once, which behind a Ray Serve proxy lands on another replica (center/ray_serve.py).
 FAILOVER_CODES = frozenset({"UNAVAILABLE", "INTERNAL", "UNKNOWN", "CANCELLED", "ABORTED"})
-
-
-@dataclass
-class SplitOptions:
-    wire: str = "fp32"  # fp32 (exact), fp16 or bf16 on the wire
-    timeout: float = 10.0  # seconds to wait for one step's answer before falling back
-    reconnect_interval: float = 5.0  # seconds between reconnection attempts while running locally
-    token: str | None = None
-    tls: bool = False
-    tls_ca: bytes | None = None
 
 
 @dataclass
@@ -67,17 +59,18 @@ class Telemetry:
         return len(self.segments)
 
 
-class SplitRunner:
-    """Runner over layers [0, a) local, [a, b) on a center (or locally as fallback), [b, n) local + head."""
+class SplitRunner(LocalRunner):
+    """Runner over layers [0, a) local, [a, b) on a center (or locally as fallback), [b, n) local + head.
 
-    def __init__(self, model, center: str, split: tuple[int, int] | None = None,
-                 options: SplitOptions | None = None, chunk: int = 512):
-        self.model, self.t = model, model.transformer
-        self.address, self.opts = center, options or SplitOptions()
-        self.dtype = wire.parse_dtype(self.opts.wire)
+    The cache holds all layers; those in [a, b) are valid only up to their own offset (the center's
+    positions are rebuilt here from the kept hidden states when it fails)."""
+
+    def __init__(self, model, center: CenterOptions, split: tuple[int, int] | None = None, chunk: int = 512):
+        super().__init__(model, chunk=chunk)
+        self.t = model.transformer
+        self.address, self.opts = center.address, center
+        self.dtype = wire.parse_dtype(center.wire)
         self.n_layers, self.d = model.config.n_layers, model.config.d_model
-        self.chunk = chunk
-        self.cache = self.t.new_cache()  # all layers; those in [a, b) are valid only up to their own offset
         self.sent = torch.empty(0, self.d)  # hidden states entering layer a, as the center decoded them
         self.n = 0
         self.stream = None
@@ -85,11 +78,13 @@ class SplitRunner:
         self.session_id: str | None = None
         self.remote_valid = 0  # positions of the center session that still match self.sent
         self.log = Telemetry()
+        self.answer_start: int | None = None  # the first position computed for the current answer
+        self.first_segment = 0
         self.span = split
         self.last_attempt = 0.0
         info = self._connect_or_none("the center is unreachable at start")
         if self.span is None:
-            self.span = (info.span_start, info.span_end) if info else _fallback_span(self.n_layers)
+            self.span = (info.span_start, info.span_end) if info else default_span(self.n_layers)
         self._check_span(self.span, info)
 
     # ------------------------------------------------------------ Runner protocol
@@ -98,28 +93,33 @@ class SplitRunner:
     def n_past(self) -> int:
         return self.n
 
-    @torch.inference_mode()
-    def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    def _run(self, ids: list[int], all_logits: bool) -> torch.Tensor:
         a, b = self.span
-        outs = []
-        for s in range(0, len(ids), self.chunk):
-            part = ids[s:s + self.chunk]
-            h = self.t.forward_span(self.t.embed(torch.tensor([part])), 0, a, [self.cache])
-            h = self._middle(h[0], self.n)[None]
-            h = self.t.forward_span(h, b, self.n_layers, [self.cache])
-            self.n += len(part)
-            if all_logits or s + self.chunk >= len(ids):
-                outs.append(self.t.head(h if all_logits else h[:, -1:])[0])
-        return torch.cat(outs)
+        backend = self.model.backend
+        if self.answer_start is None:
+            self.answer_start = self.n
+        h = backend.span(self.t.embed(torch.tensor([ids])), 0, a, self.cache)
+        h = self.middle(h[0], self.n)[None]
+        h = backend.span(h, b, self.n_layers, self.cache)
+        self.n += len(ids)
+        return self.t.head(h if all_logits else h[:, -1:])[0]
 
     def truncate(self, n: int) -> None:
         self.n = min(self.n, n)
         self.cache.truncate(self.n)  # the center rewinds on the next step's position
         self.remote_valid = min(self.remote_valid, self.n)
 
+    def begin(self) -> None:
+        super().begin()
+        self.first_segment = self.log.mark()
+        self.answer_start = None
+
+    def report(self) -> dict:
+        return super().report() | {"split": self.split_report(self.answer_start or 0, self.first_segment)}
+
     # ------------------------------------------------------------ the middle span
 
-    def _middle(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+    def middle(self, h: torch.Tensor, pos: int) -> torch.Tensor:
         """h [T, D] entering layer a at position pos -> [T, D] leaving layer b - 1."""
         x = wire.decode(wire.encode(h, self.dtype), hidden_size=self.d, dtype=self.dtype, max_rows=h.shape[0])
         self._remember(x, pos)
@@ -181,7 +181,7 @@ class SplitRunner:
             self.log.replayed_positions += pos - self.cache[a].offset
         for s in range(self.cache[a].offset, stop, self.chunk):
             e = min(s + self.chunk, stop)
-            y = self.t.forward_span(self.sent[s:e][None], a, b, [self.cache])[0]
+            y = self.model.backend.span(self.sent[s:e][None], a, b, self.cache)[0]
             if e > pos:
                 outs.append(y[max(0, pos - s):])
         return torch.cat(outs)
@@ -288,7 +288,7 @@ class SplitRunner:
             self.client.close()
             self.client = None
 
-    def report(self, since: int = 0, first_segment: int = 0) -> dict:
+    def split_report(self, since: int = 0, first_segment: int = 0) -> dict:
         """Where the positions computed since segment `first_segment` ran, fallbacks at positions >= since,
         and round-trip telemetry. Segments are [start, end, "center" | "local"] over positions."""
         a, b = self.span
@@ -308,25 +308,3 @@ class SplitRunner:
             "center_compute_ms": round(self.log.center_ms / n, 2),
             "center_batch_mean": round(self.log.batch_sum / n, 2),
         }
-
-
-def _fallback_span(n_layers: int) -> tuple[int, int]:
-    from center.server import default_span
-
-    return default_span(n_layers)
-
-
-class SplitGenerator(Generator):
-    """A Generator whose stats carry `extra["split"]`: where this answer's positions were computed."""
-
-    def stream(self, prompt_ids, params):
-        first = self.runner.log.mark()
-        for chunk in super().stream(prompt_ids, params):
-            chunk.stats.extra["split"] = self.runner.report(chunk.stats.cached_tokens, first)
-            yield chunk
-
-
-def split_generator(model, center: str, split: tuple[int, int] | None = None, **options) -> SplitGenerator:
-    """A generator whose middle layers run on the center at `center` (HOST:PORT); see SplitOptions."""
-    runner = SplitRunner(model, center, split, SplitOptions(**options))
-    return SplitGenerator(runner, model.tokenizer, model.config.context_length)

@@ -1,16 +1,16 @@
 """`cfm bench split`: where (and whether) to split, measured on this machine over emulated links.
 
-For every cell of an (RTT, bandwidth) grid, all on loopback through `edge.link.LinkEmulator`:
+For every cell of an (RTT, bandwidth) grid, all on loopback through `cfm_bench.link.LinkEmulator`:
 time to first token and per-token decode latency (median, p95) of
 - local-only (the whole model on the edge),
-- split runs (`edge.split.SplitRunner` against a real center in its own process) at the planner's
+- split runs (`cfm_runtime.split.SplitRunner` against a real center in its own process) at the planner's
   choice and at fixed splits, with fp32 and fp16 hidden states on the wire,
 - center-only (the whole model on the server, token ids sent in the clear: the privacy-losing
-  baseline, `edge.bench_center`),
+  baseline, `cfm_bench.center_service`),
 with bytes on the wire per token, the center's compute time apart from network time, and the
 planner's predicted latency for each. Offline, the quality cost of each wire dtype (fp16, bf16 and
 int8 with a per-row scale, which the protocol does not carry yet) at each split point. Writes
-`split.json` and PNG plots (`edge.bench_split_plots`) to --out.
+`split.json` and PNG plots (`cfm_bench.plots`) to --out.
 """
 
 from __future__ import annotations
@@ -29,13 +29,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from center import wire
+from cfm_runtime import LoadOptions, SparseOptions, load_model
 from cfm_runtime.errors import CfmError
+from cfm_runtime.loading import resolve_model_path
+from cfm_runtime.memory import release_freed_memory
+from cfm_runtime.protocol import wire
+from cfm_runtime.sparse import pack_dir, source_digest
+from cfm_runtime.split import planner
+from cfm_runtime.split.client import CenterClient
 
-from .bench_runs import HOST, CenterOnlyRun, LocalRun, SplitRun, close_all, interleaved
+from .center_service import CenterProcess
 from .link import LinkEmulator, LinkSpec
+from .plots import plot_all
+from .runs import HOST, CenterOnlyRun, LocalRun, SplitRun, close_all, interleaved
 
-EVAL_TEXTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "eval_texts.json"
+EVAL_TEXTS = Path(__file__).resolve().parent / "data" / "eval_texts.json"
 PROMPT = ("You are reading a report about the history of computing. The first electronic computers filled whole "
           "rooms and used vacuum tubes that failed often. Transistors replaced the tubes in the late 1950s, and "
           "integrated circuits followed a decade later. Summarise this history in a few sentences.")
@@ -67,11 +75,10 @@ QUICK = Settings(rtts_ms=(1, 80), rates_mbit=(10,), splits=((2, 28),), prompt_to
 def local_variants(model_path, s: Settings, prompt: list[int]) -> list[dict]:
     """Other ways to run everything on the edge, measured once (they do not depend on the link).
 
-    Both come from other subsystems (`cfm_runtime.quant`, `cfm_runtime.sparse`); a failure to load is
+    Both come from other subsystems (`cfm_runtime.kernels`, `cfm_runtime.sparse`); a failure to load is
     recorded in the result with its reason, not hidden."""
-    from cfm_runtime.runtime import load_model, release_freed_memory
-
-    loaders = {"local int4": lambda: load_model(model_path, threads=s.edge_threads, weights="int4", progress=False),
+    loaders = {"local int4": lambda: load_model(model_path, LoadOptions(threads=s.edge_threads, weights="int4",
+                                                                        progress=False)),
                "local sparse": lambda: _load_sparse(model_path, s.edge_threads)}
     out = []
     for name, load in loaders.items():
@@ -91,14 +98,10 @@ def local_variants(model_path, s: Settings, prompt: list[int]) -> list[dict]:
 
 def _load_sparse(model_path, threads: int):
     """The predictor-sparse FFN (default density), if its neuron pack was built; building one takes minutes."""
-    from cfm_runtime.loading import resolve_model_path
-    from cfm_runtime.sparse import load_sparse
-    from cfm_runtime.sparse.load import pack_dir, source_digest
-
     path = resolve_model_path(model_path)
     if not (pack_dir(path, source_digest(path)) / "manifest.json").is_file():
         raise CfmError(f"no neuron pack for {path.name}: build it once with `cfm profile`, then rerun")
-    return load_sparse(model_path, threads=threads, sparse=True, progress=False)
+    return load_model(model_path, LoadOptions(threads=threads, sparse=SparseOptions(sparse=True), progress=False))
 
 
 # ---------------------------------------------------------------- the planner
@@ -113,9 +116,6 @@ def _probe_bytes(rate_mbit: float | None) -> int:
 
 def plan_cell(model, address: str, rate_mbit: float | None, wires) -> tuple[dict, object]:
     """The planner's measurements through the link and its choice of split and wire dtype."""
-    from . import planner
-    from .center_client import CenterClient
-
     client = CenterClient(address, timeout=60.0)
     try:
         m = planner.measure(model, client, wire.parse_dtype("fp32"), probes=5, probe_bytes=_probe_bytes(rate_mbit))
@@ -144,8 +144,6 @@ def config_name(split, wire_name: str | None) -> str:
 
 
 def predict(m, run: dict) -> float | None:
-    from . import planner
-
     if run["kind"] == "local":
         return planner.predict(m, None)
     if run["kind"] == "split":
@@ -219,8 +217,6 @@ def loopback_overhead(model, center: dict, s: Settings, prompt: list[int]) -> di
 
 def _ping_ms(address: str, n: int = 30) -> float:
     """Median empty gRPC round trip: the floor of any split step's overhead."""
-    from .center_client import CenterClient
-
     client = CenterClient(address)
     try:
         client.ping()
@@ -242,8 +238,6 @@ def roundtrip(h: torch.Tensor, wire_name: str) -> torch.Tensor:
 
 
 def eval_texts(model, max_tokens: int) -> list[list[int]]:
-    if not EVAL_TEXTS.is_file():
-        raise CfmError(f"{EVAL_TEXTS} is missing; run the benchmark from a checkout of cfm-runtime")
     d = json.loads(EVAL_TEXTS.read_text())
     ids = [model.tokenizer.encode(t) for t in d["texts"].values()] + [model.encode_prompt(d["chat"])]
     return [x[:max_tokens] for x in ids]
@@ -357,13 +351,9 @@ def _log(msg: str) -> None:
 
 def run(s: Settings, out_dir: Path, model_path=None) -> dict:
     """Run the grid, write split.json and the plots to out_dir; returns the result."""
-    from cfm_runtime import load_model
-
-    from .bench_center import CenterProcess
-
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(model_path, threads=s.edge_threads, progress=False)
+    model = load_model(model_path, LoadOptions(threads=s.edge_threads, weights="fp32", progress=False))
     prompt = prompt_ids(model, s.prompt_tokens)
     with CenterProcess(model_path, s.center_threads) as cp:
         center = cp.info
@@ -390,8 +380,6 @@ def run(s: Settings, out_dir: Path, model_path=None) -> dict:
               "loopback": loopback, "quality": quality, "cells": cells,
               "local_variants": variants, "notes": NOTES}
     _save(result, out_dir)  # the measurements survive a plotting failure
-    from .bench_split_plots import plot_all
-
     result["plots"] = [p.name for p in plot_all(result, out_dir)]
     _save(result, out_dir)
     return result
@@ -411,59 +399,3 @@ NOTES = [
     "after their due time (host scheduling; a round trip has two deliveries).",
     "The link emulator runs in the edge's process (a thread with its own event loop).",
 ]
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks on this machine")
-    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    p = bsub.add_parser("split", help="latency of local, split and center-only inference over emulated links")
-    p.add_argument("--quick", action="store_true", help="2 cells, 1 split, few tokens (under 2 minutes)")
-    p.add_argument("--out", default="split-bench", help="folder for split.json and the PNG plots (default split-bench)")
-    p.add_argument("--model", "-m", default=None, help="GGUF file or Hugging Face folder (default: the embedded model)")
-    p.add_argument("--edge-threads", type=int, default=None, help="edge CPU threads (default 1: a slower device)")
-    p.add_argument("--center-threads", type=int, default=None, help="center CPU threads (default 2)")
-    p.add_argument("--rtt", default=None, metavar="MS,MS,..", help="RTT grid in ms (default 1,10,30,80,150)")
-    p.add_argument("--rate", default=None, metavar="MBIT,..", help="bandwidth grid in Mbit/s (default 1,10,100)")
-    p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per run (default 16)")
-    p.set_defaults(func=cmd_bench_split)
-
-
-def _numbers(text: str, flag: str) -> tuple:
-    try:
-        xs = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise CfmError(f"{flag} {text!r}: write comma-separated numbers, e.g. 1,10,100") from None
-    if not xs or any(x <= 0 or not math.isfinite(x) for x in xs):
-        raise CfmError(f"{flag} {text!r}: every value must be a positive number")
-    return xs
-
-
-def settings_from_args(args) -> Settings:
-    s = QUICK if args.quick else Settings()
-    changes = {}
-    if args.rtt:
-        changes["rtts_ms"] = _numbers(args.rtt, "--rtt")
-    if args.rate:
-        changes["rates_mbit"] = _numbers(args.rate, "--rate")
-    for name in ("edge_threads", "center_threads", "decode_tokens"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                raise CfmError(f"--{name.replace('_', '-')} must be >= 1")
-            changes[name] = value
-    return replace(s, **changes)
-
-
-def cmd_bench_split(args) -> int:
-    s = settings_from_args(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CfmError(f"--out {out} is a file; give a folder")
-    result = run(s, out, args.model)
-    sm = result["summary"]
-    print(json.dumps(sm, indent=1))
-    print(f"wrote {out / 'split.json'} and {', '.join(result['plots'])} in {result['environment']['elapsed_s']} s")
-    return 0

@@ -9,20 +9,20 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from .protogen import PACKAGE, generate
+
 
 def _load():
     from google.protobuf.runtime_version import VersionError
 
     try:
-        from center._proto.cfm.v1 import center_pb2, center_pb2_grpc
+        from ._proto.cfm.v1 import center_pb2, center_pb2_grpc
         return center_pb2, center_pb2_grpc
     except (ImportError, RuntimeError, VersionError):  # missing, or generated for another grpc/protobuf
-        from center.protogen import generate
-
-        generate(Path(__file__).resolve().parent.parent)
+        generate(Path(__file__).resolve().parents[2])
         importlib.invalidate_caches()
-        return (importlib.import_module("center._proto.cfm.v1.center_pb2"),
-                importlib.import_module("center._proto.cfm.v1.center_pb2_grpc"))
+        return (importlib.import_module(f"{PACKAGE}.cfm.v1.center_pb2"),
+                importlib.import_module(f"{PACKAGE}.cfm.v1.center_pb2_grpc"))
 
 
 pb, pb_grpc = _load()

@@ -1,0 +1,103 @@
+"""`cfm bench split` and `cfm link`: the split benchmark and the link emulator (`cfm_bench`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from cfm_bench.link import LinkEmulator, LinkSpec, measure
+from cfm_bench.split import QUICK, Settings, run
+from cfm_runtime.errors import CfmError
+
+
+def add_parser(sub) -> None:
+    add_link_parser(sub)
+    b = sub.add_parser("bench", help="benchmarks on this machine")
+    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    p = bsub.add_parser("split", help="latency of local, split and center-only inference over emulated links")
+    p.add_argument("--quick", action="store_true", help="2 cells, 1 split, few tokens (under 2 minutes)")
+    p.add_argument("--out", default="split-bench", help="folder for split.json and the PNG plots (default split-bench)")
+    p.add_argument("--model", "-m", default=None, help="GGUF file or Hugging Face folder (default: the embedded model)")
+    p.add_argument("--edge-threads", type=int, default=None, help="edge CPU threads (default 1: a slower device)")
+    p.add_argument("--center-threads", type=int, default=None, help="center CPU threads (default 2)")
+    p.add_argument("--rtt", default=None, metavar="MS,MS,..", help="RTT grid in ms (default 1,10,30,80,150)")
+    p.add_argument("--rate", default=None, metavar="MBIT,..", help="bandwidth grid in Mbit/s (default 1,10,100)")
+    p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per run (default 16)")
+    p.set_defaults(func=cmd_bench_split)
+
+
+def _numbers(text: str, flag: str) -> tuple:
+    try:
+        xs = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise CfmError(f"{flag} {text!r}: write comma-separated numbers, e.g. 1,10,100") from None
+    if not xs or any(x <= 0 or not math.isfinite(x) for x in xs):
+        raise CfmError(f"{flag} {text!r}: every value must be a positive number")
+    return xs
+
+
+def settings_from_args(args) -> Settings:
+    s = QUICK if args.quick else Settings()
+    changes = {}
+    if args.rtt:
+        changes["rtts_ms"] = _numbers(args.rtt, "--rtt")
+    if args.rate:
+        changes["rates_mbit"] = _numbers(args.rate, "--rate")
+    for name in ("edge_threads", "center_threads", "decode_tokens"):
+        value = getattr(args, name)
+        if value is not None:
+            if value < 1:
+                raise CfmError(f"--{name.replace('_', '-')} must be >= 1")
+            changes[name] = value
+    return replace(s, **changes)
+
+
+def cmd_bench_split(args) -> int:
+    s = settings_from_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CfmError(f"--out {out} is a file; give a folder")
+    result = run(s, out, args.model)
+    sm = result["summary"]
+    print(json.dumps(sm, indent=1))
+    print(f"wrote {out / 'split.json'} and {', '.join(result['plots'])} in {result['environment']['elapsed_s']} s")
+    return 0
+
+
+def add_link_parser(sub) -> None:
+    p = sub.add_parser("link", help="emulate a network link (delay, jitter, bandwidth, loss) as a TCP proxy")
+    p.add_argument("--to", required=True, help="HOST:PORT to forward to (e.g. the center)")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to listen on (default 127.0.0.1:0)")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="one-way delay (RTT is twice this)")
+    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--rate-mbit", type=float, default=None, help="bandwidth cap in Mbit/s (default unlimited)")
+    p.add_argument("--loss", type=float, default=0.0, help="probability a segment needs a retransmission")
+    p.add_argument("--check", action="store_true", help="measure the link against its own settings and exit")
+    p.set_defaults(func=cmd_link)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise CfmError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def cmd_link(args) -> int:
+    spec = LinkSpec(args.delay_ms, args.jitter_ms, args.rate_mbit, args.loss)
+    if args.check:
+        print(json.dumps({"requested": {"rtt_ms": 2 * spec.delay_ms, "rate_mbit": spec.rate_mbit},
+                          "measured": measure(spec)}, indent=2))
+        return 0
+    link = LinkEmulator(_hostport(args.to), spec, _hostport(args.listen))
+    port = link.start()
+    print(f"link 127.0.0.1:{port} -> {args.to}: {spec}", file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        link.stop()

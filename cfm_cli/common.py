@@ -1,0 +1,193 @@
+"""What every command group shares: the model, sampling, sparse, brick and center flags, turned into the
+library's typed options at this boundary (no argparse namespace goes into library code), and the
+telemetry lines printed with --stats."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cfm_runtime import CenterOptions, LoadOptions, RunOptions, SparseOptions, load_model
+from cfm_runtime.bricks.merge import parse_spec
+from cfm_runtime.errors import CfmError
+from cfm_runtime.kernels import native
+
+
+def notice(message: str) -> None:
+    """A user-facing line on standard error (progress, choices the library made)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- model and load options
+
+
+def add_model_args(p: argparse.ArgumentParser, bricks: bool = True, sparse: bool = True) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="GGUF file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores available)")
+    p.add_argument("--weights", choices=("fp32", "int8", "int4"), default=None,
+                   help="weight format of the layers: int4 re-packs Q4_1 exactly and decodes fastest (default: "
+                        "int4; fp32 with --sparse or --ram-budget)")
+    p.add_argument("--lm-head", choices=("fp32", "int8"), default=None,
+                   help="LM head format (default: int8 with --weights int8/int4, else fp32)")
+    if bricks:
+        add_brick_args(p)
+    if sparse:
+        add_sparse_args(p)
+
+
+def add_sparse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ram-budget", type=float, default=None, metavar="MB",
+                   help="offload the FFN: keep MB of FFN weights in RAM, stream the rest from the neuron pack")
+    p.add_argument("--sparse", action="store_true", help="compute only predicted FFN neurons when decoding")
+    p.add_argument("--density", type=float, default=None, metavar="D",
+                   help="mean fraction of FFN neurons computed with --sparse (default 0.6)")
+    p.add_argument("--sparse-strategy", choices=("dense", "oracle", "predictor"), default=None,
+                   help="neuron selection: dense, oracle (true top-k, for measurement), predictor")
+    p.add_argument("--predictor", choices=("int4", "lowrank"), default=None,
+                   help="neuron predictor for --sparse (default: int4 unless it takes over half of --ram-budget)")
+    p.add_argument("--density-plan", choices=("planned", "uniform"), default=None,
+                   help="per-layer densities from the pack's sensitivity table (default) or the same for every layer")
+    p.add_argument("--pack", default=None, metavar="DIR", help="neuron pack directory (default: per-model cache)")
+
+
+def sparse_options(args) -> SparseOptions:
+    return SparseOptions(ram_budget_mb=getattr(args, "ram_budget", None), sparse=getattr(args, "sparse", False),
+                         density=getattr(args, "density", None), strategy=getattr(args, "sparse_strategy", None),
+                         pack=getattr(args, "pack", None), predictor=getattr(args, "predictor", None),
+                         density_plan=getattr(args, "density_plan", None))
+
+
+def load_options(args, **changes) -> LoadOptions:
+    """The model flags of `add_model_args` as LoadOptions (`changes` override them)."""
+    values = dict(threads=args.threads, weights=getattr(args, "weights", None),
+                  lm_head=getattr(args, "lm_head", None), sparse=sparse_options(args))
+    return LoadOptions(**(values | changes))
+
+
+def load(args, **changes):
+    """Load the model the flags describe; says so when the native decode kernel is compiled (first run)."""
+    model = load_model(args.model, load_options(args, **changes))
+    if model.backend.name == "fused":
+        native.load(notice=lambda: notice("building the native decode kernel (first run only, about a minute)..."))
+    return model
+
+
+# ---------------------------------------------------------------- run options: bricks and a center
+
+
+def add_brick_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bricks", default=None, metavar="NAMES|auto",
+                   help="personal bricks to apply: NAME[:WEIGHT],... from the brick store, or 'auto' to pick "
+                        "the best-matching brick (or none) for each prompt")
+    p.add_argument("--brick-threshold", type=float, default=None, metavar="S",
+                   help="with --bricks auto: lowest routing score that selects a brick (default 0.35)")
+
+
+def parse_bricks(text: str | None) -> tuple[tuple[str, float], ...] | str | None:
+    if not text or text == "auto":
+        return text or None
+    return tuple(parse_spec(s.strip()) for s in text.split(",") if s.strip())
+
+
+def add_center_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_argument_group("split with a center")
+    g.add_argument("--center", required=required, default=None, metavar="HOST:PORT",
+                   help="run the middle layers on this center; falls back to local layers if it fails")
+    if required:
+        p.set_defaults(split="auto")
+    else:
+        g.add_argument("--split", default="auto", metavar="A:B|auto|center",
+                       help="layers A:B on the center; 'auto' asks the planner (default), 'center' takes its whole span")
+    g.add_argument("--wire", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="hidden states on the wire: fp32 exact (default), fp16/bf16 half the bytes")
+    g.add_argument("--center-token", default=None,
+                   help="bearer token for the center (default: env CFM_CENTER_TOKEN)")
+    g.add_argument("--center-tls", action="store_true", help="connect with TLS (system roots)")
+    g.add_argument("--center-tls-ca", default=None, metavar="PEM", help="connect with TLS trusting this CA file")
+    g.add_argument("--center-timeout", type=float, default=10.0,
+                   help="seconds to wait for the center per step before finishing locally (default 10)")
+
+
+def parse_split(text: str) -> tuple[int, int] | str:
+    if text in ("auto", "center"):
+        return text
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise CfmError(f"--split {text!r}: write A:B (layers on the center), 'auto' or 'center'") from None
+    return a, b
+
+
+def center_options(args) -> CenterOptions | None:
+    if not getattr(args, "center", None):
+        return None
+    ca = None
+    if args.center_tls_ca:
+        if not Path(args.center_tls_ca).is_file():
+            raise CfmError(f"--center-tls-ca {args.center_tls_ca} does not exist")
+        ca = Path(args.center_tls_ca).read_bytes()
+    return CenterOptions(args.center, parse_split(args.split), wire=args.wire, timeout=args.center_timeout,
+                         tls=args.center_tls, tls_ca=ca,
+                         token=args.center_token or os.environ.get("CFM_CENTER_TOKEN") or None)
+
+
+def run_options(args) -> RunOptions:
+    """The bricks and center flags as RunOptions; the library's notices go to standard error."""
+    return RunOptions(center=center_options(args), bricks=parse_bricks(getattr(args, "bricks", None)),
+                      brick_threshold=getattr(args, "brick_threshold", None), log=notice)
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="0 disables (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 disables (default 0.95)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_options(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+# ---------------------------------------------------------------- telemetry lines
+
+
+def print_stats(stats) -> None:
+    d = stats.to_dict()
+    print(f"[prompt {d['prompt_tokens']} tok ({d['cached_tokens']} cached) at {d['prompt_tps']:.1f} tok/s | "
+          f"generated {d['generated_tokens']} tok at {d['decode_tps']:.1f} tok/s | "
+          f"peak RSS {d['peak_rss_mb']:.0f} MB | finish {d['finish_reason']}]", file=sys.stderr)
+    if "split" in stats.extra:
+        print(format_split_report(stats.extra["split"]), file=sys.stderr)
+    if "sparse" in stats.extra:
+        print(format_sparse_report(stats.extra["sparse"]), file=sys.stderr)
+
+
+def format_split_report(r: dict) -> str:
+    segs = " ".join(f"{s}-{e}:{w}" for s, e, w in r["segments"])
+    falls = "; ".join(f"at {f['position']}: {f['reason']}" for f in r["fallbacks"])
+    return (f"[split: center {r['center']} layers {r['layers']['center']}, edge {r['layers']['edge']}, wire {r['wire']} | "
+            f"positions center {r['positions_center']} local {r['positions_local']} ({segs}) | "
+            f"round trip {r['round_trip_ms']} ms, center compute {r['center_compute_ms']} ms, "
+            f"batch {r['center_batch_mean']} | reconnects {r['reconnects']}, replays {r.get('replays', 0)}"
+            + (f" | FALLBACK {falls}" if falls else "") + "]")
+
+
+def format_sparse_report(r: dict) -> str:
+    hit = "n/a" if r.get("cache_hit_rate") is None else f"{100 * r['cache_hit_rate']:.0f}%"
+    budget = (f" | FFN weights {r['ffn_weights_mb']} MB of {r['ram_budget_mb']:g} MB budget (hot {r['hot_mb']}, "
+              f"cache {r['cache_mb']}, staging {r['staging_mb']}, work {r.get('work_mb', 0)}, "
+              f"predictors {r['predictors_mb']})"
+              if "ram_budget_mb" in r else "")
+    return (f"[sparse {r['strategy']} density {r['density_mean']} | neurons computed {r['neurons_computed_pct']}% | "
+            f"flash {r['flash_mb_per_token']} MB/token in {r['flash_reads_per_token']} reads | cache hits {hit} | "
+            f"RSS {r['rss_mb']:.0f} MB, fixed overhead {r['fixed_overhead_mb']:.0f} MB{budget}]")

@@ -1,0 +1,34 @@
+"""`cfm plan`: measure the link to a center and both sides' speed, and propose a split (or local-only)."""
+
+from __future__ import annotations
+
+import json
+
+from cfm_runtime.errors import CfmError
+from cfm_runtime.split.client import CenterClient, CenterFailure
+from cfm_runtime.split.planner import plan
+
+from .common import add_center_args, add_model_args, center_options, load
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("plan", help="measure the link to a center and propose a split (or local-only)")
+    add_model_args(p, bricks=False, sparse=False)
+    add_center_args(p, required=True)
+    p.add_argument("--json", action="store_true", help="print the plan and measurements as JSON")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    center = center_options(args)
+    center.check()
+    model = load(args)
+    client = CenterClient(center.address, center.token, center.tls_ca, center.tls, center.timeout)
+    try:
+        p = plan(model, client, center.wire)
+    except CenterFailure as e:
+        raise CfmError(f"cannot reach the center at {center.address}: {e}") from None
+    finally:
+        client.close()
+    print(json.dumps(p.to_dict(), indent=2) if args.json else p.describe())
+    return 0

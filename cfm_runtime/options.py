@@ -1,0 +1,154 @@
+"""What a run is made of: load options (the model and its execution backend) and run options (the generator).
+
+The CLI, `cfm serve` and the Python API all fill these and hand them to `cfm_runtime.runtime`, which
+validates them here, in one place: a bad value or a combination that does not work is one `CfmError`
+saying what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from .errors import CfmError
+
+WEIGHT_FORMATS = ("fp32", "int8", "int4")
+HEAD_FORMATS = ("fp32", "int8")
+SPARSE_STRATEGIES = ("dense", "oracle", "predictor")
+PREDICTORS = ("int4", "lowrank")
+DENSITY_PLANS = ("planned", "uniform")
+WIRE_DTYPES = ("fp32", "fp16", "bf16")
+DEFAULT_DENSITY = 0.6
+
+
+@dataclass(frozen=True)
+class SparseOptions:
+    """FFN offload (`ram_budget_mb`: FFN weights kept in RAM, the rest read from the neuron pack) and
+    predictor-driven sparsity (`sparse`); they combine. See `cfm_runtime.sparse`."""
+
+    ram_budget_mb: float | None = None
+    sparse: bool = False
+    density: float | None = None  # mean fraction of neurons computed (default 0.6 with a sparse strategy)
+    strategy: str | None = None  # "dense" | "oracle" | "predictor" (default: predictor with sparse, else dense)
+    pack: str | Path | None = None  # neuron pack folder (default: the per-model cache, built on first use)
+    predictor: str | None = None  # "int4" | "lowrank" (default: int4 unless it takes over half the budget)
+    density_plan: str | None = None  # "planned" | "uniform" (default: planned)
+    cache_fraction: float = 0.25  # share of the RAM budget kept as a neuron cache (with a sparse strategy)
+
+    @property
+    def active(self) -> bool:
+        return self.ram_budget_mb is not None or self.sparse or self.strategy is not None
+
+    def resolved(self) -> "SparseOptions":
+        """Defaults filled in and every value checked (all problems in one error)."""
+        strategy = self.strategy or ("predictor" if self.sparse else "dense")
+        density = self.density if self.density is not None else (DEFAULT_DENSITY if strategy != "dense" else 1.0)
+        problems = []
+        if strategy not in SPARSE_STRATEGIES:
+            problems.append(f"sparse strategy (--sparse-strategy) {strategy!r} is unknown; choose one of {', '.join(SPARSE_STRATEGIES)}")
+        if self.ram_budget_mb is not None and not self.ram_budget_mb > 0:
+            problems.append(f"the RAM budget (--ram-budget) must be a positive number of MB, got {self.ram_budget_mb}")
+        if not 0.0 < density <= 1.0:
+            problems.append(f"density (--density) must be in (0, 1], got {density}")
+        if self.predictor is not None and self.predictor not in PREDICTORS:
+            problems.append(f"predictor (--predictor) {self.predictor!r} is unknown; choose one of {', '.join(PREDICTORS)}")
+        if self.density_plan is not None and self.density_plan not in DENSITY_PLANS:
+            problems.append(f"density plan (--density-plan) {self.density_plan!r} is unknown; choose one of {', '.join(DENSITY_PLANS)}")
+        if (self.predictor or self.density_plan) and not self.active:
+            problems.append("a predictor and a density plan go with sparse=True or a RAM budget "
+                            "(--sparse, --ram-budget); add one or drop them")
+        _raise(problems)
+        return replace(self, strategy=strategy, density=float(density),
+                       density_plan=self.density_plan or "planned")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded: weight formats, threads, sparse FFN and offload, config overrides."""
+
+    threads: int | None = None  # CPU threads (default: every core this process may run on)
+    weights: str | None = None  # "fp32" | "int8" | "int4"; None: int4, or fp32 with a sparse FFN or offload
+    lm_head: str | None = None  # "fp32" | "int8"; None: int8 with quantized weights, else fp32
+    sparse: SparseOptions = field(default_factory=SparseOptions)
+    progress: bool | None = None  # progress bars while loading (None: only for large files)
+    overrides: dict = field(default_factory=dict)  # config fields replacing the file's (e.g. activation="relu")
+
+    def resolved(self) -> "LoadOptions":
+        """Defaults filled in; every value and every combination checked (all problems in one error)."""
+        sparse = self.sparse.resolved() if self.sparse.active else self.sparse
+        weights = self.weights or ("fp32" if sparse.active else "int4")
+        lm_head = self.lm_head or ("fp32" if weights == "fp32" else "int8")
+        problems = []
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            problems.append(f"threads (--threads) must be an integer >= 1, got {self.threads!r}")
+        if weights not in WEIGHT_FORMATS:
+            problems.append(f"weights (--weights) must be one of {', '.join(WEIGHT_FORMATS)}; got {weights!r}")
+        if lm_head not in HEAD_FORMATS:
+            problems.append(f"lm_head (--lm-head) must be one of {', '.join(HEAD_FORMATS)}; got {lm_head!r}")
+        elif weights == "fp32" and lm_head != "fp32":
+            problems.append("a quantized LM head needs quantized weights (--weights int8 or int4)")
+        if sparse.active and weights != "fp32":
+            problems.append(refusal("sparse FFN or offload (--sparse, --ram-budget)", f"{weights} weights",
+                                    "the sparse FFN runs on fp32 weights; drop the weight format"))
+        _raise(problems)
+        return replace(self, weights=weights, lm_head=lm_head, sparse=sparse)
+
+
+@dataclass(frozen=True)
+class CenterOptions:
+    """A split run: layers [a, b) on the center at `address`, the rest on this device."""
+
+    address: str  # HOST:PORT
+    split: tuple[int, int] | str = "auto"  # (a, b); "auto": the planner (it may choose local-only); "center"
+    wire: str = "fp32"  # hidden states on the wire: "fp32" (exact), "fp16", "bf16"
+    token: str | None = None  # bearer token
+    tls: bool = False
+    tls_ca: bytes | None = None  # PEM of a CA to trust (implies TLS)
+    timeout: float = 10.0  # seconds to wait for one step before finishing locally
+    reconnect_interval: float = 5.0  # seconds between reconnection attempts while running locally
+
+    def check(self) -> None:
+        problems = []
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            problems.append(f"center address (--center) {self.address!r}: write it as HOST:PORT, e.g. 127.0.0.1:50051")
+        if self.wire not in WIRE_DTYPES:
+            problems.append(f"wire dtype (--wire) {self.wire!r} is unknown; use one of {', '.join(WIRE_DTYPES)}")
+        if not (isinstance(self.split, tuple) and len(self.split) == 2) and self.split not in ("auto", "center"):
+            problems.append(f"split (--split) {self.split!r}: give (A, B) (layers on the center), 'auto' or 'center'")
+        if not (isinstance(self.timeout, (int, float)) and math.isfinite(self.timeout) and self.timeout > 0):
+            problems.append(f"the center timeout (--center-timeout) must be > 0 seconds, got {self.timeout!r}")
+        _raise(problems)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a generator runs: where the layers run, and which bricks answer."""
+
+    center: CenterOptions | None = None  # None: every layer on this device
+    bricks: tuple[tuple[str, float], ...] | str | None = None  # ((name, weight), ...) from the store, or "auto"
+    brick_threshold: float | None = None  # with bricks="auto": lowest routing score that selects a brick
+    brick_store: str | Path | None = None  # the brick store's folder (default: $CFM_HOME/bricks, ...)
+    log: Callable[[str], None] | None = None  # where user-facing notices go (the CLI: standard error)
+
+    def check(self) -> None:
+        if self.center is not None:
+            self.center.check()
+        problems = []
+        if isinstance(self.bricks, str) and self.bricks != "auto":
+            problems.append(f"bricks {self.bricks!r}: give ((name, weight), ...) or 'auto'")
+        if self.brick_threshold is not None and self.bricks != "auto":
+            problems.append("a brick threshold goes with bricks='auto' (--bricks auto)")
+        _raise(problems)
+
+
+def refusal(a: str, b: str, why: str) -> str:
+    """The one wording of a combination that does not work: the pair, then why and what to do."""
+    return f"{a} does not combine with {b}: {why}"
+
+
+def _raise(problems: list[str]) -> None:
+    if problems:
+        raise CfmError("; ".join(problems))
