@@ -35,8 +35,11 @@ from cfm_runtime.reference import llama_cpp_logits  # noqa: E402
 from cfm_runtime.generate import torch_threads  # noqa: E402
 import cfm_runtime  # noqa: E402
 from cfm_runtime.gguf_file import read_gguf  # noqa: E402
-from cfm_runtime.quant import weight_bytes_per_token  # noqa: E402
-from cfm_runtime.runtime import release_freed_memory  # noqa: E402
+from cfm_runtime import LocalRunner  # noqa: E402
+from cfm_runtime.backends import FusedBackend, decoder_weights, weight_bytes_per_token  # noqa: E402
+from cfm_runtime.kernels import graph, native  # noqa: E402
+from cfm_runtime.kernels.fused import FusedSpan  # noqa: E402
+from cfm_runtime.memory import release_freed_memory  # noqa: E402
 from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402
 
 EVAL = Path(__file__).parents[1] / "tests" / "data" / "eval_texts.json"
@@ -80,7 +83,7 @@ class CfmSteps:
         self.model = model
 
     def prefill(self, ids: list[int]) -> float:
-        self.runner = self.model.new_runner()
+        self.runner = LocalRunner(self.model)
         with torch_threads(self.runner.torch_threads()):
             t0 = time.perf_counter()
             logits = self.runner.forward(ids)[-1]
@@ -143,7 +146,7 @@ def perplexity(all_logits: dict[str, np.ndarray], ids: dict[str, list[int]]) -> 
 
 def step_logits(model, ids: list[int]) -> np.ndarray:
     """Logits of every position fed one token at a time, as decoding computes them (teacher forcing)."""
-    runner = model.new_runner()
+    runner = LocalRunner(model)
     with torch_threads(runner.torch_threads()):
         return np.stack([runner.forward([i])[-1].numpy() for i in ids])
 
@@ -191,9 +194,6 @@ def rss_mb() -> float:
 
 def profile_decode_step(model, threads: int, steps: int = 20) -> dict:
     """Per-operator time of fused decode steps (onnxruntime profiler), microseconds per step."""
-    from cfm_runtime.kernels import graph
-    from cfm_runtime.kernels.fused import FusedSpan
-
     t = model.transformer
     options = graph.session_options
 
@@ -205,14 +205,15 @@ def profile_decode_step(model, threads: int, steps: int = 20) -> dict:
 
     graph.session_options = profiled
     try:
-        span = FusedSpan(t, 0, t.config.n_layers, threads, head=True)
+        span = FusedSpan(decoder_weights(t), 0, t.config.n_layers, threads, head=True)
     finally:
         graph.session_options = options
     cache = t.new_cache()
-    span.forward(t.embed(torch.tensor([list(range(100, 300))])), cache)
+    layers = [cache[i] for i in range(t.config.n_layers)]
+    span.forward(t.embed(torch.tensor([list(range(100, 300))])), layers)
     x = t.embed(torch.tensor([[42]]))
     for _ in range(steps):
-        span.forward(x, cache)
+        span.forward(x, layers)
     events = json.loads(Path(span.session.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"]
     start = runs[0]["ts"] + runs[0]["dur"]  # skip the prefill run
@@ -262,9 +263,8 @@ def load_all(args) -> tuple[dict, dict]:
         before = rss_mb()
         m = cfm_runtime.load_model(args.model, threads=args.threads, weights=weights, lm_head=head or None)
         if option in ("spin", "nospin"):  # onnxruntime workers spinning between ops (the default) or sleeping
-            from cfm_runtime.kernels.fused import FusedRunner
-
-            m.transformer.fused = FusedRunner(m.transformer, args.threads, spin=option == "spin")
+            m.backend = FusedBackend(m.transformer, decoder_weights(m.transformer), args.threads,
+                                     spin=option == "spin")
         elif option:
             raise SystemExit(f"unknown config option {option!r} in {args.configs!r} (known: spin, nospin)")
         name = f"cfm_{fmt}" + (f":{option}" if option else "")
@@ -314,7 +314,7 @@ def main(argv=None) -> dict:
     ids = eval_ids(first)
     logits = {name: {k: m.logits(v) for k, v in ids.items()} for name, m in models.items()}
     for name, m in models.items():  # decode steps take another path (the native kernel): measure it too
-        if getattr(m.transformer, "fused", None) is not None:
+        if m.backend.name == "fused":
             logits[f"{name}:steps"] = {k: step_logits(m, v) for k, v in ids.items()}
     logits["llama_cpp"] = {k: llama_cpp_logits(path, v, args.threads) for k, v in ids.items()}
     q = quality(logits, ids) if "cfm_fp32" in logits else {}
@@ -337,11 +337,8 @@ def main(argv=None) -> dict:
         s["decode_ratio_vs_llama_cpp"] = s["decode_tps"] / base["decode_tps"]
         s["decode_fraction_of_limit"] = s["decode_tps"] / s["bandwidth_limit_tps"]
     for name, m in models.items():  # which decode step ran: the native kernel or the onnxruntime graph
-        fused = getattr(m.transformer, "fused", None)
-        if fused is not None:
-            from cfm_runtime.kernels import native
-
-            summary[name]["decode_path"] = "native" if fused._native is not None else f"graph ({native.failure()})"
+        if m.backend.name == "fused":
+            summary[name]["decode_path"] = m.backend.report()["decode_path"]
     for name, s in summary.items():  # the paired measure: robust to drifts between repetitions
         s["decode_ratio_median_of_chunks"] = median(chunk_ratios[name])
         s["decode_ratio_chunks_iqr"] = [float(np.percentile(chunk_ratios[name], q)) for q in (25, 75)]

@@ -80,7 +80,7 @@ class Setup:
     """The model, the user's data and everything measured on the base model once."""
 
     def __init__(self, threads: int):
-        self.model = model = cfm_runtime.load_model(threads=threads)
+        self.model = model = cfm_runtime.load_model(threads=threads, weights="fp32")
         self.data = json.loads((DATA / "personal_facts.json").read_text())
         self.tmp = Path(tempfile.mkdtemp())
         (self.tmp / "facts.txt").write_text(self.data["facts"])

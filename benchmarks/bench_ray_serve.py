@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS, environment, save  # noqa: E402
 
-from center.proto import pb  # noqa: E402
-from edge.center_client import CenterClient  # noqa: E402
+from cfm_runtime.protocol.proto import pb  # noqa: E402
+from cfm_runtime.split.client import CenterClient  # noqa: E402
 
 D, SPAN, PREFILL = 576, (2, 28), 16
 

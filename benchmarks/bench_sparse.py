@@ -61,26 +61,26 @@ QUALITY_RUNS = (  # (strategy, predictor kind, per-layer densities, mean densiti
 
 
 def quality(model, pack) -> list[dict]:
-    from cfm_runtime.sparse.load import attach, layer_densities
+    """Held-out perplexity and top-1 agreement with the dense model (`model`) of each sparse configuration,
+    each on a model of its own (a sparse FFN replaces the dense one)."""
+    from cfm_runtime import LoadOptions, SparseOptions
+    from cfm_runtime.sparse.load import layer_densities
 
     texts = held_out(model)
     base, base_top = evaluate(model, texts)
-    originals = [layer.mlp for layer in model.transformer.layers]
     rows = [{"strategy": "dense", "density": 1.0, "ppl": base, "ppl_change_pct": 0.0, "top1_agreement": 1.0}]
     for strategy, kind, plan, levels in QUALITY_RUNS:
-        try:
-            engine = attach(model, pack, strategy="predictor", predictor=kind or "int4")
-            for d in levels:
-                engine.configure(strategy=strategy, densities=layer_densities(pack, d, plan), measure=True)
-                ppl, top = evaluate(model, texts)
-                agree = float(torch.cat([a == b for a, b in zip(top, base_top)]).float().mean())
-                rows.append({"strategy": strategy, "predictor": kind, "layer_densities": plan, "density": d,
-                             "ppl": round(ppl, 3), "ppl_change_pct": round(100 * (ppl / base - 1), 2),
-                             "top1_agreement": round(agree, 3)})
-                print(rows[-1], flush=True)
-        finally:
-            for layer, mlp in zip(model.transformer.layers, originals):
-                layer.mlp = mlp
+        sparse = cfm_runtime.load_model(model.path, LoadOptions(threads=2, weights="fp32"))
+        engine = sparse.attach_sparse(pack, SparseOptions(sparse=True, predictor=kind or "int4"))
+        for d in levels:
+            engine.configure(strategy=strategy, densities=layer_densities(pack, d, plan), measure=True)
+            ppl, top = evaluate(sparse, texts)
+            agree = float(torch.cat([a == b for a, b in zip(top, base_top)]).float().mean())
+            rows.append({"strategy": strategy, "predictor": kind, "layer_densities": plan, "density": d,
+                         "ppl": round(ppl, 3), "ppl_change_pct": round(100 * (ppl / base - 1), 2),
+                         "top1_agreement": round(agree, 3)})
+            print(rows[-1], flush=True)
+        del sparse, engine
     return rows
 
 
@@ -184,9 +184,10 @@ def main() -> None:
     ap.add_argument("--pack", default=None, help="neuron pack directory (default: the model's, built if missing)")
     args = ap.parse_args()
     import cfm_runtime
-    from cfm_runtime.sparse import ensure_pack, open_pack
+    from cfm_runtime.runtime import ensure_pack
+    from cfm_runtime.sparse import open_pack
 
-    model = cfm_runtime.load_model(threads=2)
+    model = cfm_runtime.load_model(threads=2, weights="fp32")
     root = (args.pack or ensure_pack(model.path))
     data = {"environment": environment(2), "pack": str(root), "cap_mb": args.cap}
     if not args.skip_quality:

@@ -33,7 +33,7 @@ from common import RESULTS, environment, save  # noqa: E402
 
 import cfm_runtime  # noqa: E402
 from cfm_runtime.kernels.packing import pack, unpack  # noqa: E402
-from cfm_runtime.quant import QuantizedLinear  # noqa: E402
+from cfm_runtime.kernels.quant import QuantizedLinear  # noqa: E402
 
 
 @torch.inference_mode()
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    model = cfm_runtime.load_model(threads=args.threads)
+    model = cfm_runtime.load_model(threads=args.threads, weights="fp32")
     ids = eval_ids(model)
     h = final_hidden(model, ids)
     e = model.transformer.embed_tokens.weight.data

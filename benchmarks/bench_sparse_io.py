@@ -84,9 +84,10 @@ def main() -> None:
     ap.add_argument("--pack", default=None, help="neuron pack directory (default: the model's, built if missing)")
     args = ap.parse_args()
     import cfm_runtime
-    from cfm_runtime.sparse import ensure_pack, open_pack
+    from cfm_runtime.runtime import ensure_pack
+    from cfm_runtime.sparse import open_pack
 
-    model = cfm_runtime.load_model(threads=2)
+    model = cfm_runtime.load_model(threads=2, weights="fp32")
     pack = open_pack((args.pack or ensure_pack(model.path)), verify=False)
     sel = selections(model, pack, args.density, args.tokens)
     needed = np.mean([sum(len(p) for p in layers) for layers in sel])

@@ -36,13 +36,13 @@ def main() -> None:
     import torch
 
     import cfm_runtime
+    from cfm_runtime import SparseOptions
     from cfm_runtime.sparse import open_pack
-    from cfm_runtime.sparse.load import attach
     from cfm_runtime.sparse.plan import densities
     from cfm_runtime.sparse.profile import predictor_from, sensitivity, tail_sequences
     from cfm_runtime.sparse.stats import calibration_texts, token_sequences
 
-    model = cfm_runtime.load_model(threads=2)
+    model = cfm_runtime.load_model(threads=2, weights="fp32")
     pack = open_pack(Path(args.pack), verify=False)
     n = model.config.d_ff
     nets = [predictor_from(pack, i, np.arange(n), model.config.activation, "int4")
@@ -52,21 +52,17 @@ def main() -> None:
     sens = sensitivity(model, tail_sequences(seqs, args.sens_tokens, args.sens_tokens), nets, LEVELS)
     texts = held_out(model)
     base, base_top = evaluate(model, texts)
-    originals = [layer.mlp for layer in model.transformer.layers]
     rows = []
-    try:
-        engine = attach(model, pack, strategy="predictor", predictor="int4")
-        for mean in args.means:
-            for plan, dens in (("uniform", [mean] * pack.n_layers), ("planned", densities(LEVELS, sens, mean))):
-                engine.configure(strategy="predictor", densities=dens, measure=True)
-                ppl, top = evaluate(model, texts)
-                agree = float(torch.cat([a == b for a, b in zip(top, base_top)]).float().mean())
-                rows.append({"mean_density": mean, "plan": plan, "densities": dens, "ppl": round(ppl, 3),
-                             "ppl_change_pct": round(100 * (ppl / base - 1), 2), "top1_agreement": round(agree, 3)})
-                print(rows[-1], flush=True)
-    finally:
-        for layer, mlp in zip(model.transformer.layers, originals):
-            layer.mlp = mlp
+    sparse = cfm_runtime.load_model(threads=2, weights="fp32")
+    engine = sparse.attach_sparse(pack, SparseOptions(sparse=True, predictor="int4"))
+    for mean in args.means:
+        for plan, dens in (("uniform", [mean] * pack.n_layers), ("planned", densities(LEVELS, sens, mean))):
+            engine.configure(strategy="predictor", densities=dens, measure=True)
+            ppl, top = evaluate(sparse, texts)
+            agree = float(torch.cat([a == b for a, b in zip(top, base_top)]).float().mean())
+            rows.append({"mean_density": mean, "plan": plan, "densities": dens, "ppl": round(ppl, 3),
+                         "ppl_change_pct": round(100 * (ppl / base - 1), 2), "top1_agreement": round(agree, 3)})
+            print(rows[-1], flush=True)
     save("sparse_plan", {"environment": environment(2), "pack": args.pack, "sens_tokens": args.sens_tokens,
                          "levels": list(LEVELS), "sensitivity_kl": np.round(sens, 5).tolist(),
                          "dense_ppl": round(base, 3), "rows": rows})

@@ -71,7 +71,7 @@ def main() -> None:
     from cfm_runtime.sparse.stats import calibration_texts, collect, token_sequences
 
     torch.set_num_threads(2)
-    model = cfm_runtime.load_model(threads=2)
+    model = cfm_runtime.load_model(threads=2, weights="fp32")
     seqs = token_sequences(model, calibration_texts(), args.chat_answers)
     acts = collect(model, seqs)
     split = int(acts.n_tokens * 0.85)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_split.py [--quick] [--out DIR]     # default DIR: benchmarks/results/split
 
-Writes split.json (every measurement and the environment) and PNG plots; see edge/bench_split.py.
+Writes split.json (every measurement and the environment) and PNG plots; see cfm_bench/split.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from edge.cli import main  # noqa: E402
+from cfm_cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     argv = sys.argv[1:]

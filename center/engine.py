@@ -38,6 +38,11 @@ class Engine:
         self.jobs.put(job)
         return job.future
 
+    def report(self) -> dict:
+        """Telemetry: forwards run and decode steps computed in them (their ratio is the mean batch)."""
+        return {"batches": self.batches, "batched_steps": self.batched_steps,
+                "batch_mean": round(self.batched_steps / self.batches, 2) if self.batches else 0.0}
+
     def stop(self) -> None:
         self.jobs.put(None)
         self.thread.join(timeout=10)

@@ -43,7 +43,7 @@ log = logging.getLogger("cfm.center")
 
 APP_NAME = "cfm-center"
 DEPLOYMENT_NAME = "Center"
-SERVICER_FUNCTION = "center._proto.cfm.v1.center_pb2_grpc.add_CenterServicer_to_server"
+SERVICER_FUNCTION = "cfm_runtime.protocol._proto.cfm.v1.center_pb2_grpc.add_CenterServicer_to_server"
 STATS_ACTOR, STATS_NAMESPACE = "cfm-center-stats", "cfm"
 REPORT_PERIOD_S = 1.0
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 from cfm_runtime import SparseOptions
-from cfm_runtime.analysis import Analysis, AnalysisOptions, CollectOptions
 from cfm_runtime.errors import CfmError
 
 from .common import add_model_args, load
@@ -46,6 +45,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_analyze(args) -> int:
+    from cfm_runtime.analysis import Analysis, AnalysisOptions, CollectOptions  # heavy (sklearn, matplotlib): here only
+
     if not 0 < args.top < 1:
         raise CfmError(f"--top must be between 0 and 1, got {args.top}")
     if args.mask_texts < 1 or args.perturb_texts < 1:

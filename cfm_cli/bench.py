@@ -9,8 +9,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from cfm_bench.link import LinkEmulator, LinkSpec, measure
-from cfm_bench.split import QUICK, Settings, run
 from cfm_runtime.errors import CfmError
 
 
@@ -40,7 +38,9 @@ def _numbers(text: str, flag: str) -> tuple:
     return xs
 
 
-def settings_from_args(args) -> Settings:
+def settings_from_args(args):
+    from cfm_bench.split import QUICK, Settings  # the benchmark tooling: imported when a benchmark runs
+
     s = QUICK if args.quick else Settings()
     changes = {}
     if args.rtt:
@@ -61,6 +61,8 @@ def cmd_bench_split(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CfmError(f"--out {out} is a file; give a folder")
+    from cfm_bench.split import run
+
     result = run(s, out, args.model)
     sm = result["summary"]
     print(json.dumps(sm, indent=1))
@@ -88,6 +90,8 @@ def _hostport(text: str) -> tuple[str, int]:
 
 
 def cmd_link(args) -> int:
+    from cfm_bench.link import LinkEmulator, LinkSpec, measure
+
     spec = LinkSpec(args.delay_ms, args.jitter_ms, args.rate_mbit, args.loss)
     if args.check:
         print(json.dumps({"requested": {"rtt_ms": 2 * spec.delay_ms, "rate_mbit": spec.rate_mbit},

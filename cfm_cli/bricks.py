@@ -18,7 +18,6 @@ from cfm_runtime.bricks.routing import signature
 from cfm_runtime.bricks.store import check_name
 from cfm_runtime.bricks.train import TrainConfig, load_examples, mean_loss, train_lora
 from cfm_runtime.errors import CfmError
-from cfm_runtime.split.frozen import center_frozen
 
 from .common import add_center_args, add_model_args, center_options, load, notice
 
@@ -206,6 +205,8 @@ def cmd_train(args) -> int:
           file=sys.stderr)
     frozen, closer = None, None
     if args.center:
+        from cfm_runtime.split.frozen import center_frozen  # grpc: imported when a center is used
+
         frozen, closer = center_frozen(model, center_options(args), model.config.n_layers - cfg.top_layers,
                                        log=notice)
     checkpoint = store.root / ".train" / args.name / "checkpoint.pt"

@@ -9,9 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-from center import ray_serve
-from center.interceptor import Tokens
-from center.server import CenterLimits, CenterServer
 from cfm_runtime import LoadOptions, load_model
 from cfm_runtime.errors import CfmError
 from cfm_runtime.protocol.spans import parse_span
@@ -56,6 +53,9 @@ def _interrupt(signum, frame):
 
 
 def cmd_serve(args) -> int:
+    from center.interceptor import Tokens  # the server (grpc.aio, health, reflection): imported when it runs
+    from center.server import CenterLimits, CenterServer
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tokens, tls = Tokens.load(args.token_file), _tls(args)
     for name in ("max_sessions", "max_batch"):
@@ -75,6 +75,7 @@ def cmd_serve(args) -> int:
         server.wait()
     except KeyboardInterrupt:
         server.stop(grace=2)
+    print(f"center stopped: {server.servicer.engine.report()}", file=sys.stderr)
     return 0
 
 
@@ -129,6 +130,8 @@ def app_args(args) -> dict:
 
 
 def cmd_deploy(args) -> int:
+    from center import ray_serve  # Ray (the optional extra `ray`) only for these commands
+
     ray_serve.parse_args(app_args(args))  # user errors before Ray starts
     if not 1 <= args.grpc_port <= 65535:
         raise CfmError("--grpc-port must be 1..65535")
@@ -150,6 +153,8 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from center import ray_serve  # Ray (the optional extra `ray`) only for these commands
+
     st = ray_serve.status(args.address)
     if args.json:
         print(json.dumps(st, indent=2))
@@ -165,7 +170,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_undeploy(args) -> int:
-    import ray  # the optional extra `ray`
+    import ray  # the optional extra `ray`, only for these commands
+
+    from center import ray_serve
 
     try:
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 from cfm_runtime.errors import CfmError
-from cfm_runtime.split.client import CenterClient, CenterFailure
-from cfm_runtime.split.planner import plan
 
 from .common import add_center_args, add_model_args, center_options, load
 
@@ -20,6 +18,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_plan(args) -> int:
+    from cfm_runtime.split.client import CenterClient, CenterFailure  # grpc: imported when a center is used
+    from cfm_runtime.split.planner import plan
+
     center = center_options(args)
     center.check()
     model = load(args)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from edge.server import Engine, model_id, serve
-
 from .common import add_center_args, add_model_args, load, notice, run_options
 
 
@@ -18,6 +16,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_serve(args) -> int:
+    from edge.server import Engine, model_id, serve  # the HTTP stack (fastapi, uvicorn): imported when it serves
+
     run = run_options(args)
     model = load(args)
     generator = model.new_generator(run)

@@ -1,17 +1,30 @@
-"""cfm-runtime: configurable foundation models on small machines, locally or split with a center."""
+"""cfm-runtime: configurable foundation models on small machines, locally or split with a center.
 
-from .config import ModelConfig
-from .errors import CfmError, ContextOverflowError, ModelFileError
-from .generate import GenerationChunk, GenerationStats, Generator
-from .loading import default_model_path
-from .model import KVCache, SpanCache, Transformer
-from .options import CenterOptions, LoadOptions, RunOptions, SparseOptions
-from .runners import LocalRunner, Runner
-from .runtime import Model, load_model
-from .sampling import SamplingParams
+The names below are imported on first use, so that a process that needs one part (the protocol stubs in a
+proxy, the options in a CLI parser) does not pay for the rest (torch, onnxruntime).
+"""
 
-__all__ = [
-    "CenterOptions", "CfmError", "ContextOverflowError", "GenerationChunk", "GenerationStats", "Generator",
-    "KVCache", "LoadOptions", "LocalRunner", "Model", "ModelConfig", "ModelFileError", "RunOptions", "Runner",
-    "SamplingParams", "SparseOptions", "SpanCache", "Transformer", "default_model_path", "load_model",
-]
+from importlib import import_module
+
+_WHERE = {
+    "CenterOptions": "options", "LoadOptions": "options", "RunOptions": "options", "SparseOptions": "options",
+    "CfmError": "errors", "ContextOverflowError": "errors", "ModelFileError": "errors",
+    "GenerationChunk": "generate", "GenerationStats": "generate", "Generator": "generate",
+    "KVCache": "model", "SpanCache": "model", "Transformer": "model",
+    "LocalRunner": "runners", "Runner": "runners",
+    "Model": "runtime", "load_model": "runtime",
+    "ModelConfig": "config", "SamplingParams": "sampling", "default_model_path": "loading",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'cfm_runtime' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -110,8 +110,8 @@ def stock_modules(t: Transformer) -> tuple:
 
 
 def _projections(layer) -> tuple:
-    a, m = layer.self_attn, layer.mlp
-    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
+    """q, k, v, o, gate, up, down (None where a replaced module has no such projection)."""
+    return tuple(getattr(getattr(layer, parent), name, None) for parent, name in (p.split(".") for p in PROJECTIONS))
 
 
 def decoder_weights(t: Transformer) -> DecoderWeights | None:
@@ -122,9 +122,9 @@ def decoder_weights(t: Transformer) -> DecoderWeights | None:
     layers = {}
     for i, layer in enumerate(t.layers):
         a, m = layer.self_attn, layer.mlp
-        projections = _projections(layer)
         if type(a) is not Attention or type(m) is not MLP:
             return None
+        projections = _projections(layer)
         if not all(type(p) is QuantizedLinear for p in projections):
             return None
         if any(p.bias is not None for p in (a.o_proj, m.gate_proj, m.up_proj, m.down_proj)):

@@ -55,16 +55,52 @@ class Checkpoint:
     path: Path
     format: str  # "gguf" or "hf"
     metadata: dict
-    sources: dict[int, list] = field(default_factory=dict, repr=False)  # layer -> [(HF name, reader of fp32)]
+    _digests: dict[int, bytes] | None = field(default=None, repr=False)
 
     def layer_digest(self, i: int) -> bytes:
         """blake2b of layer i's weights as the file stores them, dequantized to fp32 (names inside the layer,
-        sorted): the same for every format the weights are later held in, and readable without them."""
-        h = hashlib.blake2b(digest_size=16)
-        for name, read in sorted(self.sources.get(i, []), key=lambda s: s[0]):
-            h.update(name.encode())
-            h.update(np.ascontiguousarray(read(), dtype=np.float32).tobytes())
-        return h.digest()
+        sorted): the same whatever format the weights are held in, even when they were never loaded. All
+        layers are read in one pass over the file, one tensor at a time, on the first call."""
+        if self._digests is None:
+            self._digests = {}
+            for layer, readers in _layer_tensors(self.path, self.format).items():
+                h = hashlib.blake2b(digest_size=16)
+                for inner, read in sorted(readers, key=lambda r: r[0]):
+                    h.update(inner.encode())
+                    h.update(np.ascontiguousarray(read(), np.float32).tobytes())
+                self._digests[layer] = h.digest()
+        return self._digests.get(i, b"")
+
+
+def _layer_tensors(path: Path, fmt: str) -> dict[int, list]:
+    """Layer -> [(name inside the layer, reader of its fp32 values)] for every block weight in the file."""
+    out: dict[int, list] = {}
+
+    def add(name: str, read) -> None:
+        if name.startswith("layers."):
+            _, layer, inner = name.split(".", 2)
+            out.setdefault(int(layer), []).append((inner, read))
+
+    if fmt == "gguf":
+        for t in read_gguf(path)[1]:
+            name = gguf_weight_name(t.name)
+            if name is not None:
+                add(name, lambda t=t: dequantize(t))
+        return out
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                add(k[len("model."):] if k.startswith("model.") else k, lambda f=f, k=k: _read_safetensor(f, k))
+    return out
+
+
+def _read_safetensor(f: Path, key: str) -> np.ndarray:
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as sf:
+        return sf.get_tensor(key).to(torch.float32).numpy()
 
 
 def default_model_path() -> Path:
@@ -108,17 +144,6 @@ def load_checkpoint(path: str | os.PathLike | None = None, progress: bool | None
 
 def _is_ffn(name: str) -> bool:
     return ".mlp." in name
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[1]) if parts[0] == "layers" else None
-
-
-def _add_source(sources: dict, name: str, read) -> None:
-    i = _layer_of(name)
-    if i is not None:
-        sources.setdefault(i, []).append((name.split(".", 2)[2], read))
 
 
 def mmap_large_allocations() -> None:
@@ -233,7 +258,6 @@ def load_gguf(path: Path, progress: bool | None = None, skip_ffn: bool = False, 
     meta, tensors = read_gguf(path)
     values = gguf_config_values(meta, path, **overrides)
     weights: dict[str, torch.Tensor] = {}
-    sources: dict[int, list] = {}
     rope_factors = None
     big = sum(t.n_bytes for t in tensors) > (512 << 20)
     if skip_ffn:
@@ -246,7 +270,6 @@ def load_gguf(path: Path, progress: bool | None = None, skip_ffn: bool = False, 
         name = gguf_weight_name(t.name)
         if name is None:
             continue
-        _add_source(sources, name, lambda t=t: dequantize(t))
         if skip_ffn and _is_ffn(name):
             weights[name] = torch.empty(tuple(t.shape), device="meta")
         else:
@@ -256,7 +279,7 @@ def load_gguf(path: Path, progress: bool | None = None, skip_ffn: bool = False, 
     values["rope_freq_factors"] = rope_factors
     config = ModelConfig.from_dict(values)
     check_weights(config, weights, path)
-    return Checkpoint(config, weights, path, "gguf", meta, sources)
+    return Checkpoint(config, weights, path, "gguf", meta)
 
 
 # ---------------------------------------------------------------- Hugging Face folders
@@ -312,13 +335,11 @@ def load_hf_folder(path: Path, progress: bool | None = None, skip_ffn: bool = Fa
         raise ModelFileError(f"{cfg_path}: hidden_act {act!r} is not supported (supported: silu, relu)")
     values.update(overrides)
     weights: dict[str, torch.Tensor] = {}
-    sources: dict[int, list] = {}
     for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not progress):
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
                     name = k[len("model."):] if k.startswith("model.") else k
-                    _add_source(sources, name, lambda f=f, k=k: _read_safetensor(f, k).numpy())
                     if skip_ffn and _is_ffn(name):
                         weights[name] = torch.empty(tuple(sf.get_slice(k).get_shape()), device="meta")
                     else:
@@ -333,14 +354,7 @@ def load_hf_folder(path: Path, progress: bool | None = None, skip_ffn: bool = Fa
         values["rope_freq_factors"] = llama3_rope_factors(values["head_dim"], values["rope_base"], rope_scaling)
     config = ModelConfig.from_dict(values)
     check_weights(config, weights, path)
-    return Checkpoint(config, weights, path, "hf", hf, sources)
-
-
-def _read_safetensor(f: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(f), framework="pt") as sf:
-        return sf.get_tensor(key).to(torch.float32)
+    return Checkpoint(config, weights, path, "hf", hf)
 
 
 def llama3_rope_factors(head_dim: int, base: float, s: dict) -> list[float]:

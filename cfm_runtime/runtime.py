@@ -65,6 +65,15 @@ class Model:
         if isinstance(self.backend, FusedBackend):
             self._fused = self.backend
 
+    def attach_sparse(self, pack: sparse_ffn.NeuronPack, options: SparseOptions) -> sparse_ffn.SparseEngine:
+        """Replace every FFN by a sparse/offloaded one over the opened neuron `pack` (the dense FFNs are dropped:
+        load the model again to get them back); re-chooses the execution backend."""
+        if self.sparse is not None:
+            raise CfmError("this model already runs a sparse FFN; load it again to attach another")
+        self.sparse = sparse_ffn.attach(self.transformer, pack, options.resolved())
+        self.refresh_backend()
+        return self.sparse
+
     # ------------------------------------------------------------ prompts and logits
 
     def encode_prompt(self, prompt) -> list[int]:
@@ -262,7 +271,7 @@ def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Mod
         opened = sparse_ffn.open_pack(pack, source_digest=sparse_ffn.source_digest(path) if lean else None,
                                       fingerprint=None if lean else model.fingerprint())
         release_freed_memory()
-        model.sparse = sparse_ffn.attach(transformer, opened, opts.sparse)
+        model.attach_sparse(opened, opts.sparse)
     model.refresh_backend()
     release_freed_memory()
     return model

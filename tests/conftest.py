@@ -21,6 +21,12 @@ def model(model_path):
     return cfm_runtime.load_model(model_path, weights="fp32")
 
 
+@pytest.fixture(scope="module")
+def own_model(model_path):
+    """A model of the test module's own (fp32), for tests that put bricks on a model or train them."""
+    return cfm_runtime.load_model(model_path, weights="fp32")
+
+
 @pytest.fixture(scope="session")
 def eval_ids(model) -> dict[str, list[int]]:
     """Varied evaluation texts (prose, code, math, science, a chat) as token ids."""

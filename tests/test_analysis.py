@@ -156,14 +156,14 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def flash_model(model_path, pack_root):
     """The embedded model under a 100 MB RAM budget (cache: 25 MB) over the session's pack, oracle selection."""
+    from cfm_runtime import load_model
     from cfm_runtime.analysis.preload import use_oracle
-    from cfm_runtime.sparse import load_sparse
 
-    sparse = load_sparse(model_path, ram_budget_mb=100, sparse_strategy="predictor", density=0.6, pack=pack_root,
-                         predictor="lowrank", density_plan="uniform", progress=False)
+    sparse = load_model(model_path, ram_budget_mb=100, sparse_strategy="predictor", density=0.6, pack=pack_root,
+                        predictor="lowrank", density_plan="uniform", progress=False)
     use_oracle(sparse)
     yield sparse
-    sparse.transformer.sparse.close()
+    sparse.close()
 
 
 def test_preload_reads_neurons_into_the_real_cache(flash_model):
@@ -171,7 +171,7 @@ def test_preload_reads_neurons_into_the_real_cache(flash_model):
     from cfm_runtime.errors import CfmError
 
     reset_caches(flash_model)
-    engine = flash_model.transformer.sparse
+    engine = flash_model.sparse
     store = engine.modules[7].store
     cap, n_hot, n = store.cache.capacity, store.n_hot, store.n
     assert 0 < cap < n - n_hot, "the test needs a cache smaller than the cold region"
@@ -209,6 +209,6 @@ def test_function_preload_goes_through_the_cache_and_keeps_the_selection(flash_m
     assert pre["predicted"] == 0 and pre["preload_bytes"] > 0
     assert pre["hits"] + pre["misses"] == plain["hits"] + plain["misses"], "the same neurons are looked up"
     # the preloaded neurons are found in the cache: more hits, from the same lookups. How many more is the
-    # measurement (README: +0.07 points here, <= 0.1 per function in `cfm analyze prefetch-cache`, because
+    # measurement (docs/analysis.md: +0.07 points here, <= 0.1 per function in `cfm analyze prefetch-cache`, because
     # the LRU cache turns over within a token), so only the direction is asserted.
     assert pre["hits"] > plain["hits"]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from cfm_runtime import CfmError
-from edge.bench_center import REQUEST, TokenClient, TokenService
-from edge.bench_split import roundtrip, settings_from_args
+from cfm_bench.center_service import REQUEST, TokenClient, TokenService
+from cfm_bench.split import roundtrip
+from cfm_cli.bench import settings_from_args
 from cfm_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,105 +35,105 @@ def answer_top1(model, forced) -> list:
 
 
 @pytest.fixture(scope="module")
-def personal(model, tmp_path_factory):
+def personal(own_model, tmp_path_factory):
     """A brick trained on FACTS with the `cfm brick train` defaults, and the base model's answers before it."""
     folder = tmp_path_factory.mktemp("facts")
     (folder / "facts.txt").write_text(FACTS)
     (folder / "held.txt").write_text(HELD_OUT)
-    examples = load_examples(folder / "facts.txt", model.tokenizer)
-    held = load_examples(folder / "held.txt", model.tokenizer)
-    before = {"held_loss": mean_loss(model, held), "answers": {q: ask(model, q) for q in PERSONAL["unrelated"]}}
+    examples = load_examples(folder / "facts.txt", own_model.tokenizer)
+    held = load_examples(folder / "held.txt", own_model.tokenizer)
+    before = {"held_loss": mean_loss(own_model, held), "answers": {q: ask(own_model, q) for q in PERSONAL["unrelated"]}}
     forced = []
     for q, answer in before["answers"].items():
-        prompt = model.encode_prompt([{"role": "user", "content": q}])
-        forced.append((prompt + model.tokenizer.encode(answer, add_special=False), len(prompt)))
-    before["forced"], before["top1"] = forced, answer_top1(model, forced)
-    result = train_lora(model, examples, TrainConfig(), progress=False)
-    sig, layer = signature(model, [e.ids for e in examples])
-    meta = base_info(model) | {"signature": sig, "signature_layer": layer, "description": "facts about me"}
+        prompt = own_model.encode_prompt([{"role": "user", "content": q}])
+        forced.append((prompt + own_model.tokenizer.encode(answer, add_special=False), len(prompt)))
+    before["forced"], before["top1"] = forced, answer_top1(own_model, forced)
+    result = train_lora(own_model, examples, TrainConfig(), progress=False)
+    sig, layer = signature(own_model, [e.ids for e in examples])
+    meta = base_info(own_model) | {"signature": sig, "signature_layer": layer, "description": "facts about me"}
     return Brick("me", result.pairs, meta), held, before, result
 
 
-def test_brick_answers_the_users_facts_and_leaves_the_rest(model, personal, eval_ids):
+def test_brick_answers_the_users_facts_and_leaves_the_rest(own_model, personal, eval_ids):
     brick, held, before, result = personal
     assert result.losses[-1] < 0.5 * result.losses[0]
     texts = [eval_ids[k] for k in ("prose", "code", "math", "science")]
-    base = [torch.from_numpy(model.logits(ids)) for ids in texts]
-    apply_brick(model, brick)
+    base = [torch.from_numpy(own_model.logits(ids)) for ids in texts]
+    apply_brick(own_model, brick)
     try:
         # the user's facts, asked as a user would (not as in the training text)
-        recalled = [q for q, word in PERSONAL["questions"].items() if word.lower() in ask(model, q).lower()]
+        recalled = [q for q, word in PERSONAL["questions"].items() if word.lower() in ask(own_model, q).lower()]
         assert len(recalled) >= RECALL_MIN, recalled
-        held_loss = mean_loss(model, held)
+        held_loss = mean_loss(own_model, held)
         assert math.exp(held_loss) < 0.5 * math.exp(before["held_loss"])  # held-out perplexity drops
         # unrelated text: next-token predictions stay close to the base model's
         agree, kl = [], []
         for ids, b in zip(texts, base):
-            lp, lb = torch.log_softmax(torch.from_numpy(model.logits(ids)), -1), torch.log_softmax(b, -1)
+            lp, lb = torch.log_softmax(torch.from_numpy(own_model.logits(ids)), -1), torch.log_softmax(b, -1)
             agree.append(float((lp.argmax(-1) == lb.argmax(-1)).float().mean()))
             kl.append(float((lb.exp() * (lb - lp)).sum(-1).mean()))
         assert sum(agree) / len(agree) >= AGREE_MIN and sum(kl) / len(kl) <= KL_MAX, (agree, kl)
         # unrelated questions: the base model's greedy answers unchanged (checked token by token), or still
         # holding the base model's answer word
-        same = [bool((a == b).all()) for a, b in zip(answer_top1(model, before["forced"]), before["top1"])]
+        same = [bool((a == b).all()) for a, b in zip(answer_top1(own_model, before["forced"]), before["top1"])]
         equivalent = []
         for (q, word), unchanged in zip(PERSONAL["unrelated"].items(), same):
             w, base_answer = word.lower(), before["answers"][q].lower()
-            if unchanged or (w in base_answer and w in ask(model, q).lower()):
+            if unchanged or (w in base_answer and w in ask(own_model, q).lower()):
                 equivalent.append(q)
         assert len(equivalent) >= EQUIVALENT_MIN, (equivalent, same)
     finally:
-        remove_brick(model, "me")
+        remove_brick(own_model, "me")
     q = "How many days are in a week?"
-    assert ask(model, q) == before["answers"][q]  # unapplied: the base model again
+    assert ask(own_model, q) == before["answers"][q]  # unapplied: the base model again
 
 
-def test_resume_equals_an_uninterrupted_run(model, tmp_path):
+def test_resume_equals_an_uninterrupted_run(own_model, tmp_path):
     (tmp_path / "d.txt").write_text(FACTS)
-    examples = load_examples(tmp_path / "d.txt", model.tokenizer)[:3]
+    examples = load_examples(tmp_path / "d.txt", own_model.tokenizer)[:3]
     cfg = TrainConfig(steps=4, top_layers=1, rank=2, targets=("self_attn.v_proj", "mlp.down_proj"), checkpoint_every=2,
                       anchors=5)
     ck = tmp_path / "ck.pt"
-    first = train_lora(model, examples, cfg, checkpoint=ck, progress=False, stop_after=2)
+    first = train_lora(own_model, examples, cfg, checkpoint=ck, progress=False, stop_after=2)
     assert ck.is_file() and len(first.losses) == 2
-    resumed = train_lora(model, examples, cfg, checkpoint=ck, resume=True, progress=False)
-    straight = train_lora(model, examples, cfg, progress=False)
+    resumed = train_lora(own_model, examples, cfg, checkpoint=ck, resume=True, progress=False)
+    straight = train_lora(own_model, examples, cfg, progress=False)
     assert resumed.resumed_from == 2 and resumed.losses == pytest.approx(straight.losses, rel=1e-5)
     for name, p in straight.pairs.items():
         torch.testing.assert_close(resumed.pairs[name].b, p.b, rtol=1e-5, atol=1e-7)
     other = TrainConfig(steps=4, top_layers=1, rank=4, checkpoint_every=2, anchors=5)
     with pytest.raises(Exception, match="other data or options"):
-        train_lora(model, examples, other, checkpoint=ck, resume=True, progress=False)
+        train_lora(own_model, examples, other, checkpoint=ck, resume=True, progress=False)
 
 
-def _toy_brick(model, name, layers, kinds, rank, seed, fingerprint=None):
+def _toy_brick(own_model, name, layers, kinds, rank, seed, fingerprint=None):
     g = torch.Generator().manual_seed(seed)
     pairs = {}
     for i in layers:
         for kind in kinds:
-            lin = model.transformer.get_submodule(f"layers.{i}.{kind}")
+            lin = own_model.transformer.get_submodule(f"layers.{i}.{kind}")
             pairs[f"layers.{i}.{kind}"] = LoraPair(torch.randn(rank, lin.in_features, generator=g) * 0.01,
                                                    torch.randn(lin.out_features, rank, generator=g) * 0.01, 2.0)
-    meta = base_info(model)
+    meta = base_info(own_model)
     if fingerprint:
         meta["base_fingerprint"] = fingerprint
     return Brick(name, pairs, meta)
 
 
-def test_merge_is_the_weighted_sum_of_updates(model):
-    a = _toy_brick(model, "a", [28, 29], ["self_attn.q_proj", "mlp.up_proj"], 4, 1)
-    b = _toy_brick(model, "b", [29], ["self_attn.q_proj", "mlp.down_proj"], 2, 2)
+def test_merge_is_the_weighted_sum_of_updates(own_model):
+    a = _toy_brick(own_model, "a", [28, 29], ["self_attn.q_proj", "mlp.up_proj"], 4, 1)
+    b = _toy_brick(own_model, "b", [29], ["self_attn.q_proj", "mlp.down_proj"], 2, 2)
     m = merge_bricks([a, b], [0.5, 0.25], "ab")
     q = "layers.29.self_attn.q_proj"
     torch.testing.assert_close(m.pairs[q].delta(), 0.5 * a.pairs[q].delta() + 0.25 * b.pairs[q].delta())
     torch.testing.assert_close(m.pairs["layers.28.mlp.up_proj"].delta(), 0.5 * a.pairs["layers.28.mlp.up_proj"].delta())
     assert set(m.pairs) == set(a.pairs) | set(b.pairs) and m.pairs[q].rank == 6
-    other = _toy_brick(model, "c", [29], ["self_attn.q_proj"], 2, 3, fingerprint="0" * 32)
+    other = _toy_brick(own_model, "c", [29], ["self_attn.q_proj"], 2, 3, fingerprint="0" * 32)
     with pytest.raises(BrickError, match="different base models"):
         merge_bricks([a, other], [0.5, 0.5], "bad")
 
 
-def test_routing_picks_the_matching_brick_or_none(model, personal):
+def test_routing_picks_the_matching_brick_or_none(own_model, personal):
     me = personal[0]
     # a coding brick is trained on coding chats (JSONL): its signature comes from those
     code_chats = [
@@ -143,11 +143,11 @@ def test_routing_picks_the_matching_brick_or_none(model, personal):
         [{"role": "user", "content": "How do I fill a numpy array row by row in Python?"},
          {"role": "assistant", "content": "import numpy as np\nx = np.zeros((3, 4))\nfor i in range(3):\n"
                                           "    x[i] = i\n"}]]
-    sig, layer = signature(model, [model.encode_prompt(c) for c in code_chats])
+    sig, layer = signature(own_model, [own_model.encode_prompt(c) for c in code_chats])
     metas = [me.meta | {"name": "me"}, {"name": "code", "signature": sig, "signature_layer": layer}]
 
     def pick(text):
-        return route(model, model.encode_prompt([{"role": "user", "content": text}]), metas)[0]
+        return route(own_model, own_model.encode_prompt([{"role": "user", "content": text}]), metas)[0]
 
     assert pick("What is the name of my dog Biscuit?") == "me"
     assert pick("Tell me about my hometown Quillbury and my violins.") == "me"
@@ -177,7 +177,7 @@ def run(capsys, *argv):
     return code, out.out, out.err
 
 
-def test_store_round_trip_and_bad_input_through_the_cli(model, personal, home, tmp_path, capsys):
+def test_store_round_trip_and_bad_input_through_the_cli(own_model, personal, home, tmp_path, capsys):
     from cfm_runtime.bricks.formats import write_peft
 
     store = BrickStore()
@@ -193,7 +193,7 @@ def test_store_round_trip_and_bad_input_through_the_cli(model, personal, home, t
     code, out, _ = run(capsys, "brick", "list", "--json")
     (info,) = json.loads(out)
     assert info["name"] == "me" and info["layers"] == list(range(22, 30)) and info["rank"] == 8
-    assert info["base_fingerprint"] == model.fingerprint() and len(info["checksum"]) == 64 and info["size_bytes"] > 0
+    assert info["base_fingerprint"] == own_model.fingerprint() and len(info["checksum"]) == 64 and info["size_bytes"] > 0
     before = snapshot(home)
 
     # bad input: corrupt file, wrong shapes, existing name; each a clear error and the store unchanged
@@ -213,7 +213,7 @@ def test_store_round_trip_and_bad_input_through_the_cli(model, personal, home, t
     assert snapshot(home) == before
 
     # a brick for another model is refused when applied; an incompatible merge is refused
-    store.save(_toy_brick(model, "alien", [29], ["self_attn.q_proj"], 2, 3, fingerprint="f" * 32))
+    store.save(_toy_brick(own_model, "alien", [29], ["self_attn.q_proj"], 2, 3, fingerprint="f" * 32))
     before = snapshot(home)
     code, _, err = run(capsys, "generate", "--prompt", "Hi", "--max-tokens", "2", "--bricks", "alien")
     assert code == 2 and "made for another base model" in err
@@ -222,7 +222,7 @@ def test_store_round_trip_and_bad_input_through_the_cli(model, personal, home, t
     assert snapshot(home) == before
 
     # a merge of compatible bricks, then generation with the brick on, and routing
-    store.save(_toy_brick(model, "tiny", [29], ["self_attn.q_proj"], 2, 4))
+    store.save(_toy_brick(own_model, "tiny", [29], ["self_attn.q_proj"], 2, 4))
     code, out, err = run(capsys, "brick", "merge", "me:0.5", "tiny:0.5", "--name", "mix")
     assert code == 0, err
     assert store.info("mix")["ranks"] == [8, 10] and store.info("mix")["signature"] is not None

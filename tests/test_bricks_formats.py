@@ -36,40 +36,40 @@ def peft_dir(hf_reference, tmp_path_factory):
     return folder, peft_model
 
 
-def test_peft_adapter_logits_match_peft(model, peft_dir, hf_reference):
+def test_peft_adapter_logits_match_peft(own_model, peft_dir, hf_reference):
     folder, peft_model = peft_dir
     hf, _ = hf_reference
-    ids = model.tokenizer.encode(TEXT)
+    ids = own_model.tokenizer.encode(TEXT)
     with torch.no_grad():
         ref = peft_model(torch.tensor([ids])).logits[0].numpy()
         base = hf(torch.tensor([ids])).logits[0].numpy()
-    brick = import_adapter(model, folder, "peft-random")
-    apply_brick(model, brick)
+    brick = import_adapter(own_model, folder, "peft-random")
+    apply_brick(own_model, brick)
     try:
-        ours = model.logits(ids)
+        ours = own_model.logits(ids)
     finally:
-        remove_brick(model, "peft-random")
+        remove_brick(own_model, "peft-random")
     assert np.abs(ref - base).max() > 1.0, "the adapter must change the logits for the test to mean anything"
     assert np.abs(ours - ref).max() < 1e-2
-    np.testing.assert_allclose(model.logits(ids), base, atol=1e-2)  # removed: back to the base model
+    np.testing.assert_allclose(own_model.logits(ids), base, atol=1e-2)  # removed: back to the base own_model
     # the q/k row permutation is what makes it match: without it the logits are far off
-    attach(model.transformer, "raw", brick.pairs)
+    attach(own_model.transformer, "raw", brick.pairs)
     try:
-        assert np.abs(model.logits(ids) - ref).max() > 0.1
+        assert np.abs(own_model.logits(ids) - ref).max() > 0.1
     finally:
-        detach(model.transformer, "raw")
+        detach(own_model.transformer, "raw")
 
 
-def test_brick_saved_as_peft_loads_in_peft(model, peft_dir, hf_reference, tmp_path):
+def test_brick_saved_as_peft_loads_in_peft(own_model, peft_dir, hf_reference, tmp_path):
     """Round trip: our PEFT writer's folder gives peft the same model as the original adapter."""
     from peft import PeftModel
 
     folder, peft_model = peft_dir
-    pairs, _ = read_adapter(folder, model.config)
+    pairs, _ = read_adapter(folder, own_model.config)
     write_peft(tmp_path, pairs)
     hf, _ = hf_reference
     reloaded = PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path)).eval()
-    ids = model.tokenizer.encode(TEXT)[:24]
+    ids = own_model.tokenizer.encode(TEXT)[:24]
     with torch.no_grad():
         a = reloaded(torch.tensor([ids])).logits[0].numpy()
         b = peft_model(torch.tensor([ids])).logits[0].numpy()
@@ -110,17 +110,17 @@ def llama_logits(model_path, ids, lora=None):
     return out
 
 
-def test_gguf_adapter_matches_llama_cpp(model, model_path, tmp_path):
+def test_gguf_adapter_matches_llama_cpp(own_model, model_path, tmp_path):
     path = write_gguf_lora(tmp_path / "lora.gguf")
-    ids = model.tokenizer.encode(TEXT)
+    ids = own_model.tokenizer.encode(TEXT)
     base_ref, lora_ref = llama_logits(model_path, ids), llama_logits(model_path, ids, path)
-    base = model.logits(ids)
-    brick = import_adapter(model, path, "gguf-random")
-    apply_brick(model, brick)
+    base = own_model.logits(ids)
+    brick = import_adapter(own_model, path, "gguf-random")
+    apply_brick(own_model, brick)
     try:
-        ours = model.logits(ids)
+        ours = own_model.logits(ids)
     finally:
-        remove_brick(model, "gguf-random")
+        remove_brick(own_model, "gguf-random")
     ref_delta, our_delta = lora_ref - base_ref, ours - base
     assert np.abs(ref_delta).max() > 3.0  # llama.cpp applied it, strongly
     corr = np.corrcoef(ref_delta.ravel(), our_delta.ravel())[0, 1]
@@ -129,20 +129,20 @@ def test_gguf_adapter_matches_llama_cpp(model, model_path, tmp_path):
     assert corr > 0.93 and np.abs(ours - lora_ref).max() < noise + 1.0
     assert (ours.argmax(-1) == lora_ref.argmax(-1)).mean() >= 0.9
     # q/k rows read without undoing llama.cpp's permutation agree markedly worse
-    wrong = to_model_layout(to_model_layout(brick.pairs, model.config), model.config)
-    attach(model.transformer, "wrong", wrong)
+    wrong = to_model_layout(to_model_layout(brick.pairs, own_model.config), own_model.config)
+    attach(own_model.transformer, "wrong", wrong)
     try:
-        wrong_delta = model.logits(ids) - base
+        wrong_delta = own_model.logits(ids) - base
     finally:
-        detach(model.transformer, "wrong")
+        detach(own_model.transformer, "wrong")
     assert np.corrcoef(ref_delta.ravel(), wrong_delta.ravel())[0, 1] < corr - 0.05
 
 
-def test_all_mismatches_reported_at_once(model, tmp_path):
+def test_all_mismatches_reported_at_once(own_model, tmp_path):
     shapes = dict(GGUF_SHAPES, attn_k=(576, 576), ffn_down=(576, 1000))
     path = write_gguf_lora(tmp_path / "bad.gguf", layers=(1, 40), shapes=shapes)
     with pytest.raises(BrickError) as e:
-        import_adapter(model, path, "bad")
+        import_adapter(own_model, path, "bad")
     msg = str(e.value)
     assert "layers.1.self_attn.k_proj: lora_B is (576, 8), expected [192, rank]" in msg
     assert "layers.1.mlp.down_proj: lora_A is (8, 1000), expected [rank, 1536]" in msg
@@ -150,13 +150,13 @@ def test_all_mismatches_reported_at_once(model, tmp_path):
     assert "problem(s)" in msg and msg.count("\n") >= 3
 
 
-def test_gguf_adapter_for_another_architecture_is_refused(model, tmp_path):
+def test_gguf_adapter_for_another_architecture_is_refused(own_model, tmp_path):
     path = write_gguf_lora(tmp_path / "q.gguf", layers=(0,), arch="qwen2")
     with pytest.raises(BrickError, match="architecture 'qwen2'"):
-        import_adapter(model, path, "q")
+        import_adapter(own_model, path, "q")
 
 
-def test_peft_bad_files(model, peft_dir, tmp_path):
+def test_peft_bad_files(own_model, peft_dir, tmp_path):
     import shutil
     import json
 
@@ -166,18 +166,18 @@ def test_peft_bad_files(model, peft_dir, tmp_path):
     weights = broken / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(BrickError, match="corrupt or not a safetensors"):
-        import_adapter(model, broken, "x")
+        import_adapter(own_model, broken, "x")
     dora = tmp_path / "dora"
     shutil.copytree(folder, dora)
     cfg = json.loads((dora / "adapter_config.json").read_text()) | {"use_dora": True, "modules_to_save": ["lm_head"]}
     (dora / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(BrickError, match="use_dora=True is not supported(.|\n)*modules_to_save"):
-        import_adapter(model, dora, "x")
+        import_adapter(own_model, dora, "x")
     with pytest.raises(BrickError, match="does not exist"):
-        import_adapter(model, tmp_path / "nothing", "x")
+        import_adapter(own_model, tmp_path / "nothing", "x")
 
 
-def test_several_bricks_with_weights_sum_their_updates(model):
+def test_several_bricks_with_weights_sum_their_updates(own_model):
     """Two bricks on one layer at weights 0.5 and 2 equal one brick holding 0.5 d1 + 2 d2."""
     g = torch.Generator().manual_seed(1)
     q = "layers.3.self_attn.q_proj"
@@ -186,19 +186,19 @@ def test_several_bricks_with_weights_sum_their_updates(model):
         return LoraPair(torch.randn(4, 576, generator=g) * 0.05, torch.randn(576, 4, generator=g) * 0.05, 2.0)
 
     p1, p2 = rand_pair(), rand_pair()
-    ids = model.tokenizer.encode(TEXT)[:20]
-    attach(model.transformer, "one", {q: p1}, 0.5)
-    attach(model.transformer, "two", {q: p2}, 2.0)
+    ids = own_model.tokenizer.encode(TEXT)[:20]
+    attach(own_model.transformer, "one", {q: p1}, 0.5)
+    attach(own_model.transformer, "two", {q: p2}, 2.0)
     try:
-        both = model.logits(ids)
+        both = own_model.logits(ids)
     finally:
-        detach(model.transformer, "one")
-        detach(model.transformer, "two")
+        detach(own_model.transformer, "one")
+        detach(own_model.transformer, "two")
     merged = LoraPair(torch.cat([p1.a, p2.a]), torch.cat([0.5 * 2.0 * p1.b, 2.0 * 2.0 * p2.b], 1), 1.0)
-    attach(model.transformer, "merged", {q: merged})
+    attach(own_model.transformer, "merged", {q: merged})
     try:
-        one = model.logits(ids)
+        one = own_model.logits(ids)
     finally:
-        detach(model.transformer, "merged")
+        detach(own_model.transformer, "merged")
     assert np.abs(both - one).max() < 1e-3
-    assert type(model.transformer.layers[3].self_attn.q_proj) is torch.nn.Linear  # unwrapped again
+    assert type(own_model.transformer.layers[3].self_attn.q_proj) is torch.nn.Linear  # unwrapped again

@@ -8,12 +8,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from center import wire
 from center.engine import Engine, Job
 from center.interceptor import Tokens
-from center.proto import pb, pb_grpc
-from center.server import CenterLimits, CenterServer, default_span
+from center.server import CenterLimits, CenterServer
 from center.sessions import Session
+from cfm_runtime.protocol import wire
+from cfm_runtime.protocol.proto import pb, pb_grpc
+from cfm_runtime.protocol.spans import default_span, parse_span
 
 D = 576
 F32 = pb.DTYPE_FLOAT32
@@ -272,7 +273,6 @@ def test_tokens_from_file_and_env(tmp_path, monkeypatch):
 
 
 def test_span_option():
-    from center.server import parse_span
     from cfm_runtime.errors import CfmError
 
     assert parse_span(None, 30) == (2, 28) and parse_span("4:20", 30) == (4, 20)

@@ -21,17 +21,20 @@ def test_every_rpc_field_and_message_is_commented():
 
 
 def test_stubs_are_generated_from_the_proto(tmp_path):
+    """protogen alone (as setup.py runs it) compiles protos/ into importable stubs."""
     shutil.copytree(ROOT / "protos", tmp_path / "protos")
-    (tmp_path / "center").mkdir()
-    (tmp_path / "center" / "__init__.py").write_text("")
-    shutil.copy(ROOT / "center" / "protogen.py", tmp_path / "center" / "protogen.py")
-    code = ("from pathlib import Path; from center.protogen import generate; print(generate(Path('.')));"
-            "from center._proto.cfm.v1 import center_pb2_grpc as g, center_pb2 as pb;"
-            "print(pb.DESCRIPTOR.services_by_name['Center'].full_name, hasattr(g, 'CenterServicer'))")
+    package = tmp_path / "cfm_runtime" / "protocol"
+    package.mkdir(parents=True)
+    for init in (tmp_path / "cfm_runtime" / "__init__.py", package / "__init__.py"):
+        init.write_text("")
+    shutil.copy(ROOT / "cfm_runtime" / "protocol" / "protogen.py", package / "protogen.py")
+    code = ("from pathlib import Path; from cfm_runtime.protocol.protogen import generate; print(generate(Path('.')));"
+            "from cfm_runtime.protocol._proto.cfm.v1 import center_pb2_grpc as g, center_pb2 as pb;"
+            "print(pb.__file__, pb.DESCRIPTOR.services_by_name['Center'].full_name, hasattr(g, 'CenterServicer'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
-    assert "cfm.v1.Center True" in out
-    assert (tmp_path / "center" / "_proto" / "cfm" / "v1" / "center_pb2_grpc.py").is_file()
+    assert "cfm.v1.Center True" in out and str(tmp_path) in out  # the freshly generated stubs, not installed ones
+    assert (package / "_proto" / "cfm" / "v1" / "center_pb2_grpc.py").is_file()
 
 
 def test_generated_stubs_are_ignored_by_git():
-    assert "/center/_proto/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "/cfm_runtime/protocol/_proto/" in (ROOT / ".gitignore").read_text().splitlines()

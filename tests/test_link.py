@@ -3,7 +3,7 @@
 import pytest
 
 from cfm_runtime import CfmError
-from edge.link import LinkSpec, measure
+from cfm_bench.link import LinkSpec, measure
 
 
 @pytest.mark.parametrize("delay_ms", [10, 40])

@@ -38,7 +38,7 @@ def test_fast_dequantize_equals_gguf_package(model_path):
 def test_other_architectures_match_llama_cpp(tmp_path, model_path, arch, tied, dtype):
     """qwen2 (q/k/v biases, NEOX rotary) and an untied fp16 llama, checked against llama.cpp."""
     path = write_tiny_gguf(tmp_path / f"tiny-{arch}.gguf", model_path, arch, tied=tied, dtype=dtype)
-    m = cfm_runtime.load_model(path)
+    m = cfm_runtime.load_model(path, weights="fp32")
     assert m.config.arch == arch and m.config.tied_embeddings == tied
     ids = m.tokenizer.encode("A tiny model reads a short sentence, twice. " * 4)
     ours, ref = m.logits(ids), llama_cpp_logits(path, ids)
@@ -61,7 +61,7 @@ def test_hugging_face_folder(tmp_path, model, eval_ids, hf_reference):
         state.pop("lm_head.weight", None)
     save_file(state, str(tmp_path / "model.safetensors"))
     tok.save_pretrained(tmp_path)
-    m = cfm_runtime.load_model(tmp_path)
+    m = cfm_runtime.load_model(tmp_path, weights="fp32")
     assert m.format == "hf" and m.config.rope_style == "neox"
     ids = eval_ids["chat"]
     assert m.encode_prompt([{"role": "user", "content": "Hi there!"}]) == model.encode_prompt(

@@ -8,8 +8,8 @@ import httpx
 import openai
 import pytest
 
-from edge.server import Engine, build_server
-from edge.serve_cli import model_id
+from cfm_runtime import CenterOptions, RunOptions
+from edge.server import Engine, build_server, model_id
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -160,13 +160,15 @@ def _toy_brick(model, name, layers, seed=0):
     return Brick(name, pairs, base_info(model))
 
 
-def test_split_and_brick_streams_equal_generate(model, tmp_path):
+def test_split_and_brick_streams_equal_generate(own_model, tmp_path):
     """Through a center (split 2:28) and with a brick on edge layers, the streamed answer equals the
     greedy answer `cfm generate --center ... [--bricks b]` computes."""
+    model = own_model  # bricks go on and off it
     from center.server import CenterServer
     from cfm_runtime.bricks import BrickStore, apply_brick, remove_brick
-    from edge.serve_cli import brick_models
-    from edge.split import split_generator
+
+    def split_generator(model, address, split):
+        return model.new_generator(RunOptions(center=CenterOptions(address, split), brick_store=store.root))
 
     store = BrickStore(tmp_path / "bricks")
     store.save(_toy_brick(model, "edgebrick", [28, 29]))
@@ -186,7 +188,7 @@ def test_split_and_brick_streams_equal_generate(model, tmp_path):
         assert expected_brick != expected
 
         gen = split_generator(model, address, (2, 28))
-        engine = Engine(model, gen, model_id(model), brick_models(model, gen, store))
+        engine = Engine(model, gen, model_id(model), gen.bricks.offered())
         assert engine.model_ids() == ["smollm2-135m", "smollm2-135m+edgebrick"]
         server, thread, url = start(engine)
         try:

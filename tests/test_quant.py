@@ -89,19 +89,20 @@ def test_pack_rejects_bad_shapes():
 
 
 def test_int4_quality_against_fp32_and_llama_cpp(model, eval_ids, int4_logits):
+    """int4 (the default) against the fp32 model, with llama.cpp on the same Q4_1 file measured here as the
+    yardstick: top-1 agreement with fp32 at least llama.cpp's (less one point), perplexity change at most
+    llama.cpp's (plus one point)."""
     fp32 = {k: model.logits(v) for k, v in eval_ids.items()}
-    top1 = np.mean(np.concatenate([int4_logits[k].argmax(-1) == fp32[k].argmax(-1) for k in eval_ids]))
-    delta = perplexity(int4_logits, eval_ids) / perplexity(fp32, eval_ids) - 1
-    # measured: 96.7% top-1 and +0.0% perplexity on 3,091 tokens (int8 activations in every kernel, like
-    # llama.cpp's; centred zero points; llama.cpp itself: 96.5%, +0.13%)
-    assert top1 >= 0.95, top1
-    assert abs(delta) < 0.02, delta
-    agree = total = 0
-    for k in ("prose", "code"):
-        ref = llama_cpp_logits(model.path, eval_ids[k])
-        agree += int((int4_logits[k].argmax(-1) == ref.argmax(-1)).sum())
-        total += len(eval_ids[k])
-    assert agree / total >= 0.95, f"{agree}/{total}"
+    cpp = {k: llama_cpp_logits(model.path, v) for k, v in eval_ids.items()}
+
+    def top1(logits):
+        return np.mean(np.concatenate([logits[k].argmax(-1) == fp32[k].argmax(-1) for k in eval_ids]))
+
+    def delta(logits):
+        return perplexity(logits, eval_ids) / perplexity(fp32, eval_ids) - 1
+
+    assert top1(int4_logits) >= top1(cpp) - 0.01, (top1(int4_logits), top1(cpp))
+    assert abs(delta(int4_logits)) <= abs(delta(cpp)) + 0.01, (delta(int4_logits), delta(cpp))
 
 
 def zero_lora(base, rank: int = 4) -> LoRALinear:

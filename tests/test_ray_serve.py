@@ -15,8 +15,7 @@ import yaml
 from center.ray_serve import deployment_options, kv_bytes_per_position, parse_args
 from center.server import CenterServer
 from cfm_runtime.errors import CfmError
-from cfm_runtime.generate import SamplingParams
-from edge.split import split_generator
+from cfm_runtime import CenterOptions, RunOptions, SamplingParams
 
 QUESTIONS = ["What is the capital of France?", "Name a color.", "Name a fruit.", "What is 2+2?",
              "Say hello.", "Name a tree.", "Name an animal.", "What day comes after Monday?"]
@@ -33,7 +32,7 @@ def _free_port() -> int:
 def run_sessions(model, address: str, on_token=None) -> list[tuple[list[int], dict]]:
     """One edge session per question, all at once; returns (greedy tokens, split report) per session."""
     prompts = [model.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
-    gens = [split_generator(model, address, split=(2, 28), timeout=60) for _ in prompts]
+    gens = [model.new_generator(RunOptions(center=CenterOptions(address, (2, 28), timeout=60))) for _ in prompts]
     out: list = [None] * len(prompts)
     errors: list = []
 
@@ -119,8 +118,8 @@ def test_eight_sessions_through_the_serve_proxy_equal_the_single_process_center(
 def test_errors_keep_their_status_through_the_proxy(model, serve_center):
     import torch
 
-    from center.proto import pb
-    from edge.center_client import CenterClient, CenterFailure
+    from cfm_runtime.protocol.proto import pb
+    from cfm_runtime.split.client import CenterClient, CenterFailure
 
     client = CenterClient(serve_center, timeout=30)
     assert client.info().fingerprint == model.fingerprint(2, 28)
@@ -174,7 +173,7 @@ def test_app_args_and_the_serve_config_file():
     app = config["applications"][0]
     assert app["import_path"] == "center.ray_serve:build_app"
     assert config["grpc_options"]["grpc_servicer_functions"] == [
-        "center._proto.cfm.v1.center_pb2_grpc.add_CenterServicer_to_server"]
+        "cfm_runtime.protocol._proto.cfm.v1.center_pb2_grpc.add_CenterServicer_to_server"]
     parse_args(app["args"])
 
 

@@ -12,39 +12,31 @@ from pathlib import Path
 import pytest
 import torch
 
+from cfm_runtime import SparseOptions, load_model
 from cfm_runtime.errors import CfmError
-from cfm_runtime.model import MLP
-from cfm_runtime.sparse import PackError, load_sparse, open_pack
-from cfm_runtime.sparse.load import attach
+from cfm_runtime.sparse import PackError, open_pack
 from cfm_runtime.sparse.profile import mean_loss
 
 PROMPT = [{"role": "user", "content": "Give two reasons to learn to cook."}]
 CGROUP = Path("/sys/fs/cgroup/memory")
 
 
-@pytest.fixture(scope="session")
-def fp16_reference(model):
-    """The dense model with its FFN weights rounded to fp16 (the pack's format): a context manager."""
-    class Swap:
-        def __enter__(self):
-            self.originals = [layer.mlp for layer in model.transformer.layers]
-            for layer in model.transformer.layers:
-                layer.mlp = rounded(layer.mlp, model.config)
-            return model
-
-        def __exit__(self, *exc):
-            for layer, mlp in zip(model.transformer.layers, self.originals):
-                layer.mlp = mlp
-    return Swap()
+def fp16_ffn_model(model_path):
+    """A dense fp32 model of its own whose FFN weights are rounded to fp16 (the pack's format)."""
+    m = load_model(model_path, weights="fp32")
+    for layer in m.transformer.layers:
+        for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            lin.weight.data = lin.weight.data.half().float()
+    return m
 
 
-def rounded(mlp, config) -> MLP:
-    with torch.device("meta"):
-        out = MLP(config)
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        w = getattr(mlp, name).weight.detach().half().float()
-        getattr(out, name).weight = torch.nn.Parameter(w, requires_grad=False)
-    return out
+@pytest.fixture(scope="module")
+def fp16_reference(model_path):
+    return fp16_ffn_model(model_path)
+
+
+def load_sparse(model_path, **options):
+    return load_model(model_path, **options)
 
 
 def greedy(model, n=20) -> list[int]:
@@ -98,9 +90,9 @@ def test_a_budget_too_small_for_the_int4_predictor_warns_and_uses_low_rank(model
     with pytest.warns(UserWarning, match=r"does not fit half of --ram-budget 100 MB; using the low-rank one"):
         m = load_sparse(model_path, ram_budget_mb=100, sparse=True, pack=pack_root)
     try:
-        assert m.transformer.sparse.budget["predictor"].startswith("lowrank")
+        assert m.sparse.budget["predictor"].startswith("lowrank")
     finally:
-        m.transformer.sparse.close()
+        m.close()
 
 
 # ---------------------------------------------------------------- offload is exact at density 1.0
@@ -108,10 +100,8 @@ def test_a_budget_too_small_for_the_int4_predictor_warns_and_uses_low_rank(model
 
 def test_offload_density_one_matches_dense_fp16(model_path, pack_root, fp16_reference, eval_ids):
     off = load_sparse(model_path, ram_budget_mb=48, pack=pack_root)
-    engine = off.transformer.sparse
     ids = eval_ids["chat"]
-    with fp16_reference as ref:
-        want_tokens, want_logits = greedy(ref), torch.from_numpy(ref.logits(ids))
+    want_tokens, want_logits = greedy(fp16_reference), torch.from_numpy(fp16_reference.logits(ids))
     got_logits = torch.from_numpy(off.logits(ids))
     assert (got_logits - want_logits).abs().max().item() < 1e-2  # same weights, neurons summed in pack order
     chunks = list(off.stream(PROMPT, max_tokens=20, temperature=0))
@@ -120,31 +110,24 @@ def test_offload_density_one_matches_dense_fp16(model_path, pack_root, fp16_refe
     assert report["ffn_weights_mb"] <= 48
     assert report["neurons_computed_pct"] == 100.0
     assert report["flash_mb_per_token"] > 0  # the cold neurons really came from the pack
-    engine.close()
+    off.close()
 
 
 def test_sparse_decode_from_flash_matches_ram(model_path, pack_root, fp16_reference):
     """Predictor decode under a RAM budget (cold neurons from the pack) computes what the same selection
     computes over the same fp16 weights in RAM, whether the misses go through the LRU cache or a layer is
     read whole; telemetry says which path ran."""
-    pack = open_pack(pack_root, verify=False)
-    with fp16_reference as ref:
-        originals = [layer.mlp for layer in ref.transformer.layers]
-        try:
-            attach(ref, pack, strategy="predictor", density=0.6)
-            want = greedy(ref, 24)
-        finally:
-            for layer, mlp in zip(ref.transformer.layers, originals):
-                layer.mlp = mlp
-            del ref.transformer.sparse
+    ram = fp16_ffn_model(model_path)
+    ram.attach_sparse(open_pack(pack_root, verify=False), SparseOptions(sparse=True, density=0.6))
+    want = greedy(ram, 24)
+    del ram
     for full_read_at in (2.0, 0.0):  # never read a layer whole / whenever anything misses
         # 400 MB: the int4 predictor's sessions take ~220 MB of it (the default at small budgets is low rank)
         off = load_sparse(model_path, ram_budget_mb=400, sparse=True, pack=pack_root, predictor="int4")
-        engine = off.transformer.sparse
-        for m in engine.modules:
+        for m in off.sparse.modules:
             m.store.full_read_at = full_read_at
         chunks = list(off.stream(PROMPT, max_tokens=24, temperature=0))
-        engine.close()
+        off.close()
         report = chunks[-1].stats.extra["sparse"]
         assert [c.token for c in chunks if c.token is not None] == want, (full_read_at, report)
         assert report["predictor"] == "int4" and report["neurons_computed_pct"] < 100
@@ -162,7 +145,7 @@ def held_out(eval_ids) -> list[list[int]]:
     return [eval_ids[k] for k in ("prose", "code", "math", "science", "chat")]
 
 
-def test_predictor_quality_close_to_oracle(model, pack_root, eval_ids):
+def test_predictor_quality_close_to_oracle(model, model_path, pack_root, eval_ids):
     """The issue's target on held-out text: predictor within +5% perplexity at the density where oracle is within +3%.
 
     The density is the lower of 0.5 / 0.6 (uniform over layers) at which the oracle (true top-k) stays
@@ -172,43 +155,46 @@ def test_predictor_quality_close_to_oracle(model, pack_root, eval_ids):
     """
     texts = held_out(eval_ids)
     base = math.exp(mean_loss(model, texts))
-    originals = [layer.mlp for layer in model.transformer.layers]
     pack = open_pack(pack_root, verify=False)
     n = pack.n_layers
     measured = {}
 
-    def ppl_change(engine, strategy):
-        engine.configure(strategy=strategy, densities=[d] * n, measure=True)
-        return math.exp(mean_loss(model, texts)) / base - 1
+    def sparse_model(predictor):
+        m = load_model(model_path, weights="fp32")
+        m.attach_sparse(pack, SparseOptions(sparse=True, predictor=predictor))
+        return m
 
-    try:
-        engine = attach(model, pack, strategy="predictor")
-        for d in (0.5, 0.6):
-            measured["oracle"] = ppl_change(engine, "oracle")
-            if measured["oracle"] <= 0.03:
-                break
-        measured["int4"] = ppl_change(engine, "predictor")
-        for layer, mlp in zip(model.transformer.layers, originals):
-            layer.mlp = mlp
-        measured["lowrank"] = ppl_change(attach(model, pack, strategy="predictor", predictor="lowrank"), "predictor")
-    finally:
-        for layer, mlp in zip(model.transformer.layers, originals):
-            layer.mlp = mlp
-        del model.transformer.sparse
+    def ppl_change(m, strategy):
+        m.sparse.configure(strategy=strategy, densities=[d] * n, measure=True)
+        return math.exp(mean_loss(m, texts)) / base - 1
+
+    m = sparse_model("int4")
+    for d in (0.5, 0.6):
+        measured["oracle"] = ppl_change(m, "oracle")
+        if measured["oracle"] <= 0.03:
+            break
+    measured["int4"] = ppl_change(m, "predictor")
+    del m
+    measured["lowrank"] = ppl_change(sparse_model("lowrank"), "predictor")
     print(f"held-out ppl {base:.2f}, density {d}: " + ", ".join(f"{k} +{100 * v:.1f}%" for k, v in measured.items()))
     assert measured["oracle"] <= 0.03, measured  # the oracle condition holds at the density tested
     assert measured["int4"] <= 0.05, measured  # the issue's target
     assert measured["int4"] >= measured["oracle"] - 0.01, measured  # no predictor beats the true top-k by much
-    assert measured["lowrank"] < 1.5, measured  # low rank: far from the target (see README)
+    assert measured["lowrank"] > measured["int4"], measured  # why low rank is not the default (docs/sparse.md)
 
 
 # ---------------------------------------------------------------- a hard memory cap
 
 
+def _cgroup_v1_writable() -> bool:
+    return (CGROUP / "memory.limit_in_bytes").is_file() and os.access(CGROUP, os.W_OK)
+
+
+@pytest.mark.skipif(not _cgroup_v1_writable(),
+                    reason=f"needs a writable cgroup v1 memory hierarchy at {CGROUP} (root, cgroup v1)")
 def test_generate_under_memory_cgroup(model_path, pack_root, fp16_reference):
     """`cfm generate --ram-budget 48` inside a memory cgroup capped far below the dense peak RSS."""
-    with fp16_reference as ref:
-        want = ref.tokenizer.decode(greedy(ref, 16))
+    want = fp16_reference.tokenizer.decode(greedy(fp16_reference, 16))
     cap_mb = 700  # dense in-RAM peak RSS is ~1,230 MB; this run measures ~650 MB
     group = CGROUP / f"cfm-test-{uuid.uuid4().hex[:8]}"
     group.mkdir()

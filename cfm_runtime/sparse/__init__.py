@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from .engine import SparseEngine
 from .load import attach, pack_dir, source_digest
-from .pack import PackError, default_root, is_current, open_pack
+from .pack import NeuronPack, PackError, default_root, is_current, open_pack
 from .profile import build_pack
 
-__all__ = ["PackError", "SparseEngine", "attach", "build_pack", "default_root", "is_current", "open_pack",
+__all__ = ["NeuronPack", "PackError", "SparseEngine", "attach", "build_pack", "default_root", "is_current", "open_pack",
            "pack_dir", "source_digest"]

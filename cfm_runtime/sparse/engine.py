@@ -1,9 +1,11 @@
 """The sparse runtime shared by a model's SparseFFN modules: staging, prefetch, step counter, telemetry.
 
-Prefetch: while layer i computes, layer i+1's bundles are read in the background. In dense mode
-(prefill, density 1.0) that is i+1's whole cold region into the other of two staging buffers; in
-predictor mode it is the neurons i+1's predictor picks from layer i's FFN input (the residual
-stream changes little from one layer to the next), into i+1's cache.
+Prefetch: while layer i computes, the bundles of the layer that runs next here are read in the background
+(i+1, or the first layer after a span that runs elsewhere: the order is learnt from the layers seen
+running). In dense mode (prefill, density 1.0) that is the next layer's whole cold region into the other
+of two staging buffers; in predictor mode it is the neurons its predictor picks from layer i's FFN input
+(the residual stream changes little from one layer to the next), into its cache. A prefetch for a layer
+that did not run next (a span moved to a center, or back) is waited for and dropped.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class SparseEngine:
         n = modules[0].n if modules else 0
         self.work = torch.empty((n, *row_shape), dtype=torch.float32) if file else None
         self.pending: dict[int, tuple[Future, np.ndarray | None]] = {}
+        self.successor: dict[int, int] = {}  # layer -> the layer seen running right after it in the same pass
+        self.last_layer: int | None = None
         self.background = ThreadPoolExecutor(1, thread_name_prefix="cfm-prefetch") if file else None
         self.budget = budget or {}
         self.phase_bytes = {"prefill": 0, "decode": 0}
@@ -48,10 +52,14 @@ class SparseEngine:
             self.phase = "prefill" if x.shape[1] > 1 else "decode"
             if self.phase == "decode":
                 self.step += 1
+        if self.last_layer is not None and module.layer > self.last_layer:
+            self.successor[self.last_layer] = module.layer
+        self.last_layer = module.layer
         if not isinstance(module.store, FlashStore):
             return
         self._wait(module.layer)
         nxt = self._next(module)
+        self._drop_stale(keep={module.layer} | ({nxt.layer} if nxt is not None else set()))
         if nxt is None or not isinstance(nxt.store, FlashStore):
             return
         if not nxt.sparse_now(x.shape[1]):
@@ -83,8 +91,14 @@ class SparseEngine:
         return self.staged(store) if entry is not None and entry[1] is not None else None
 
     def _next(self, module: SparseFFN) -> SparseFFN | None:
-        i = self.modules.index(module)
-        return self.modules[i + 1] if i + 1 < len(self.modules) else None
+        """The layer expected to run next here: the one seen after this one, else the following one."""
+        layer = self.successor.get(module.layer, module.layer + 1)
+        return next((m for m in self.modules if m.layer == layer), None)
+
+    def _drop_stale(self, keep: set[int]) -> None:
+        """Finish and forget prefetches for layers that did not run next (their buffers become free)."""
+        for layer in [x for x in self.pending if x not in keep]:
+            self.pending.pop(layer)[0].result()
 
     def _free_buffer(self) -> np.ndarray:
         """The staging buffer no pending layer holds (at most two layers are in flight: this and the next)."""
