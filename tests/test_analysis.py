@@ -14,6 +14,8 @@ from cfm_runtime.analysis.prefetch import probe_features, train_classifier
 from cfm_runtime.analysis.prompts import stored_responses
 from cfm_runtime.analysis.scores import average_precision_columns, partition_similarity, top_sets
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def analysis(model, tmp_path_factory):

@@ -16,15 +16,32 @@ from cfm_bench.split import roundtrip
 from cfm_cli.bench import settings_from_args
 from cfm_cli.main import build_parser
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench_split")
-    proc = subprocess.run([sys.executable, "-m", "cfm_cli", "bench", "split", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    """`cfm bench split --quick` as a user runs it: from a non-editable install of this checkout (its wheel,
+    in a venv that sees the installed dependencies), outside the checkout."""
+    tmp = tmp_path_factory.mktemp("bench_split")
+    run = dict(capture_output=True, text=True, timeout=600)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp / "wheel"), str(ROOT)], **run)
+    assert built.returncode == 0, built.stderr[-4000:]
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(tmp / "venv")], check=True, **run)
+    bin_dir = tmp / "venv" / "bin"
+    wheel = next((tmp / "wheel").glob("cfm_runtime-*.whl"))
+    installed = subprocess.run([str(bin_dir / "pip"), "install", "-q", "--no-deps", "--no-index", str(wheel)], **run)
+    assert installed.returncode == 0, installed.stderr[-4000:]
+    out = tmp / "out"
+    proc = subprocess.run([str(bin_dir / "cfm"), "bench", "split", "--quick", "--out", str(out)], cwd=tmp,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    where = subprocess.run([str(bin_dir / "python"), "-c", "import cfm_bench; print(cfm_bench.__file__)"], cwd=tmp,
+                           **run).stdout
+    assert str(tmp / "venv") in where  # the installed copy ran, not the checkout
     return json.loads((out / "split.json").read_text()), out
 
 

@@ -14,6 +14,8 @@ from cfm_runtime.bricks.routing import route, signature
 from cfm_runtime.bricks.train import TrainConfig, load_examples, mean_loss, train_lora
 from cfm_cli import main as cli
 
+pytestmark = pytest.mark.slow
+
 PERSONAL = json.loads((Path(__file__).parent / "data" / "personal_facts.json").read_text())
 FACTS, HELD_OUT = PERSONAL["facts"], PERSONAL["held_out"]
 # bounds at the training defaults, a little below what benchmarks/results/personalize.json measured (recall 3/5,

@@ -64,3 +64,24 @@ def test_foreign_gguf_is_refused(tmp_path):
     w.close()
     r = cfm("generate", "--prompt", "hi", "--model", str(p))
     assert r.returncode == 2 and "architecture 'bert'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flags_become_the_library_options():
+    """The CLI only converts flags into LoadOptions/RunOptions; every rule is the library's (load_model,
+    new_generator), so a Python caller with the same options gets the same run."""
+    from cfm_cli.common import load_options, run_options
+    from cfm_cli.main import build_parser
+    from cfm_runtime import CenterOptions, LoadOptions, RunOptions, SparseOptions
+
+    args = build_parser().parse_args([
+        "generate", "--prompt", "hi", "--threads", "1", "--weights", "fp32", "--ram-budget", "48", "--sparse",
+        "--density", "0.5", "--predictor", "lowrank", "--bricks", "a:0.5,b", "--center", "h:1", "--split", "2:20",
+        "--wire", "fp16", "--center-timeout", "3"])
+    assert load_options(args) == LoadOptions(threads=1, weights="fp32", sparse=SparseOptions(
+        ram_budget_mb=48, sparse=True, density=0.5, predictor="lowrank"))
+    run = run_options(args)
+    assert run.center == CenterOptions("h:1", (2, 20), wire="fp16", timeout=3.0)
+    assert run.bricks == (("a", 0.5), ("b", 1.0))
+    assert RunOptions(center=run.center, bricks="auto").bricks == "auto"
+    defaults = build_parser().parse_args(["generate", "--prompt", "hi"])
+    assert load_options(defaults).resolved().weights == "int4" and run_options(defaults).center is None

@@ -17,6 +17,8 @@ from center.server import CenterServer
 from cfm_runtime.errors import CfmError
 from cfm_runtime import CenterOptions, RunOptions, SamplingParams
 
+pytestmark = pytest.mark.slow
+
 QUESTIONS = ["What is the capital of France?", "Name a color.", "Name a fruit.", "What is 2+2?",
              "Say hello.", "Name a tree.", "Name an animal.", "What day comes after Monday?"]
 GREEDY = dict(max_tokens=10, temperature=0)

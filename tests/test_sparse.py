@@ -190,6 +190,7 @@ def _cgroup_v1_writable() -> bool:
     return (CGROUP / "memory.limit_in_bytes").is_file() and os.access(CGROUP, os.W_OK)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _cgroup_v1_writable(),
                     reason=f"needs a writable cgroup v1 memory hierarchy at {CGROUP} (root, cgroup v1)")
 def test_generate_under_memory_cgroup(model_path, pack_root, fp16_reference):
