@@ -14,3 +14,7 @@ class ModelFileError(CfmError):
 
 class ContextOverflowError(CfmError):
     """The prompt does not fit in the model's context window."""
+
+
+class NonFiniteError(CfmError):
+    """The model computed NaN or infinite logits (e.g. a brick whose weights overflow): no token can be sampled."""

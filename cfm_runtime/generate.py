@@ -9,7 +9,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from .errors import ContextOverflowError, CfmError
+from .errors import ContextOverflowError, CfmError, NonFiniteError
 from .memory import peak_rss_mb
 from .runners import Runner
 from .sampling import Sampler, SamplingParams
@@ -90,6 +90,14 @@ class StopMatcher:
         return out
 
 
+def check_finite(logits: torch.Tensor, position: int) -> None:
+    """Refuse NaN or infinite logits [vocab]: sampling them would end the answer with a silent "stop"."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteError(f"the model computed NaN or infinite logits at position {position}, so no token can be "
+                             "chosen; a brick or weights with values too large for the model cause this: remove "
+                             "the brick (cfm brick list) or check the model file")
+
+
 class BrickSelector(Protocol):
     """Puts the bricks an answer needs on the model before its prompt runs (`cfm_runtime.bricks.BrickSet`)."""
 
@@ -163,6 +171,7 @@ class Generator:
         logits = self._prefill(prompt_ids, stats)
         history = list(prompt_ids)
         while True:
+            check_finite(logits, len(history))
             token = sampler(logits, history)
             if token in self.tokenizer.eog_ids:
                 stats.finish_reason = "stop"

@@ -1,37 +1,64 @@
 """OpenAI-compatible HTTP API on the edge: /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-One model serves requests one at a time (a lock held by the generating iterator queues them, so a
-cancelled stream still finishes its current step before the next request starts); the generator keeps
-its KV cache between requests, so a conversation that grows turn by turn reuses its prefix, as
-llama.cpp's server does. A streaming client that disconnects stops its generation.
+One model serves requests one at a time, in arrival order: a request waits for its turn in an asyncio
+queue (`edge.admission`) that holds no thread, and at most `max_queue` wait (more get 429 with
+`Retry-After`). The admitted request's generation runs step by step on the engine's own thread, so
+waiting requests never take threads from it. The generator keeps its KV cache between requests, so a
+conversation that grows turn by turn reuses its prefix, as llama.cpp's server does. A client that goes
+away, streaming or not, stops its generation at the next token and frees the engine.
+
+Before a request reaches the engine: the Host, key and content type are checked (`edge.guard`), the body
+is read up to a size limit (413), parsed, checked for lone surrogates and field ranges (400), and the
+prompt's length is bounded before tokenizing. Every error is OpenAI's JSON shape; a stream that fails
+after it started ends with an error event and `[DONE]`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
-import secrets
-import threading
+import logging
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
-from cfm_runtime.errors import CfmError, ContextOverflowError
+from cfm_runtime.errors import CfmError, ContextOverflowError, NonFiniteError
+from cfm_runtime.generate import GenerationChunk
+from cfm_runtime.sampling import SamplingParams
+
+from .admission import Admission, QueueFull
+from .guard import LOOPBACK_NAMES, Guard, is_loopback
+
+log = logging.getLogger("cfm.serve")
+MAX_SEED = 2**63 - 1
+MAX_BODY_BYTES = 2**20  # default request body limit; a context of prompt text is ~660 KB at most
 
 
 class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer was ready."""
 
 
 class _Request(BaseModel):
@@ -43,7 +70,7 @@ class _Request(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # not in OpenAI's API; llama.cpp's server accepts it too
     repetition_penalty: float = Field(default=1.0, gt=0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
@@ -84,16 +111,26 @@ def model_id(model) -> str:
 
 
 class Engine:
-    """The model, its generator and the bricks a model id selects; used by one request at a time.
+    """The model, its generator and the bricks a model id selects; one generation at a time.
 
     Model ids: the base model's, and `base+NAME` for each brick in `bricks` (the brick is put on for
-    that request by the generator, and taken off for the next request that does not ask for it)."""
+    that request by the generator, and taken off for the next request that does not ask for it).
+    Generation runs on the engine's one thread (`worker`); requests wait for it in `admission`."""
 
-    def __init__(self, model, generator, model_id: str, bricks: list[str] | None = None):
+    def __init__(self, model, generator, model_id: str, bricks: list[str] | None = None, max_queue: int = 32):
         self.model, self.generator, self.model_id = model, generator, model_id
         self.bricks = {f"{model_id}+{name}": name for name in bricks or []}
-        self.busy = threading.Lock()
+        self.admission = Admission(max_queue)
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfm-engine")
         self.last_stats = None  # stats of the latest generation (telemetry, tests)
+        tok = model.tokenizer
+        # no token is longer than this: a prompt of more bytes than context x this cannot fit
+        self.max_token_bytes = max(len(tok.token_bytes(i)) for i in range(tok.vocab_size))
+
+    @property
+    def busy(self) -> bool:
+        """A request holds the engine (generating, or closing its generation)."""
+        return self.admission.held
 
     def model_ids(self) -> list[str]:
         return [self.model_id, *self.bricks]
@@ -103,24 +140,58 @@ class Engine:
             raise ApiError(404, f"model {name!r} does not exist; available: {', '.join(self.model_ids())}",
                            code="model_not_found", param="model")
 
-    def run(self, model_name: str, prompt, sampling: dict, cancel: threading.Event) -> Iterator:
-        """Sync iterator of GenerationChunks; stops early when `cancel` is set or when closed."""
+    def check_prompt_size(self, texts: list[str], param: str) -> None:
+        """Refuse a prompt that cannot fit the context whatever its tokens, before tokenizing it."""
+        limit = self.model.config.context_length * self.max_token_bytes
+        size = sum(len(t.encode("utf-8")) for t in texts)
+        if size > limit:
+            raise ApiError(400, f"the prompt has {size} bytes; no prompt over {limit} bytes fits the model's "
+                                f"context of {self.model.config.context_length} tokens; shorten it",
+                           code="context_length_exceeded", param=param)
+
+    async def begin(self, model_name: str, ids: list[int], params: SamplingParams) -> "Turn":
+        """Wait for the engine (QueueFull when too many wait), then start a generation on its thread."""
+        await self.admission.acquire()
+        return Turn(self, self.run(model_name, ids, params))
+
+    def run(self, model_name: str, ids: list[int], params: SamplingParams) -> Iterator[GenerationChunk]:
+        """Sync iterator of GenerationChunks, stepped on the engine's thread; closing it cancels."""
         self.last_stats = None
         brick = self.bricks.get(model_name)
-        with self.busy:
-            done = False
-            try:
-                for chunk in self.model.stream(prompt, generator=self.generator,
-                                               bricks=[(brick, 1.0)] if brick else None, **sampling):
-                    self.last_stats = chunk.stats
-                    yield chunk
-                    if cancel.is_set():
-                        break
-                else:
-                    done = True
-            finally:  # closed early (client gone) or cancelled
-                if not done and self.last_stats is not None:
-                    self.last_stats.finish_reason = "cancelled"
+        done = False
+        try:
+            for chunk in self.generator.stream(ids, params, [(brick, 1.0)] if brick else None):
+                self.last_stats = chunk.stats
+                yield chunk
+            done = True
+        finally:  # closed early: the client went away
+            if not done and self.last_stats is not None and self.last_stats.finish_reason is None:
+                self.last_stats.finish_reason = "cancelled"
+
+
+class Turn:
+    """One admitted request's generation: `next()` runs one step on the engine's thread; `close()` ends it
+    (after the step in flight) and hands the engine to the next request."""
+
+    def __init__(self, engine: Engine, chunks: Iterator[GenerationChunk]):
+        self.engine, self.chunks, self.closed = engine, chunks, False
+
+    async def next(self) -> GenerationChunk | None:
+        """The next chunk, or None after the last one."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.engine.worker, next, self.chunks, None)
+
+    def close(self) -> None:
+        """Stop the generation and release the engine; safe to call more than once, from any coroutine."""
+        if not self.closed:
+            self.closed = True
+            self.engine.worker.submit(self._finish)
+
+    def _finish(self) -> None:
+        try:
+            self.chunks.close()
+        finally:
+            self.engine.admission.release()
 
 
 class _ClosingStream(StreamingResponse):
@@ -133,13 +204,16 @@ class _ClosingStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def _sampling(req: _Request, model) -> dict:
+def _sampling(req: _Request, model) -> SamplingParams:
     if req.n != 1:
         raise ApiError(400, "n > 1 is not supported; send one request per completion", param="n")
     max_tokens = req.max_completion_tokens or req.max_tokens or model.config.context_length
-    return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                repetition_penalty=req.repetition_penalty, seed=req.seed,
-                stop=[req.stop] if isinstance(req.stop, str) else (req.stop or []))
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              repetition_penalty=req.repetition_penalty, seed=req.seed,
+                              stop=[req.stop] if isinstance(req.stop, str) else (req.stop or []))
+    except CfmError as e:
+        raise ApiError(400, str(e)) from None
 
 
 def _usage(stats) -> dict:
@@ -151,29 +225,100 @@ def _finish(stats) -> str:
     return "length" if stats.finish_reason == "length" else "stop"
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+def api_error(exc: Exception, param: str | None = None) -> ApiError:
+    """Any exception of a request -> the ApiError it is answered with."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return ApiError(429, str(exc), type="rate_limit_error", code="queue_full",
+                        headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, ContextOverflowError):
+        return ApiError(400, str(exc), code="context_length_exceeded", param=param)
+    if isinstance(exc, NonFiniteError):
+        return ApiError(500, str(exc), type="server_error", code="non_finite_logits")
+    if isinstance(exc, CfmError):
+        return ApiError(400, str(exc))
+    log.error("request failed", exc_info=exc)
+    return ApiError(500, f"internal error ({type(exc).__name__}: {exc}); see the server's log", type="server_error")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client closes its connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(request: Request, work: Awaitable):
+    """The result of `work`; if the client goes away first, `work` is cancelled and ClientGone raised."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (by its Content-Length, or while reading)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {int(declared)} bytes; the limit is {limit} "
+                            "(cfm serve --max-body-kb)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body exceeds the limit of {limit} bytes (cfm serve --max-body-kb)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes) -> dict:
+    """A JSON object whose strings are all valid Unicode (a lone surrogate like "\\ud800" is not)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an integer of over 4300 digits, deep nesting
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"the request body holds a lone UTF-16 surrogate ({e.object[e.start:e.end]!r}), "
+                            "which is not a character; send valid Unicode text") from None
+    return body
+
+
+def create_app(engine: Engine, api_key: str | None = None, allowed_hosts: list[str] | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The ASGI app. `api_key`: required on every route but /health (docs included); `allowed_hosts`: the
+    Host names answered (None: any); `max_body_bytes`: larger request bodies get 413."""
+    if max_body_bytes < 1024:
+        raise CfmError(f"the request body limit must be at least 1 KiB, got {max_body_bytes} bytes")
     app = FastAPI(title="cfm-runtime edge API", version="1")
+    app.add_middleware(Guard, api_key=api_key, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
         return exc.response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return ApiError(401, "invalid API key; send 'Authorization: Bearer <key>'",
-                                code="invalid_api_key").response()
-        return await call_next(request)
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):
+        return ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
+                        headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_request, exc: Exception):
+        return api_error(exc).response()
 
     async def parse(request: Request, cls):
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
+        body = parse_json(await read_body(request, max_body_bytes))
         try:
             req = cls.model_validate(body)
         except ValidationError as e:
@@ -185,7 +330,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": engine.model_id}
+        a = engine.admission
+        return {"status": "ok", "model": engine.model_id, "busy": a.held, "waiting": a.waiting,
+                "max_queue": a.max_waiting}
 
     @app.get("/v1/models")
     async def models():
@@ -197,6 +344,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
         messages = [{"role": str(m.get("role", "")), "content": _message_text(m.get("content"))} for m in req.messages]
+        engine.check_prompt_size([m["content"] for m in messages], "messages")
         return await complete(request, req, messages, chat=True)
 
     @app.post("/v1/completions")
@@ -206,99 +354,135 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if prompt is None:
             raise ApiError(400, "a list of several prompts is not supported; send one request per prompt",
                            param="prompt")
+        engine.check_prompt_size([prompt], "prompt")
         return await complete(request, req, prompt, chat=False)
 
     async def complete(request: Request, req: _Request, prompt, chat: bool):
-        sampling = _sampling(req, engine.model)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
+        param = "messages" if chat else "prompt"
+        params = _sampling(req, engine.model)
         try:
-            await run_in_threadpool(engine.model.encode_prompt, prompt)  # fail before streaming starts
-        except ContextOverflowError as e:
-            raise ApiError(400, str(e), code="context_length_exceeded", param="messages" if chat else "prompt") from None
-        except CfmError as e:
-            raise ApiError(400, str(e)) from None
-        if req.stream:
-            return _ClosingStream(stream(request, req, prompt, chat, sampling, rid, created),
-                                  media_type="text/event-stream")
-        cancel = threading.Event()
+            ids = await run_in_threadpool(engine.model.encode_prompt, prompt)
+            if len(ids) >= engine.model.config.context_length:
+                raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the model's context holds "
+                                           f"{engine.model.config.context_length}; shorten the prompt")
+            answer = Answer(req, chat)
+            if req.stream:
+                return await stream(request, answer, ids, params)
+            return await unless_disconnected(request, whole(answer, ids, params))
+        except ClientGone:
+            return JSONResponse({}, status_code=499)  # nobody reads it
+        except Exception as e:
+            raise api_error(e, param) from None
+
+    async def whole(answer: "Answer", ids: list[int], params: SamplingParams) -> dict:
+        turn = await engine.begin(answer.req.model, ids, params)
         try:
-            chunks = await run_in_threadpool(lambda: list(engine.run(req.model, prompt, sampling, cancel)))
-        except ContextOverflowError as e:
-            raise ApiError(400, str(e), code="context_length_exceeded") from None
-        except CfmError as e:
-            raise ApiError(400, str(e)) from None
-        text, stats = "".join(c.text for c in chunks), chunks[-1].stats
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(stats)}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(stats)}
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": req.model, "choices": [choice], "usage": _usage(stats)}
-
-    async def stream(request: Request, req: _Request, prompt, chat: bool, sampling: dict, rid: str, created: int):
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(delta_text: str | None, finish: str | None, first: bool = False, usage=None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": delta_text} if delta_text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
-            body = {"id": rid, "object": obj, "created": created, "model": req.model,
-                    "choices": [choice] if usage is None else []}
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
-
-        cancel = threading.Event()
-        it = engine.run(req.model, prompt, sampling, cancel)
-        stats = None
-        try:
-            if chat:
-                yield event(None, None, first=True)
-            async for chunk in iterate_in_threadpool(it):
+            text, stats = [], None
+            while (chunk := await turn.next()) is not None:
+                text.append(chunk.text)
                 stats = chunk.stats
-                if chunk.text:
-                    yield event(chunk.text, None)
-                if await request.is_disconnected():
-                    cancel.set()
-            yield event(None, _finish(stats))
-            if (req.stream_options or {}).get("include_usage"):
-                yield event(None, None, usage=_usage(stats))
-            yield "data: [DONE]\n\n"
-        except CfmError as e:
-            err = {"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}}
-            yield f"data: {json.dumps(err)}\n\n"
+            return answer.whole("".join(text), stats)
         finally:
-            cancel.set()
-            try:
-                it.close()
-            except ValueError:  # a worker thread is inside its current step; it stops at the next token
-                pass
+            turn.close()
+
+    async def stream(request: Request, answer: "Answer", ids: list[int], params: SamplingParams):
+        """Headers go out once the request holds the engine and its prompt ran: errors until then are statuses."""
+        turn = await unless_disconnected(request, engine.begin(answer.req.model, ids, params))
+        try:
+            first = await unless_disconnected(request, turn.next())
+        except BaseException:
+            turn.close()
+            raise
+        return _ClosingStream(events(answer, turn, first), media_type="text/event-stream")
+
+    async def events(answer: "Answer", turn: Turn, chunk: GenerationChunk | None):
+        stats = chunk.stats if chunk is not None else None
+        try:
+            yield answer.opening()
+            while chunk is not None:
+                if chunk.text:
+                    yield answer.delta(chunk.text)
+                stats = chunk.stats
+                chunk = await turn.next()
+            yield answer.delta(None, _finish(stats))
+            if (answer.req.stream_options or {}).get("include_usage"):
+                yield answer.usage(stats)
+        except Exception as e:
+            yield f"data: {json.dumps(api_error(e).body())}\n\n"
+        finally:
+            turn.close()
+        yield "data: [DONE]\n\n"
 
     return app
 
 
-def build_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None):
-    """-> (uvicorn.Server, bound socket); port 0 picks a free port (read it from the socket)."""
+class Answer:
+    """The response bodies of one request: a whole completion, or its stream's events."""
+
+    def __init__(self, req: _Request, chat: bool):
+        self.req, self.chat = req, chat
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def whole(self, text: str, stats) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(stats)}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(stats)}
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.req.model, "choices": [choice], "usage": _usage(stats)}
+
+    def _event(self, choices: list, **extra) -> str:
+        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                "created": self.created, "model": self.req.model, "choices": choices, **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    def opening(self) -> str:
+        """The chat stream's first event (the assistant role); nothing for completions."""
+        if not self.chat:
+            return ""
+        return self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+
+    def delta(self, text: str | None, finish: str | None = None) -> str:
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return self._event([choice])
+
+    def usage(self, stats) -> str:
+        return self._event([], usage=_usage(stats))
+
+
+def build_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+                 allow_hosts: list[str] | None = None, max_body_bytes: int = MAX_BODY_BYTES):
+    """-> (uvicorn.Server, bound socket); port 0 picks a free port (read it from the socket).
+
+    On a loopback bind only loopback Host names and `allow_hosts` are answered; elsewhere an API key is
+    required, and `allow_hosts`, if given, lists the names answered."""
     import socket
 
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not is_loopback(host) and not api_key:
         raise CfmError(f"listening on {host} exposes the model beyond this machine; pass --api-key KEY")
+    if is_loopback(host):
+        allowed = [*LOOPBACK_NAMES, *(allow_hosts or [])]
+    else:
+        allowed = list(allow_hosts) if allow_hosts else None
+    app = create_app(engine, api_key, allowed, max_body_bytes)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     return server, sock
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          ready: Callable[[int], None] | None = None) -> None:
+          ready: Callable[[int], None] | None = None, allow_hosts: list[str] | None = None,
+          max_body_bytes: int = MAX_BODY_BYTES) -> None:
     """Run the API until interrupted; `ready(port)` is called once the socket is bound."""
-    server, sock = build_server(engine, host, port, api_key)
+    server, sock = build_server(engine, host, port, api_key, allow_hosts, max_body_bytes)
     if ready:
         ready(sock.getsockname()[1])
     server.run(sockets=[sock])
