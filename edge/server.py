@@ -38,6 +38,7 @@ from .guard import LOOPBACK_NAMES, Guard, is_loopback
 
 log = logging.getLogger("cfm.serve")
 MAX_SEED = 2**63 - 1
+CLOSE = {"Connection": "close"}  # after a 413: the server reads no more of the body
 MAX_BODY_BYTES = 2**20  # default request body limit; a context of prompt text is ~660 KB at most
 
 
@@ -268,13 +269,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body has {int(declared)} bytes; the limit is {limit} "
-                            "(cfm serve --max-body-kb)", code="request_too_large")
+                            "(cfm serve --max-body-kb)", code="request_too_large", headers=CLOSE)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ApiError(413, f"the request body exceeds the limit of {limit} bytes (cfm serve --max-body-kb)",
-                           code="request_too_large")
+                           code="request_too_large", headers=CLOSE)
         chunks.append(chunk)
     return b"".join(chunks)
 
