@@ -17,12 +17,13 @@ from cfm_runtime.errors import CfmError
 
 from cfm_runtime.protocol import wire
 from cfm_runtime.protocol.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from cfm_runtime.protocol.net import is_loopback
 from cfm_runtime.protocol.proto import SERVICE_NAME, pb, pb_grpc
 from cfm_runtime.protocol.spans import default_span
 
 from .engine import Engine
 from .interceptor import StatusInterceptor, Tokens, caller_id
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, TableLimits
 
 log = logging.getLogger("cfm.center")
 VERSION = "0.1.0"
@@ -31,12 +32,31 @@ VERSION = "0.1.0"
 @dataclass
 class CenterLimits:
     max_sessions: int = 64
-    max_kv_mb: float = 2048.0
+    max_kv_mb: float = 2048.0  # KV blocks allocated by all sessions (a session's cache grows in blocks of 256)
     max_positions: int = 0  # 0: the model's context length
     max_step_positions: int = 512  # 512 x 576 x 4 B = 1.2 MB per message at fp32
     max_message_bytes: int = 4 * 2**20
     idle_timeout_s: float = 300.0
     max_batch: int = 32
+    error_grace_s: float = 30.0  # a session whose stream failed stays resumable this long, then is freed
+    max_sessions_per_token: int = 0  # 0: max_sessions / the number of tokens (all of them without tokens)
+    max_kv_mb_per_token: float = 0.0  # 0: max_kv_mb / the number of tokens (all of it without tokens)
+
+    def table_limits(self, tokens: Tokens | None) -> TableLimits:
+        """The session table's bounds; with n tokens each gets 1/n of the sessions and bytes unless set."""
+        n = len(tokens.digests) if tokens else 1
+        return TableLimits(max_sessions=self.max_sessions, max_kv_bytes=int(self.max_kv_mb * 2**20),
+                           idle_timeout=self.idle_timeout_s, error_grace=self.error_grace_s,
+                           owner_sessions=self.max_sessions_per_token or max(1, self.max_sessions // n),
+                           owner_kv_bytes=int((self.max_kv_mb_per_token or self.max_kv_mb / n) * 2**20))
+
+
+def check_exposure(host: str, tokens: Tokens | None, insecure: bool = False) -> None:
+    """Refuse to serve beyond loopback without tokens, unless the caller accepts it (`insecure`)."""
+    if not is_loopback(host) and tokens is None and not insecure:
+        raise CfmError(f"listening on {host} lets anyone who reaches it use this center; give tokens "
+                       "(--token-file FILE or env CFM_CENTER_TOKENS) and TLS (--tls-cert/--tls-key), "
+                       "or pass --insecure to serve without authentication")
 
 
 class CenterServicer(pb_grpc.CenterServicer):
@@ -45,8 +65,7 @@ class CenterServicer(pb_grpc.CenterServicer):
         self.model, self.span, self.limits, self.tokens = model, span, limits, tokens
         self.hidden = c.d_model
         self.max_positions = min(limits.max_positions or c.context_length, c.context_length)
-        self.table = SessionTable(max_sessions=limits.max_sessions, max_kv_bytes=int(limits.max_kv_mb * 2**20),
-                                  idle_timeout=limits.idle_timeout_s,
+        self.table = SessionTable(limits.table_limits(tokens),
                                   kv_bytes_per_position_layer=2 * c.n_kv_heads * c.head_dim * 4)
         # the largest step whose request and reply both fit in a message, at fp32
         fit = (limits.max_message_bytes - 4096) // wire.bytes_per_position(self.hidden, pb.DTYPE_FLOAT32)
@@ -89,8 +108,10 @@ class CenterServicer(pb_grpc.CenterServicer):
         return pb.PingResponse(payload=bytes(request.reply_bytes))
 
     async def Session(self, requests, context):
+        """A session stream. One that ends without close leaves its session resumable: until the idle
+        timeout if it ended cleanly, for `error_grace_s` if it failed (bad input, cancelled, broken)."""
         owner = caller_id(context, self.tokens)
-        session = None
+        session, failed = None, True
         try:
             async for request in requests:
                 kind = request.WhichOneof("kind")
@@ -109,10 +130,11 @@ class CenterServicer(pb_grpc.CenterServicer):
                     n_past = session.n_past
                     self.table.close(session)
                     yield pb.SessionResponse(closed=pb.SessionClosed(n_past=n_past))
-                    return
+                    break
+            failed = False
         finally:
             if session is not None:
-                self.table.detach(session)
+                self.table.detach(session, failed=failed)
 
     def _open(self, owner: str, req) -> Session:
         if req.resume_session_id:
@@ -139,8 +161,7 @@ class CenterServicer(pb_grpc.CenterServicer):
         if pos > s.n_past:
             raise FailedPrecondition(f"step starts at position {pos} but the session holds {s.n_past} positions; "
                                      "send the missing positions first")
-        self.table.charge(s, pos + n)
-        s.cache.truncate(pos)
+        self.table.prepare_step(s, pos, n)
         out, ms, batch = await asyncio.wrap_future(self.engine.submit(s, h))
         if n == 1 and batch == 1:  # keep Info's figure current: the start-up calibration runs cold
             self.layer_ms = 0.7 * self.layer_ms + 0.3 * ms / (s.end - s.start)
@@ -153,7 +174,8 @@ class CenterServer:
 
     def __init__(self, model, span: tuple[int, int] | None = None, host: str = "127.0.0.1", port: int = 0,
                  limits: CenterLimits | None = None, tokens: Tokens | None = None,
-                 tls: tuple[bytes, bytes] | None = None):
+                 tls: tuple[bytes, bytes] | None = None, insecure: bool = False):
+        check_exposure(host, tokens, insecure)
         self.servicer = CenterServicer(model, span or default_span(model.config.n_layers),
                                        limits or CenterLimits(), tokens)
         self.host, self.port, self.tls = host, port, tls
@@ -194,7 +216,8 @@ class CenterServer:
         self.loop.create_task(self._expire_idle())
 
     async def _expire_idle(self) -> None:
-        period = max(0.5, min(10.0, self.servicer.limits.idle_timeout_s / 4))
+        lim = self.servicer.limits
+        period = max(0.5, min(10.0, lim.idle_timeout_s / 4, lim.error_grace_s / 4))
         while True:
             await asyncio.sleep(period)
             if n := self.servicer.table.expire():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from cfm_runtime import LoadOptions, load_model
 from cfm_runtime.errors import CfmError
+from cfm_runtime.protocol.net import is_loopback
 from cfm_runtime.protocol.spans import parse_span
 
 
@@ -27,9 +28,18 @@ def add_parser(sub) -> None:
                    help="require bearer tokens listed in this file (one per line); env CFM_CENTER_TOKENS also works")
     s.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve TLS (with --tls-key)")
     s.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow listening beyond loopback without tokens (anyone who reaches the port may use it)")
     s.add_argument("--max-sessions", type=int, default=64, help="sessions alive at once (default 64)")
-    s.add_argument("--max-kv-mb", type=float, default=2048, help="KV cache budget of all sessions, MiB (default 2048)")
+    s.add_argument("--max-kv-mb", type=float, default=2048,
+                   help="KV cache memory all sessions may allocate, MiB (default 2048)")
+    s.add_argument("--max-sessions-per-token", type=int, default=0,
+                   help="sessions one token may hold (default: --max-sessions / the number of tokens)")
+    s.add_argument("--max-kv-mb-per-token", type=float, default=0,
+                   help="KV cache MiB one token's sessions may allocate (default: --max-kv-mb / the number of tokens)")
     s.add_argument("--idle-timeout", type=float, default=300, help="seconds before an idle session is freed (default 300)")
+    s.add_argument("--error-grace", type=float, default=30,
+                   help="seconds a session whose stream failed stays resumable before it is freed (default 30)")
     s.add_argument("--max-batch", type=int, default=32, help="decode steps computed together at most (default 32)")
     s.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
                    help="weight format of the served layers (default fp32); edges of any format match it")
@@ -52,23 +62,38 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM stops the server like Ctrl-C
 
 
+def _check_limits(args) -> None:
+    problems = [f"--{name.replace('_', '-')} must be >= 1" for name in ("max_sessions", "max_batch")
+                if getattr(args, name) < 1]
+    problems += [f"--{name.replace('_', '-')} must be > 0" for name in ("max_kv_mb", "idle_timeout", "error_grace")
+                 if not getattr(args, name) > 0]
+    problems += [f"--{name.replace('_', '-')} must be >= 0 (0: an equal share per token)"
+                 for name in ("max_sessions_per_token", "max_kv_mb_per_token") if getattr(args, name) < 0]
+    if problems:
+        raise CfmError("; ".join(problems))
+
+
 def cmd_serve(args) -> int:
     from center.interceptor import Tokens  # the server (grpc.aio, health, reflection): imported when it runs
-    from center.server import CenterLimits, CenterServer
+    from center.server import CenterLimits, CenterServer, check_exposure
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tokens, tls = Tokens.load(args.token_file), _tls(args)
-    for name in ("max_sessions", "max_batch"):
-        if getattr(args, name) < 1:
-            raise CfmError(f"--{name.replace('_', '-')} must be >= 1")
+    _check_limits(args)
+    check_exposure(args.host, tokens, args.insecure)  # before the model loads: a refusal is immediate
     model = load_model(args.model, LoadOptions(threads=args.threads, weights=args.weights))
     span = parse_span(args.layers, model.config.n_layers)
     limits = CenterLimits(max_sessions=args.max_sessions, max_kv_mb=args.max_kv_mb,
-                          idle_timeout_s=args.idle_timeout, max_batch=args.max_batch)
-    server = CenterServer(model, span, args.host, args.port, limits, tokens, tls).start()
+                          idle_timeout_s=args.idle_timeout, max_batch=args.max_batch, error_grace_s=args.error_grace,
+                          max_sessions_per_token=args.max_sessions_per_token,
+                          max_kv_mb_per_token=args.max_kv_mb_per_token)
+    server = CenterServer(model, span, args.host, args.port, limits, tokens, tls, insecure=args.insecure).start()
     print(f"center serving layers {span[0]}:{span[1]} of {model.config.name} on {server.address} "
           f"({'TLS' if tls else 'plaintext'}, {'token auth' if tokens else 'no auth'}); Ctrl-C stops",
           file=sys.stderr, flush=True)
+    if tokens and not tls and not is_loopback(args.host):
+        print("warning: tokens travel in the clear without TLS; give --tls-cert/--tls-key", file=sys.stderr,
+              flush=True)
     print(f"listening {server.address}", flush=True)  # machine-readable line (port 0 -> the real port)
     signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from cfm_runtime.errors import CfmError
+from cfm_runtime.protocol.net import is_loopback
 
 from .common import add_center_args, add_model_args, load, notice, run_options
 
@@ -36,8 +37,7 @@ def check_args(args) -> None:
 
 
 def cmd_serve(args) -> int:
-    from edge.guard import is_loopback  # the HTTP stack (fastapi, uvicorn): imported when it serves
-    from edge.server import Engine, model_id, serve
+    from edge.server import Engine, model_id, serve  # the HTTP stack (fastapi, uvicorn): imported when it serves
 
     check_args(args)
     if not is_loopback(args.host) and not args.api_key:

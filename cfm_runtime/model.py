@@ -98,6 +98,20 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    # -- given back on a rewind (the center bounds its sessions by these bytes)
+
+    def nbytes_for(self, end: int) -> int:
+        """Bytes of k and v once they have room for positions [0, end) and no more (what `reserve` allocates)."""
+        cap = min(self.max_len, -(-end // self.step) * self.step)
+        return 2 * self.k.shape[0] * cap * self.k.shape[2] * self.k.element_size()
+
+    def shrink(self, end: int) -> None:
+        """Forget positions from `end` on and give back the whole blocks that positions [0, end) do not need."""
+        self.truncate(end)
+        cap = min(self.max_len, -(-end // self.step) * self.step)
+        if cap < self.k.shape[1]:
+            self.k, self.v = self.k[:, :cap].clone(), self.v[:, :cap].clone()
+
 
 class SpanCache:
     """The KV caches of one sequence for layers [start, end)."""
@@ -121,6 +135,15 @@ class SpanCache:
     @property
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
+
+    def nbytes_for(self, end: int) -> int:
+        """Bytes of every layer's cache once it has room for positions [0, end) and no more."""
+        return sum(c.nbytes_for(end) for c in self.layers)
+
+    def shrink(self, end: int) -> None:
+        """Forget positions from `end` on; every layer gives back the blocks it no longer needs."""
+        for c in self.layers:
+            c.shrink(end)
 
 
 class Attention(nn.Module):

@@ -9,7 +9,6 @@ origins without a preflight this server never grants.
 
 from __future__ import annotations
 
-import ipaddress
 import secrets
 
 from starlette.datastructures import Headers
@@ -17,16 +16,6 @@ from starlette.responses import JSONResponse
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 OPEN_PATHS = ("/health",)  # answered without the API key (probes)
-
-
-def is_loopback(host: str) -> bool:
-    """True for loopback addresses and `localhost`."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def error_response(status: int, message: str, code: str, type: str = "invalid_request_error",

@@ -31,10 +31,11 @@ from starlette.exceptions import HTTPException
 
 from cfm_runtime.errors import CfmError, ContextOverflowError, NonFiniteError
 from cfm_runtime.generate import GenerationChunk
+from cfm_runtime.protocol.net import is_loopback
 from cfm_runtime.sampling import SamplingParams
 
 from .admission import Admission, QueueFull
-from .guard import LOOPBACK_NAMES, Guard, is_loopback
+from .guard import LOOPBACK_NAMES, Guard
 
 log = logging.getLogger("cfm.serve")
 MAX_SEED = 2**63 - 1

@@ -185,12 +185,13 @@ def test_idle_sessions_expire(channel):
 
 
 def test_kv_budget(model):
-    limits = CenterLimits(max_kv_mb=26 * 1536 * 100 / 2**20)  # room for 100 positions over 26 layers
+    block = 26 * 1536 * 256  # a session's cache grows in blocks of 256 positions over the 26 layers
+    limits = CenterLimits(max_kv_mb=(block + block // 4) / 2**20)  # one block fits, two do not
     s = CenterServer(model, span=(2, 28), limits=limits).start()
     try:
         with grpc.insecure_channel(s.address) as ch:
-            out, err = run(ch, [opened(), step(0, torch.randn(60, D)), step(60, torch.randn(60, D))], metadata=None)
-            assert len(out) == 2
+            out, err = run(ch, [opened(), step(0, torch.randn(200, D)), step(200, torch.randn(60, D))], metadata=None)
+            assert len(out) == 2  # 200 positions take one block; 260 would take two
             assert_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "KV cache budget")
             out, err = run(ch, [opened(max_positions=10), step(0, torch.randn(11, D))], metadata=None)
             assert_status(err, grpc.StatusCode.OUT_OF_RANGE, "granted 10")
