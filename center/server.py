@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -49,6 +51,22 @@ class CenterLimits:
                            idle_timeout=self.idle_timeout_s, error_grace=self.error_grace_s,
                            owner_sessions=self.max_sessions_per_token or max(1, self.max_sessions // n),
                            owner_kv_bytes=int((self.max_kv_mb_per_token or self.max_kv_mb / n) * 2**20))
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def map_large_buffers(threshold: int = 256 * 1024) -> bool:
+    """Have glibc serve allocations of `threshold` bytes and more from their own mappings, returned to the
+    system when freed. By default glibc raises that threshold after the first such buffer is freed, and then
+    serves a session's KV blocks and each step's messages from heaps that seldom shrink, so memory a rewind
+    or a refused step gave back stayed in the process. False where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def check_exposure(host: str, tokens: Tokens | None, insecure: bool = False) -> None:

@@ -75,12 +75,13 @@ def _check_limits(args) -> None:
 
 def cmd_serve(args) -> int:
     from center.interceptor import Tokens  # the server (grpc.aio, health, reflection): imported when it runs
-    from center.server import CenterLimits, CenterServer, check_exposure
+    from center.server import CenterLimits, CenterServer, check_exposure, map_large_buffers
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tokens, tls = Tokens.load(args.token_file), _tls(args)
     _check_limits(args)
     check_exposure(args.host, tokens, args.insecure)  # before the model loads: a refusal is immediate
+    map_large_buffers()  # KV blocks and step messages go back to the system when freed
     model = load_model(args.model, LoadOptions(threads=args.threads, weights=args.weights))
     span = parse_span(args.layers, model.config.n_layers)
     limits = CenterLimits(max_sessions=args.max_sessions, max_kv_mb=args.max_kv_mb,
