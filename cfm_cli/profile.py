@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -25,7 +26,12 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_profile)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops a build like Ctrl-C: its partial folder is removed
+
+
 def cmd_profile(args) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
     path = resolve_model_path(args.model)
     digest = source_digest(path)
     root = Path(args.out) if args.out else pack_dir(path, digest)

@@ -3,11 +3,16 @@ re-chooses its execution backend after every change."""
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
-from .formats import BrickError, read_adapter, to_model_layout, validate
-from .lora import attach, detach
+import torch
+
+from .formats import BrickError, check_update_sizes, read_adapter, to_model_layout, validate
+from .lora import LoRALinear, attach, detach
 from .store import Brick, check_name
+
+_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base module -> its weight's Frobenius norm
 
 
 def base_info(model) -> dict:
@@ -17,7 +22,8 @@ def base_info(model) -> dict:
 
 
 def check_base(model, brick: Brick) -> None:
-    """Refuse a brick made for another base model (its recorded fingerprint differs)."""
+    """Refuse a brick made for another base model (its recorded fingerprint differs), or whose updates are
+    not finite or absurdly large for this model's weights."""
     want = brick.meta.get("base_fingerprint")
     if want != model.fingerprint():
         raise BrickError(
@@ -25,12 +31,30 @@ def check_base(model, brick: Brick) -> None:
             f"fingerprint {str(want)[:12]}) but the loaded model is {model.config.name} "
             f"(fingerprint {model.fingerprint()[:12]}); load the model it was made for"
         )
+    check_update_sizes(brick.pairs, lambda name: base_weight_norm(model, name), f"brick {brick.name!r}")
+
+
+def base_weight_norm(model, name: str) -> float | None:
+    """Frobenius norm of the base weight of module `name` ('layers.3.self_attn.q_proj'), or None when the
+    module has no dense weight to read (a sparse FFN); computed once per module."""
+    try:
+        module = model.transformer.get_submodule(name)
+    except AttributeError:
+        return None
+    base = module.base if isinstance(module, LoRALinear) else module
+    if base not in _NORMS:
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return None
+        _NORMS[base] = float(torch.linalg.vector_norm(weight.detach().float()))
+    return _NORMS[base]
 
 
 def import_adapter(model, path, name: str, description: str = "") -> Brick:
     """Read and validate a PEFT folder or GGUF LoRA adapter against `model` -> a Brick for the store."""
     check_name(name)
     pairs, info = read_adapter(Path(path), model.config)
+    check_update_sizes(pairs, lambda module: base_weight_norm(model, module), str(path))
     meta = base_info(model) | {"description": description, "source": info["format"],
                                "source_path": str(Path(path).resolve()), "adapter_base_model": info["base_model"]}
     return Brick(name, pairs, meta)

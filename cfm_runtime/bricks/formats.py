@@ -92,6 +92,30 @@ def validate(pairs: dict[str, LoraPair], config: ModelConfig, source: str) -> No
     raise_problems(f"{source} does not fit the base model", names + problems)
 
 
+MAX_UPDATE_RATIO = 100.0  # an update 100x the norm of the weight it changes is no fine-tune: it drowns the model
+
+
+def update_norm(p: LoraPair) -> float:
+    """Frobenius norm of the update scale * b @ a, in float64 from the rank x rank Gram matrices (inf if it
+    overflows even there): ||b a||^2 = sum((b^T b) * (a a^T))."""
+    a, b = p.a.double(), p.b.double()
+    return abs(p.scale) * math.sqrt(max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0))
+
+
+def check_update_sizes(pairs: dict[str, LoraPair], base_norm, source: str) -> None:
+    """Refuse updates that are not finite or are absurdly large for the weights they change.
+    `base_norm(name)`: the Frobenius norm of the base weight of module `name`, or None if unknown."""
+    problems = []
+    for name, p in sorted(pairs.items()):
+        size, base = update_norm(p), base_norm(name)
+        if not math.isfinite(size):
+            problems.append(f"{name}: the update scale * lora_B @ lora_A overflows (its values are far too large)")
+        elif base and size > MAX_UPDATE_RATIO * base:
+            problems.append(f"{name}: the update's norm {size:.3g} is {size / base:.3g} times the base weight's "
+                            f"({base:.3g}); at most {MAX_UPDATE_RATIO:g} times is accepted")
+    raise_problems(f"{source} would overwhelm the base model (re-export the adapter, or check its scale)", problems)
+
+
 def _rotary_heads(config: ModelConfig, kind: str) -> int:
     return {"self_attn.q_proj": config.n_heads, "self_attn.k_proj": config.n_kv_heads}.get(kind, 0)
 

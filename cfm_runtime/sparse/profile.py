@@ -30,50 +30,54 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
     tmp = root.with_name(root.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    seqs = token_sequences(model, calibration_texts(calib_files), chat_answers)
-    if max_tokens:
-        seqs = truncate_total(seqs, max_tokens)
-    acts = collect(model, seqs)
-    n_layers = len(model.transformer.layers)
-    split = int(acts.n_tokens * 0.85)  # the rest is held out for predictor recall
-    tables, layers, nets = {}, [], []
-    act = model.config.activation
-    bar = tqdm(range(n_layers), desc="profiling layers", unit="layer", disable=not progress)
-    for i in bar:
-        x, a, mlp = acts.inputs[i], acts.acts[i], model.transformer.layers[i].mlp
-        order, cmass = coactivation_order(a[:split], CLUSTER)
-        low = pred.train(x[:split], mlp, rank=rank, activation=act)
-        q4 = pred.QuantPredictor.fit(mlp, act)
-        nets.append(q4)
-        tables.update(layer_tables(i, order, cmass, a[:split], low, q4))
-        layers.append({"n": int(a.shape[1]),
-                       "recall": {f"{d:g}": pred.recall(q4, x[split:], a[split:], d) for d in levels},
-                       "recall_lowrank": {f"{d:g}": pred.recall(low, x[split:], a[split:], d) for d in levels}})
-    orders = [tables[f"layers.{i}.order"].numpy() for i in range(n_layers)]
-    entries = packfmt.write_layers(tmp / packfmt.NEURONS,
-                                   (packfmt.bundles(model.transformer.layers[i].mlp, orders[i])
-                                    for i in range(n_layers)))
-    from safetensors.torch import save_file
+    try:
+        seqs = token_sequences(model, calibration_texts(calib_files), chat_answers)
+        if max_tokens:
+            seqs = truncate_total(seqs, max_tokens)
+        acts = collect(model, seqs)
+        n_layers = len(model.transformer.layers)
+        split = int(acts.n_tokens * 0.85)  # the rest is held out for predictor recall
+        tables, layers, nets = {}, [], []
+        act = model.config.activation
+        bar = tqdm(range(n_layers), desc="profiling layers", unit="layer", disable=not progress)
+        for i in bar:
+            x, a, mlp = acts.inputs[i], acts.acts[i], model.transformer.layers[i].mlp
+            order, cmass = coactivation_order(a[:split], CLUSTER)
+            low = pred.train(x[:split], mlp, rank=rank, activation=act)
+            q4 = pred.QuantPredictor.fit(mlp, act)
+            nets.append(q4)
+            tables.update(layer_tables(i, order, cmass, a[:split], low, q4))
+            layers.append({"n": int(a.shape[1]),
+                           "recall": {f"{d:g}": pred.recall(q4, x[split:], a[split:], d) for d in levels},
+                           "recall_lowrank": {f"{d:g}": pred.recall(low, x[split:], a[split:], d) for d in levels}})
+        orders = [tables[f"layers.{i}.order"].numpy() for i in range(n_layers)]
+        entries = packfmt.write_layers(tmp / packfmt.NEURONS,
+                                       (packfmt.bundles(model.transformer.layers[i].mlp, orders[i])
+                                        for i in range(n_layers)))
+        from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp / packfmt.TABLES))
-    sens = sensitivity(model, tail_sequences(seqs, acts.n_tokens - split, sens_tokens), nets, levels)
-    for entry, layer in zip(entries, layers):
-        layer.update(entry)
-    manifest = {
-        "format": packfmt.FORMAT, "version": packfmt.VERSION,
-        "fingerprint": model.fingerprint(), "source_digest": source_digest,
-        "model": {"name": model.config.name, "n_layers": n_layers, "d_model": model.config.d_model,
-                  "d_ff": model.config.d_ff, "activation": model.config.activation},
-        "dtype": "fp16", "bundle_bytes": packfmt.bundle_bytes(model.config.d_model), "cluster": CLUSTER,
-        "align": packfmt.ALIGN,
-        "predictors": {"int4": pred.cost(nets[0], model.config.d_model, model.config.d_ff),
-                       "lowrank": pred.cost(low, model.config.d_model, model.config.d_ff)},
-        "calibration": {"tokens": acts.n_tokens, "held_out_tokens": acts.n_tokens - split,
-                        "files": [str(f) for f in calib_files] if calib_files else "cfm_runtime/data/calib"},
-        "density": {"levels": list(levels), "loss_increase": sens.tolist(), "measure": "mean KL from dense, nats"},
-        "layers": layers, "files": {}, "build_seconds": round(time.time() - t0, 1),
-    }
-    packfmt.write_manifest(tmp, manifest)
+        save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp / packfmt.TABLES))
+        sens = sensitivity(model, tail_sequences(seqs, acts.n_tokens - split, sens_tokens), nets, levels)
+        for entry, layer in zip(entries, layers):
+            layer.update(entry)
+        manifest = {
+            "format": packfmt.FORMAT, "version": packfmt.VERSION,
+            "fingerprint": model.fingerprint(), "source_digest": source_digest,
+            "model": {"name": model.config.name, "n_layers": n_layers, "d_model": model.config.d_model,
+                      "d_ff": model.config.d_ff, "activation": model.config.activation},
+            "dtype": "fp16", "bundle_bytes": packfmt.bundle_bytes(model.config.d_model), "cluster": CLUSTER,
+            "align": packfmt.ALIGN,
+            "predictors": {"int4": pred.cost(nets[0], model.config.d_model, model.config.d_ff),
+                           "lowrank": pred.cost(low, model.config.d_model, model.config.d_ff)},
+            "calibration": {"tokens": acts.n_tokens, "held_out_tokens": acts.n_tokens - split,
+                            "files": [str(f) for f in calib_files] if calib_files else "cfm_runtime/data/calib"},
+            "density": {"levels": list(levels), "loss_increase": sens.tolist(), "measure": "mean KL from dense, nats"},
+            "layers": layers, "files": {}, "build_seconds": round(time.time() - t0, 1),
+        }
+        packfmt.write_manifest(tmp, manifest)
+    except BaseException:  # an interrupted or failed build (Ctrl-C, SIGTERM, an error) leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return root
