@@ -37,7 +37,7 @@ from cfm_runtime.protocol.errors import status_for
 from cfm_runtime.protocol.spans import parse_span
 
 from .interceptor import Tokens, caller_id
-from .server import CenterLimits, CenterServicer
+from .server import CenterLimits, CenterServicer, map_large_buffers
 
 log = logging.getLogger("cfm.center")
 
@@ -85,6 +85,7 @@ class CenterReplica:
 
     def __init__(self, spec: dict):
         s = ReplicaSpec(**spec)
+        map_large_buffers()  # KV blocks and step messages go back to the system when freed
         model = load_model(s.model, LoadOptions(threads=s.threads, weights="fp32"))
         limits = CenterLimits(max_sessions=s.max_sessions, max_kv_mb=s.max_kv_mb,
                               idle_timeout_s=s.idle_timeout_s, max_batch=s.max_batch)
