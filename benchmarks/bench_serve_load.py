@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import environment, save  # noqa: E402
+from common import RESULTS, environment, save  # noqa: E402
 
 from cfm_runtime.protocol.proto import pb  # noqa: E402
 from cfm_runtime.split.client import CenterClient, CenterFailure  # noqa: E402
@@ -242,8 +242,8 @@ def plot(serve: dict, center: dict, path: Path) -> Path:
     a.plot(x, [r["ttft_ms_p50"] for r in w], "s-", label="first token p50")
     for r in w:
         if r["refused_429"]:
-            a.annotate(f"{r['refused_429']} x 429", (r["clients"], r["latency_ms_p95"]), textcoords="offset points",
-                       xytext=(-30, 8))
+            a.annotate(f"{r['refused_429']} x 429", (r["clients"], r["latency_ms_p50"]), textcoords="offset points",
+                       xytext=(-20, -22), fontsize=8)
     a.set(xscale="log", yscale="log", xlabel="concurrent streaming clients", ylabel="ms",
           title=f"cfm serve: {serve['max_tokens']} tokens per answer, --max-queue {serve['max_queue']}")
     a.legend(fontsize=8)
@@ -290,7 +290,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--max-kv-mb", type=float, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from the saved JSON")
     args = ap.parse_args()
+    if args.replot:
+        data = json.loads((RESULTS / "serve_load.json").read_text())
+        print(plot(data["serve"], data["center"], RESULTS / "serve_load.png"))
+        return
     serve = serve_load([int(x) for x in args.levels.split(",")], args.max_tokens, args.max_queue, args.weights,
                        args.threads)
     center = center_load([int(x) for x in args.sessions.split(",")], args.steps, args.max_kv_mb, args.threads)
