@@ -1,4 +1,5 @@
-"""One compute thread; decode steps (one position each) waiting together run as one batched forward."""
+"""One compute thread; decode steps (one position each) waiting together run as one batched forward on the
+model's execution backend (the native int4 kernel takes the whole batch in one call)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cfm_runtime.model import Transformer
-
 from .sessions import Session
 
 
@@ -24,10 +23,10 @@ class Job:
 
 
 class Engine:
-    """Runs jobs on `transformer`; `submit` returns a Future of (h_out [n, D], compute_ms, batch_size)."""
+    """Runs jobs on `model` (a `cfm_runtime.Model`); `submit` returns a Future of (h_out [n, D], compute_ms, batch)."""
 
-    def __init__(self, transformer: Transformer, max_batch: int = 32):
-        self.transformer, self.max_batch = transformer, max_batch
+    def __init__(self, model, max_batch: int = 32):
+        self.model, self.max_batch = model, max_batch
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.batches = self.batched_steps = 0
         self.thread = threading.Thread(target=self._loop, name="center-engine", daemon=True)
@@ -92,7 +91,7 @@ class Engine:
         t0 = time.perf_counter()
         s = jobs[0].session
         h = torch.stack([j.h for j in jobs])  # [B, n, D]; B > 1 only for decode steps (n == 1)
-        out = self.transformer.forward_span(h, s.start, s.end, [j.session.cache for j in jobs])
+        out = self.model.backend.span(h, s.start, s.end, [j.session.cache for j in jobs])
         self.batches += 1
         self.batched_steps += len(jobs)
         return list(out), (time.perf_counter() - t0) * 1000

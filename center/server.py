@@ -52,7 +52,7 @@ class CenterServicer(pb_grpc.CenterServicer):
         fit = (limits.max_message_bytes - 4096) // wire.bytes_per_position(self.hidden, pb.DTYPE_FLOAT32)
         self.max_step = max(1, min(limits.max_step_positions, fit))
         self.fingerprint = model.fingerprint(*span)
-        self.engine = Engine(model.transformer, limits.max_batch)
+        self.engine = Engine(model, limits.max_batch)
         self.layer_ms = self._calibrate()
 
     @torch.inference_mode()
@@ -61,10 +61,10 @@ class CenterServicer(pb_grpc.CenterServicer):
         a, b = self.span
         cache = self.model.transformer.new_cache(a, b, steps + 1)
         h = torch.zeros(1, 1, self.hidden)
-        self.model.transformer.forward_span(h, a, b, [cache])
+        self.model.backend.span(h, a, b, [cache])
         t0 = time.perf_counter()
         for _ in range(steps):
-            self.model.transformer.forward_span(h, a, b, [cache])
+            self.model.backend.span(h, a, b, [cache])
         return (time.perf_counter() - t0) * 1000 / steps / (b - a)
 
     def info(self) -> pb.InfoResponse:

@@ -225,7 +225,7 @@ def test_info(channel, model):
 def test_engine_batches_decode_steps_with_different_offsets(model):
     """Three sessions at different positions, one batched forward == three separate forwards."""
     t = model.transformer
-    engine = Engine(t)
+    engine = Engine(model)
     try:
         sessions, refs, jobs = [], [], []
         for i, n in enumerate((3, 7, 12)):

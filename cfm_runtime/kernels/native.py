@@ -15,6 +15,7 @@ and values into the same caches.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import warnings
@@ -26,7 +27,9 @@ from .graph import ACCURACY_LEVEL
 from .packing import concat
 from .weights import DecoderWeights
 
-NAME = "cfm_q4_decode"
+SOURCE = Path(__file__).with_name("q4_decode.cpp")
+# the build is cached under this name: a digest of the source keeps builds of other versions apart
+NAME = "cfm_q4_decode_" + hashlib.blake2b(SOURCE.read_bytes(), digest_size=4).hexdigest()
 _lock = threading.Lock()
 _module: object | None = None
 _failure: str | None = None
@@ -45,7 +48,7 @@ def load(notice=None):
         try:
             from torch.utils import cpp_extension
 
-            src = Path(__file__).with_name("q4_decode.cpp")
+            src = SOURCE
             if notice is not None and not any(Path(cpp_extension.get_default_build_root()).glob(f"*/{NAME}/{NAME}*.so")):
                 notice()
             mod = cpp_extension.load(name=NAME, sources=[str(src)], verbose=False,
@@ -83,8 +86,12 @@ def supported(w: DecoderWeights) -> bool:
     return len(w.layers) > 0
 
 
+SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of a layer's linears
+
+
 class NativeDecoder:
-    """Single-token decode steps of the whole decoder `w` (every layer and the head) through the compiled kernel."""
+    """Decode steps (one position per sequence, any batch) of a span of the int4 decoder `w` (every layer and the
+    head are loaded; a call picks the span) through the compiled kernel, with optional low-rank side terms."""
 
     def __init__(self, w: DecoderWeights, threads: int, module):
         layers = []
@@ -99,15 +106,46 @@ class NativeDecoder:
         self.decoder = module.Q4Decoder(layers, w.final_norm.detach(), torch.from_numpy(w.head.codes),
                                         torch.from_numpy(w.head.scales), w.cos.contiguous(), w.sin.contiguous(),
                                         w.n_heads, w.n_kv_heads, w.head_dim, float(w.eps), threads)
+        self._sides: set[tuple[int, str]] = set()
+
+    def set_sides(self, sides: dict) -> None:
+        """Low-rank side terms {(layer, kind): (A [r, in], B [out, r])} replacing the previous ones."""
+        empty = torch.empty(0)
+        for layer, kind in self._sides - set(sides):
+            self.decoder.set_side(layer, SIDE_KINDS.index(kind), empty, empty)
+        for (layer, kind), (a, b) in sides.items():
+            self.decoder.set_side(layer, SIDE_KINDS.index(kind), a, b)
+        self._sides = set(sides)
 
     @torch.inference_mode()
-    def step(self, x: torch.Tensor, caches) -> torch.Tensor:
-        """Logits [vocab] of the token whose embedding is x [d] at the caches' next position; `caches` are the
-        per-layer KV caches (`model.KVCache`) of every layer; appends the position to them."""
-        pos = caches[0].offset
-        for kv in caches:
-            kv.reserve(pos + 1)
-        logits = self.decoder.step(x.float(), pos, [kv.k for kv in caches], [kv.v for kv in caches])
-        for kv in caches:
-            kv.offset = pos + 1
-        return logits
+    def step(self, x: torch.Tensor, caches: list, first: int, last: int, head: bool = False) -> torch.Tensor:
+        """One position per sequence: x [B, d] entering layer `first`; caches[i]: sequence i's per-layer KV caches
+        (`model.KVCache`) of layers [first, last), each at its next position. -> [B, d] leaving layer last - 1, or
+        with `head` the logits [B, vocab]; appends the position to every cache."""
+        pos = [c[0].offset for c in caches] if last > first else [0] * x.shape[0]
+        for seq, p in zip(caches, pos):
+            for kv in seq:
+                kv.reserve(p + 1)
+        out = self._run(x, pos, [seq for seq in caches], first, last, x.shape[0] if head else 0)
+        for seq, p in zip(caches, pos):
+            for kv in seq:
+                kv.offset = p + 1
+        return out
+
+    @torch.inference_mode()
+    def chunk(self, x: torch.Tensor, layers: list, first: int, last: int, head: int = 0) -> torch.Tensor:
+        """T positions of one sequence: x [T, d] after the cached ones; `layers`: its KV caches of [first, last).
+        Computed exactly as T single steps would be. -> [T, d], or with head = n > 0 the logits [n, vocab] of
+        the last n positions; appends the T positions to the caches."""
+        t = x.shape[0]
+        start = layers[0].offset if layers else 0
+        for kv in layers:
+            kv.reserve(start + t)
+        out = self._run(x, list(range(start, start + t)), [layers] * t, first, last, head)
+        for kv in layers:
+            kv.offset = start + t
+        return out
+
+    def _run(self, x: torch.Tensor, pos: list[int], caches: list, first: int, last: int, head: int) -> torch.Tensor:
+        return self.decoder.forward(x.float().contiguous(), pos, first, last, [[kv.k for kv in seq] for seq in caches],
+                                    [[kv.v for kv in seq] for seq in caches], head)

@@ -29,9 +29,9 @@ def center_frozen(model, center: CenterOptions, start: int, log: Callable[[str],
     def run(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
             runner.truncate(0)
-            h = backend.span(model.transformer.embed(torch.tensor([ids])), 0, a, runner.cache)
+            h = backend.span(model.transformer.embed(torch.tensor([ids])), 0, a, [runner.cache])
             h = runner.middle(h[0], 0)[None]
-            return backend.span(h, b, start, runner.cache).clone()
+            return backend.span(h, b, start, [runner.cache]).clone()
 
     if log is not None:
         log(f"[split training: layers {a}:{b} on the center {center.address}, forward only]")

@@ -57,18 +57,18 @@ class Plan:
 
 @torch.inference_mode()
 def local_speed(model, repeats: int = 3) -> tuple[float, float]:
-    """(ms per decode position per layer, ms for embedding + head) on this machine."""
-    t, n = model.transformer, model.config.n_layers
-    cache = t.new_cache(max_len=repeats + 2)
+    """(ms per decode position per layer, ms for embedding + head) on this machine, on the model's backend."""
+    t, n, backend = model.transformer, model.config.n_layers, model.backend
+    cache = t.new_cache(max_len=2 * repeats + 2)
     h = t.embed(torch.tensor([[1]]))
-    t.forward_span(h, 0, n, [cache])
+    backend.span(h, 0, n, [cache])
     t0 = time.perf_counter()
     for _ in range(repeats):
-        t.forward_span(h, 0, n, [cache])
+        backend.span(h, 0, n, [cache])
     layer = (time.perf_counter() - t0) * 1000 / repeats / n
     t0 = time.perf_counter()
     for _ in range(repeats):
-        t.head(t.embed(torch.tensor([[1]])))
+        backend.span_head(t.embed(torch.tensor([[1]])), n, cache)
     return layer, (time.perf_counter() - t0) * 1000 / repeats
 
 

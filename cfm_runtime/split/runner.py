@@ -98,11 +98,10 @@ class SplitRunner(LocalRunner):
         backend = self.model.backend
         if self.answer_start is None:
             self.answer_start = self.n
-        h = backend.span(self.t.embed(torch.tensor([ids])), 0, a, self.cache)
+        h = backend.span(self.t.embed(torch.tensor([ids])), 0, a, [self.cache])
         h = self.middle(h[0], self.n)[None]
-        h = backend.span(h, b, self.n_layers, self.cache)
         self.n += len(ids)
-        return self.t.head(h if all_logits else h[:, -1:])[0]
+        return backend.span_head(h, b, self.cache, all_logits)
 
     def truncate(self, n: int) -> None:
         self.n = min(self.n, n)
@@ -181,7 +180,7 @@ class SplitRunner(LocalRunner):
             self.log.replayed_positions += pos - self.cache[a].offset
         for s in range(self.cache[a].offset, stop, self.chunk):
             e = min(s + self.chunk, stop)
-            y = self.model.backend.span(self.sent[s:e][None], a, b, self.cache)[0]
+            y = self.model.backend.span(self.sent[s:e][None], a, b, [self.cache])[0]
             if e > pos:
                 outs.append(y[max(0, pos - s):])
         return torch.cat(outs)
