@@ -100,6 +100,9 @@ class BrickSelector(Protocol):
     def report(self) -> dict:
         """Telemetry of the last selection, merged into `GenerationStats.extra`."""
 
+    def close(self) -> None:
+        """Take off the bricks the selector put on."""
+
 
 class Generator:
     """Owns a runner and the ids in its cache; a new prompt reuses the longest cached prefix."""
@@ -116,7 +119,10 @@ class Generator:
         self.tokens = []
 
     def close(self) -> None:
+        """Release the runner (a center session) and take off the bricks this generator put on."""
         self.runner.close()
+        if self.bricks is not None:
+            self.bricks.close()
 
     def _prefill(self, ids: list[int], stats: GenerationStats) -> torch.Tensor:
         common = 0

@@ -117,6 +117,22 @@ def options(features: set, pack_root, store, centers) -> tuple[LoadOptions, RunO
 
 
 @pytest.fixture(scope="module")
+def models(model_path):
+    """One model per load configuration, shared by the combinations (a generator takes its bricks off when
+    closed, so each combination finds the model as loaded)."""
+    loaded: dict[str, object] = {}
+
+    def get(load: LoadOptions):
+        if repr(load) not in loaded:
+            loaded[repr(load)] = load_model(model_path, load)
+        return loaded[repr(load)]
+
+    yield get
+    for m in loaded.values():
+        m.close()
+
+
+@pytest.fixture(scope="module")
 def references(model_path, store, window) -> dict[bool, np.ndarray]:
     """fp32, all local, dense: without and with the brick."""
     m = load_model(model_path, weights="fp32")
@@ -137,36 +153,30 @@ def test_the_brick_changes_the_reference(references):
 _alone: dict = {}
 
 
-def alone(features: set, model_path, pack_root, store, centers, window, references) -> float:
+def alone(features: set, models, pack_root, store, centers, window, references) -> float:
     """Top-1 agreement with plain fp32 of the approximation in `features` alone (int4, sparse, offload)."""
     key = frozenset(features & {"int4", "sparse", "offload"})
     if key not in _alone:
         load, run = options(set(key), pack_root, store, centers)
-        m = load_model(model_path, load)
-        _alone[key] = agreement(predictions(m, run, window)[0], references[False])
-        m.close()
+        _alone[key] = agreement(predictions(models(load), run, window)[0], references[False])
     return _alone[key]
 
 
 @pytest.mark.parametrize("features", COMBOS, ids=["+".join(sorted(c, key=FEATURES.index)) for c in COMBOS])
-def test_combination_runs_and_matches_its_reference_or_is_refused(features, model_path, pack_root, store, centers,
-                                                                  window, references):
+def test_combination_runs_and_matches_its_reference_or_is_refused(features, model_path, models, pack_root, store,
+                                                                  centers, window, references):
     load, run = options(features, pack_root, store, centers)
     why = refusal(features)
     if why is not None:
         with pytest.raises(CfmError, match=re.escape(why)):
             load_model(model_path, load).new_generator(run).close()
         return
-    m = load_model(model_path, load)
-    try:
-        got, report = predictions(m, run, window)
-    finally:
-        m.close()
+    got, report = predictions(models(load), run, window)
     ref = references["bricks" in features]
     if features <= {"bricks", "split"}:  # fp32 everywhere, fp32 on the wire: the same arithmetic
         assert np.abs(got - ref).max() < 2e-3 and agreement(got, ref) == 1.0
     else:
-        floor = alone(features, model_path, pack_root, store, centers, window, references)
+        floor = alone(features, models, pack_root, store, centers, window, references)
         assert agreement(got, ref) >= floor - 0.05, (agreement(got, ref), floor)
     if "bricks" in features:
         assert agreement(got, ref) > agreement(got, references[False])

@@ -28,6 +28,7 @@ class BrickSet:
         self.extra: tuple[tuple[str, float], ...] = ()  # bricks added on top of the baseline for this answer
         self.center_layers: frozenset[int] = frozenset()  # layers that run on a center: no brick may touch them
         self.routed: str | None = None
+        self.fixed = tuple(fixed)
         for name, weight in fixed:
             apply_brick(model, self.brick(name), weight)
         if fixed:
@@ -91,3 +92,9 @@ class BrickSet:
 
     def report(self) -> dict:
         return {"brick": self.routed} if self.auto else {}
+
+    def close(self) -> None:
+        """Take off every brick this set put on (the model is left as the set found it)."""
+        for name, _ in self.extra + self.fixed:
+            remove_brick(self.model, name)
+        self.extra = self.fixed = ()
