@@ -71,7 +71,7 @@ def load(args, **changes):
     """Load the model the flags describe; says so when the native decode kernel is compiled (first run)."""
     model = load_model(args.model, load_options(args, **changes))
     if model.backend.name == "fused":
-        native.load(notice=lambda: notice("building the native decode kernel (first run only, about a minute)..."))
+        native.load(notice=notice)
     return model
 
 

@@ -15,6 +15,8 @@ Both backends read and write the same `SpanCache`, so a runner may switch betwee
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -23,7 +25,7 @@ from .kernels.fused import FusedSpan
 from .kernels.graph import ACCURACY_LEVEL
 from .kernels.quant import QuantizedHead, QuantizedLinear
 from .bricks.lora import LoRALinear
-from .kernels.weights import DecoderWeights, LayerWeights
+from .kernels.weights import BlockWeights, DecoderWeights, LayerWeights
 from .model import MLP, Attention, SpanCache, Transformer
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -186,11 +188,12 @@ class FusedBackend:
     name = "fused"
 
     def __init__(self, t: Transformer, weights: DecoderWeights, threads: int, spin: bool = True,
-                 use_native: bool = True):
+                 blocks: Callable[[], BlockWeights] | None = None):
         self.t, self.w, self.threads, self.spin = t, weights, threads, spin
+        self.blocks = blocks  # the file's blocks for the native kernel (read on first use); None: graphs only
         self.modules = stock_modules(t)  # what the weights were read from (checked when re-choosing)
         self._spans: dict[tuple, FusedSpan] = {}
-        self._native, self._native_tried = None, not use_native
+        self._native, self._native_tried = None, blocks is None
         self.sides: dict = {}  # (layer, kind) -> (A, B): the bricks, for the native kernel
         self._graph_sides: dict = {}  # the same as graph inputs: (A^T, B^T)
 
@@ -199,16 +202,17 @@ class FusedBackend:
         self.sides = sides
         self._graph_sides = {key: (a.T.contiguous(), b.T.contiguous()) for key, (a, b) in sides.items()}
         if self._native is not None:
-            self._native.set_sides(sides)
+            self._native.set_sides({key: (a.numpy(), b.numpy()) for key, (a, b) in sides.items()})
 
     def native(self) -> native.NativeDecoder | None:
-        """The compiled decode step for these weights, or None (not buildable here, or not the int4 layout)."""
+        """The native kernel over the file's blocks, or None (not buildable here, or a layout it lacks)."""
         if not self._native_tried:
             self._native_tried = True
-            module = native.load() if native.supported(self.w) else None
-            if module is not None:
-                self._native = native.NativeDecoder(self.w, self.threads, module)
-                self._native.set_sides(self.sides)
+            lib = native.load()
+            blocks = self.blocks() if lib is not None else None
+            if native.supported(blocks):
+                self._native = native.NativeDecoder(blocks, self.threads, lib)
+                self.set_sides(self.sides)
         return self._native
 
     def _graph(self, start: int, end: int, head: bool) -> FusedSpan:
@@ -229,9 +233,10 @@ class FusedBackend:
             return h
         if self.native() is not None:
             if h.shape[1] == 1:
-                return self._native.step(h[:, 0], [[c[i] for i in range(start, end)] for c in caches], start, end)[:, None]
-            return torch.stack([self._native.chunk(h[j], [c[i] for i in range(start, end)], start, end)
-                                for j, c in enumerate(caches)])
+                out = self._native.step(h[:, 0].numpy(), [[c[i] for i in range(start, end)] for c in caches], start, end)
+                return torch.from_numpy(out)[:, None]
+            return torch.stack([torch.from_numpy(self._native.chunk(h[j].numpy(), [c[i] for i in range(start, end)],
+                                                                    start, end)) for j, c in enumerate(caches)])
         graph = self._graph(start, end, head=False)
         return torch.cat([graph.forward(h[j:j + 1], [c[i] for i in range(start, end)], self._graph_sides)
                           for j, c in enumerate(caches)])
@@ -241,7 +246,8 @@ class FusedBackend:
         n = self.t.config.n_layers
         layers = [cache[i] for i in range(start, n)]
         if self.native() is not None:
-            return self._native.chunk(h[0], layers, start, n, head=h.shape[1] if all_logits else 1)
+            return torch.from_numpy(self._native.chunk(h[0].numpy(), layers, start, n,
+                                                       head=h.shape[1] if all_logits else 1))
         if start == n:
             return self.t.head(h if all_logits else h[:, -1:])[0]
         graph = self._graph(start, n, head=self.w.head is not None)
@@ -264,16 +270,20 @@ class FusedBackend:
         return {"backend": self.name, "decode_path": path}
 
 
-def choose_backend(t: Transformer, threads: int, previous: FusedBackend | None = None
-                   ) -> ModuleBackend | FusedBackend:
+def choose_backend(t: Transformer, threads: int, previous: FusedBackend | None = None,
+                   blocks: Callable[[], BlockWeights] | None = None) -> ModuleBackend | FusedBackend:
     """The fused backend when `t` holds the stock quantized modules (under any bricks: they become side terms),
-    reusing `previous` if it was built from these very modules; else the module backend."""
+    reusing `previous` if it was built from these very modules; else the module backend. `blocks` gives the
+    native kernel its weights (the model file's blocks)."""
     if previous is not None and stock_modules(t) == previous.modules:
         backend = previous
     else:
         w = decoder_weights(t)
         if w is None:
             return ModuleBackend(t)
-        backend = FusedBackend(t, w, threads)
+        # the kernel computes with int8 activations and the 8-bit head: a model built otherwise keeps the graphs
+        int8 = (w.head is not None and w.head_accuracy == ACCURACY_LEVEL
+                and all(x.accuracy == ACCURACY_LEVEL for x in w.layers.values()))
+        backend = FusedBackend(t, w, threads, blocks=blocks if int8 else None)
     backend.set_sides(side_terms(t))
     return backend

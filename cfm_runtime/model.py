@@ -98,6 +98,19 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def k_ptr(self) -> int:
+        """Address of the keys [Hkv, capacity, hd] (contiguous float32), for the native kernel."""
+        return self.k.data_ptr()
+
+    @property
+    def v_ptr(self) -> int:
+        return self.v.data_ptr()
+
 
 class SpanCache:
     """The KV caches of one sequence for layers [start, end)."""

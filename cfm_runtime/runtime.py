@@ -23,7 +23,8 @@ from .bricks.store import BrickStore
 from .config import ModelConfig
 from .errors import CfmError
 from .generate import GenerationChunk, Generator
-from .loading import Checkpoint, load_checkpoint, resolve_model_path
+from .kernels.weights import BlockWeights
+from .loading import Checkpoint, block_weights, load_checkpoint, resolve_model_path
 from .memory import release_freed_memory
 from .model import Transformer
 from .options import CenterOptions, LoadOptions, RunOptions, SparseOptions, refusal
@@ -58,10 +59,14 @@ class Model:
         self._fused: FusedBackend | None = None  # kept while bricks are on, reused when they come off
         self._fingerprints: dict[tuple[int, int], str] = {}
 
+    def _blocks(self) -> BlockWeights:
+        """The file's weights as the native kernel reads them (views of the mapped file where it can)."""
+        return block_weights(self._checkpoint)
+
     def refresh_backend(self) -> None:
         """Choose the execution backend for the modules as they are now. Called by whatever changes the
         modules (bricks, sparse FFNs) right after the change."""
-        self.backend = choose_backend(self.transformer, self.threads, self._fused)
+        self.backend = choose_backend(self.transformer, self.threads, self._fused, self._blocks)
         if isinstance(self.backend, FusedBackend):
             self._fused = self.backend
 

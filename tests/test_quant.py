@@ -153,8 +153,7 @@ def test_native_decode_step_matches_fp32_and_the_graph(model, int4, eval_ids):
     ids = eval_ids["prose"][:96]
     assert int4.backend.native() is not None, native.failure()
     graph_only = copy.copy(int4)  # the same weights on a fused backend that never uses the native step
-    graph_only.backend = FusedBackend(int4.transformer, decoder_weights(int4.transformer), torch.get_num_threads(),
-                                      use_native=False)
+    graph_only.backend = FusedBackend(int4.transformer, decoder_weights(int4.transformer), torch.get_num_threads())
     full = model.logits(ids)
     runner, graph = LocalRunner(int4), LocalRunner(graph_only)
     runner.forward(ids[:32])
