@@ -66,14 +66,14 @@ class RunSteps:
             t0 = time.perf_counter()
             logits = self.runner.forward(ids)[-1]
             dt = time.perf_counter() - t0
-        self.tok = int(torch.argmax(logits))
+        self.tok = int(np.argmax(logits))
         return dt
 
     def decode(self, n: int) -> float:
         with torch_threads(self.runner.torch_threads()):
             t0 = time.perf_counter()
             for _ in range(n):
-                self.tok = int(torch.argmax(self.runner.forward([self.tok])[-1]))
+                self.tok = int(np.argmax(self.runner.forward([self.tok])[-1]))
             return time.perf_counter() - t0
 
     def split_report(self) -> dict | None:
@@ -124,7 +124,7 @@ def all_logits(model, run: RunOptions, texts: dict[str, list[int]]) -> dict[str,
     for name, ids in texts.items():
         gen = model.new_generator(run)
         try:
-            out[name] = gen.runner.forward(ids, all_logits=True).numpy()
+            out[name] = gen.runner.forward(ids, all_logits=True)
         finally:
             gen.close()
     return out

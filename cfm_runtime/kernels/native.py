@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import build
-from .weights import BlockWeights
+from .blocks import BlockWeights
 
 SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of a layer's linears
 _lock = threading.Lock()

@@ -152,31 +152,3 @@ def concat(parts: list[Packed]) -> Packed:
     return Packed(a.bits, a.block, sum(p.n for p in parts), a.k, np.concatenate([p.codes for p in parts]),
                   np.concatenate([p.scales for p in parts]), zps, mins)
 
-
-def q4_1_blocks(w: np.ndarray) -> np.ndarray:
-    """w [n, k] -> GGUF Q4_1 blocks uint8 [n, k/32 * 20] (fp16 d, fp16 m, nibbles: low = elements 0..15), as
-    llama.cpp quantizes: d = (max - min) / 15, m = min, q = round((w - m) / d) per block of 32."""
-    n, k = w.shape
-    wb = np.asarray(w, dtype=np.float32).reshape(n, k // 32, 32)
-    lo, hi = wb.min(-1), wb.max(-1)
-    d = (hi - lo) / 15
-    inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0)
-    q = np.clip(np.floor((wb - lo[..., None]) * inv[..., None] + 0.5), 0, 15).astype(np.uint8)
-    out = np.empty((n, k // 32, 20), dtype=np.uint8)
-    out[..., 0:2] = d.astype(np.float16)[..., None].view(np.uint8)
-    out[..., 2:4] = lo.astype(np.float16)[..., None].view(np.uint8)
-    out[..., 4:] = q[..., :16] | (q[..., 16:] << 4)
-    return out.reshape(n, -1)
-
-
-def q8_0_blocks(w: np.ndarray) -> np.ndarray:
-    """w [n, k] -> GGUF Q8_0 blocks uint8 [n, k/32 * 34] (fp16 d, 32 int8): d = max|w| / 127 per block of 32."""
-    n, k = w.shape
-    wb = np.asarray(w, dtype=np.float32).reshape(n, k // 32, 32)
-    d = np.abs(wb).max(-1) / 127
-    inv = np.where(d > 0, 1 / np.where(d > 0, d, 1), 0)
-    q = np.clip(np.round(wb * inv[..., None]), -127, 127).astype(np.int8)
-    out = np.empty((n, k // 32, 34), dtype=np.uint8)
-    out[..., 0:2] = d.astype(np.float16)[..., None].view(np.uint8)
-    out[..., 2:] = q.view(np.uint8)
-    return out.reshape(n, -1)

@@ -1,15 +1,13 @@
-"""The weights a fused kernel reads: plain arrays and packed blocks, no modules.
+"""The weights the onnxruntime graphs (`fused`) read: plain tensors and MatMulNBits blocks, no modules.
 
-`DecoderWeights` (torch tensors, MatMulNBits packing) feeds the onnxruntime graphs (`fused`), filled from a
-model's modules; `BlockWeights` (numpy, GGUF blocks) feeds the native kernel (`native`), read from the model
-file itself (`cfm_runtime.loading.block_weights`). The kernels know nothing of modules, spans or bricks.
+The model side (`cfm_runtime.backends`) fills these from its modules; the native kernel reads `blocks`
+(the file's GGUF blocks) instead. The kernels know nothing of modules, spans or bricks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .packing import Packed
@@ -52,41 +50,3 @@ class DecoderWeights:
     head: Packed | None = None  # [vocab, d]
     head_accuracy: int = 4
 
-
-@dataclass
-class BlockLayer:
-    """One decoder layer as GGUF blocks: RMSNorm gains (float32 [d]) and Q4_1 rows (uint8 [rows, in / 32 * 20])."""
-
-    ln1: np.ndarray
-    ln2: np.ndarray
-    q: np.ndarray
-    k: np.ndarray
-    v: np.ndarray
-    o: np.ndarray
-    gate: np.ndarray
-    up: np.ndarray
-    down: np.ndarray
-
-
-@dataclass
-class BlockWeights:
-    """A decoder as the native kernel reads it: Q4_1 layers, a Q8_0 head and embedding (the same array when tied),
-    rotary tables; arrays may be views of a memory-mapped file."""
-
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_ff: int
-    vocab_size: int
-    context_length: int
-    eps: float
-    activation: str
-    interleaved_rope: bool
-    qkv_bias: bool
-    cos: np.ndarray  # float32 [context_length, head_dim / 2]
-    sin: np.ndarray
-    layers: list[BlockLayer]
-    final_norm: np.ndarray  # float32 [d]
-    head: np.ndarray  # uint8 [vocab, d / 32 * 34]
-    embed: np.ndarray
