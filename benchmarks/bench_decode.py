@@ -82,8 +82,11 @@ class CfmSteps:
     def __init__(self, model):
         self.model = model
 
+    def new_runner(self):
+        return LocalRunner(self.model)
+
     def prefill(self, ids: list[int]) -> float:
-        self.runner = LocalRunner(self.model)
+        self.runner = self.new_runner()
         with torch_threads(self.runner.torch_threads()):
             t0 = time.perf_counter()
             logits = self.runner.forward(ids)[-1]

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, environment, median, save  # noqa: E402
+from cfm_runtime.sparse.io import drop_page_cache  # noqa: E402
 
 PROMPT = "Explain in a few sentences why the sea is salty."
 CGROUP = Path("/sys/fs/cgroup/memory")
@@ -74,16 +75,6 @@ print(json.dumps({"text": "".join(c.text for c in chunks), "tokens": stats.gener
                   "decode_tps": stats.decode_tps, "backend": stats.extra.get("backend"),
                   "torch_imported": "torch" in sys.modules, **status()}))
 """
-
-
-def evict(path: Path) -> None:
-    """Drop the file's pages from the page cache (they are charged to whichever cgroup reads them first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def run(cmd: list[str], cap_mb: int | None = None, timeout: float = 900) -> dict:
@@ -158,7 +149,7 @@ def caps(cmds: dict, model: Path, tokens: int, levels: list[int], pause: float) 
     rows = []
     for cap in levels:
         for name in ("cfm", "llama_cpp_512"):
-            evict(model)
+            drop_page_cache(model)  # its pages are charged to whichever cgroup reads them first
             r = run(cmds[name], cap)
             r.update(runtime=name, cap_mb=cap)
             if r["ok"]:

