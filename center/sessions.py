@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from cfm_runtime.model import SpanCache
+from cfm_runtime.cache import SpanCache
 
 from cfm_runtime.protocol.errors import FailedPrecondition, NotFound, OutOfRange, PermissionDenied, ResourceExhausted
 

@@ -18,3 +18,7 @@ class ContextOverflowError(CfmError):
 
 class NonFiniteError(CfmError):
     """The model computed NaN or infinite logits (e.g. a brick whose weights overflow): no token can be sampled."""
+
+
+class BrickError(CfmError):
+    """An adapter file or brick that cannot be used: corrupt, wrong shapes, or for another model."""

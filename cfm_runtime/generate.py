@@ -7,10 +7,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Protocol
 
-import torch
+import numpy as np
 
 from .errors import ContextOverflowError, CfmError, NonFiniteError
-from .memory import peak_rss_mb
+from .memory import peak_rss_mb, rss_parts_mb
 from .runners import Runner
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -18,10 +18,12 @@ from .tokenizer import Tokenizer
 
 @contextmanager
 def torch_threads(n: int | None):
-    """Torch's intra-op thread count set to n for the block (None: left as it is)."""
+    """Torch's intra-op thread count set to n for the block (None: left as it is, and torch not loaded)."""
     if n is None:
         yield
         return
+    import torch  # only a torch backend asks for a count
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -53,7 +55,9 @@ class GenerationStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         extra = d.pop("extra")
-        d.update(prompt_tps=self.prompt_tps, decode_tps=self.decode_tps, peak_rss_mb=peak_rss_mb(), **extra)
+        rss = rss_parts_mb()
+        d.update(prompt_tps=self.prompt_tps, decode_tps=self.decode_tps, peak_rss_mb=peak_rss_mb(),
+                 rss_anon_mb=rss.get("anon"), rss_file_mb=rss.get("file"), **extra)
         return d
 
 
@@ -90,9 +94,9 @@ class StopMatcher:
         return out
 
 
-def check_finite(logits: torch.Tensor, position: int) -> None:
+def check_finite(logits: np.ndarray, position: int) -> None:
     """Refuse NaN or infinite logits [vocab]: sampling them would end the answer with a silent "stop"."""
-    if not bool(torch.isfinite(logits).all()):
+    if not np.isfinite(logits).all():
         raise NonFiniteError(f"the model computed NaN or infinite logits at position {position}, so no token can be "
                              "chosen; a brick or weights with values too large for the model cause this: remove "
                              "the brick (cfm brick list) or check the model file")
@@ -107,6 +111,9 @@ class BrickSelector(Protocol):
 
     def report(self) -> dict:
         """Telemetry of the last selection, merged into `GenerationStats.extra`."""
+
+    def close(self) -> None:
+        """Take off the bricks the selector put on."""
 
 
 class Generator:
@@ -124,9 +131,12 @@ class Generator:
         self.tokens = []
 
     def close(self) -> None:
+        """Release the runner (a center session) and take off the bricks this generator put on."""
         self.runner.close()
+        if self.bricks is not None:
+            self.bricks.close()
 
-    def _prefill(self, ids: list[int], stats: GenerationStats) -> torch.Tensor:
+    def _prefill(self, ids: list[int], stats: GenerationStats) -> np.ndarray:
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:

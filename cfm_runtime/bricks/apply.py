@@ -3,16 +3,11 @@ re-chooses its execution backend after every change."""
 
 from __future__ import annotations
 
-import weakref
 from pathlib import Path
 
-import torch
-
 from .formats import BrickError, check_update_sizes, read_adapter, to_model_layout, validate
-from .lora import LoRALinear, attach, detach
+from .lora import attach, detach
 from .store import Brick, check_name
-
-_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base module -> its weight's Frobenius norm
 
 
 def base_info(model) -> dict:
@@ -31,30 +26,14 @@ def check_base(model, brick: Brick) -> None:
             f"fingerprint {str(want)[:12]}) but the loaded model is {model.config.name} "
             f"(fingerprint {model.fingerprint()[:12]}); load the model it was made for"
         )
-    check_update_sizes(brick.pairs, lambda name: base_weight_norm(model, name), f"brick {brick.name!r}")
-
-
-def base_weight_norm(model, name: str) -> float | None:
-    """Frobenius norm of the base weight of module `name` ('layers.3.self_attn.q_proj'), or None when the
-    module has no dense weight to read (a sparse FFN); computed once per module."""
-    try:
-        module = model.transformer.get_submodule(name)
-    except AttributeError:
-        return None
-    base = module.base if isinstance(module, LoRALinear) else module
-    if base not in _NORMS:
-        weight = getattr(base, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            return None
-        _NORMS[base] = float(torch.linalg.vector_norm(weight.detach().float()))
-    return _NORMS[base]
+    check_update_sizes(brick.pairs, model.weight_norm, f"brick {brick.name!r}")
 
 
 def import_adapter(model, path, name: str, description: str = "") -> Brick:
     """Read and validate a PEFT folder or GGUF LoRA adapter against `model` -> a Brick for the store."""
     check_name(name)
     pairs, info = read_adapter(Path(path), model.config)
-    check_update_sizes(pairs, lambda module: base_weight_norm(model, module), str(path))
+    check_update_sizes(pairs, model.weight_norm, str(path))
     meta = base_info(model) | {"description": description, "source": info["format"],
                                "source_path": str(Path(path).resolve()), "adapter_base_model": info["base_model"]}
     return Brick(name, pairs, meta)
