@@ -94,11 +94,14 @@ def _rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+BUDGET_MB = 32  # three blocks of 10.2 MB over layers 2:28
+
+
 @pytest.fixture(scope="module")
-def center_64mb():
-    """`cfm center serve --max-kv-mb 64` in its own process (its RSS is measured)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", "center", "serve", "--port", "0", "--max-kv-mb", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+def center_small_budget():
+    """`cfm center serve --max-kv-mb 32` in its own process (its RSS is measured)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", "center", "serve", "--port", "0",
+                             "--max-kv-mb", str(BUDGET_MB)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:
             if line.startswith("listening"):
@@ -109,34 +112,34 @@ def center_64mb():
         proc.wait(30)
 
 
-SLACK_MB = 32  # a 512-position step's activations (attention scores 9 x 512 x 512 x 4 B per layer, FFN) and heaps
+SLACK_MB = 32  # a 256-position step's activations and messages, and the heaps
 
 
-@pytest.mark.slow  # ~15 s of 512-position steps, plus a center process of its own
-def test_rss_stays_under_the_kv_budget_plus_the_model(center_64mb):
-    """The patterns of issue 19 at --max-kv-mb 64: six sessions filled to 1,536 positions and rewound (they
-    grew the process by 423 MB), then 64 sessions of 16 positions (448 MB)."""
-    proc, address = center_64mb
+def test_rss_stays_under_the_kv_budget_plus_the_model(center_small_budget):
+    """The patterns of issue 19, scaled to --max-kv-mb 32: six sessions filled to 768 positions (three blocks)
+    and rewound to 16, then 64 sessions of 16 positions. Counting positions in use, as the center did, the
+    rewound sessions would hold 6 x 30.6 MB and the small ones 64 x 10.2 MB."""
+    proc, address = center_small_budget
     with grpc.insecure_channel(address) as ch:
-        assert run(ch, [opened(), step(0, torch.randn(512, D)), CLOSE], metadata=None)[1] is None  # warm
+        assert run(ch, [opened(), step(0, torch.randn(256, D)), CLOSE], metadata=None)[1] is None  # warm
         base = _rss_mb(proc.pid)
-        bound = base + 64 + SLACK_MB
+        bound = base + BUDGET_MB + SLACK_MB
         ids, refused = [], 0
         for _ in range(6):
-            fill = [step(k * 512, torch.randn(512, D)) for k in range(3)]
+            fill = [step(k * 256, torch.randn(256, D)) for k in range(3)]
             out, err = run(ch, [opened(), *fill, step(16, torch.randn(1, D))], metadata=None)
             ids.append(out[0].opened.session_id)
             if err is not None:
                 assert_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, "KV cache budget")
                 refused += 1
         rewound = _rss_mb(proc.pid)
-        assert refused < 6 and info(ch).limits.used_kv_bytes <= 64 * 2**20
+        assert refused < 6 and info(ch).limits.used_kv_bytes <= BUDGET_MB * 2**20
         for sid in ids:
             run(ch, [opened(resume_session_id=sid), CLOSE], metadata=None)
         outcomes = [run(ch, [opened(), step(0, torch.randn(16, D))], metadata=None)[1] for _ in range(64)]
         small = _rss_mb(proc.pid)
         served = sum(e is None for e in outcomes)
-        assert served == 6  # 10.2 MB each: six fit in 64 MB; the others are refused
+        assert served == BUDGET_MB * 2**20 // BLOCK  # three fit; the others are refused
         assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in outcomes if e is not None)
     print(f"RSS {base:.0f} MB; after rewinds {rewound:.0f}; after 64 small sessions {small:.0f}; bound {bound:.0f}")
     assert rewound < bound and small < bound

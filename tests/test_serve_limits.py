@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from cfm_runtime import load_model
 from edge.server import Engine, build_server, model_id
 
 HELLO = [{"role": "user", "content": "Say hi."}]
@@ -36,8 +37,14 @@ def stop(server, thread):
 
 
 @pytest.fixture(scope="module")
-def engine(model):
-    return Engine(model, model.new_generator(), model_id(model), max_queue=200)
+def lean_model(model_path):
+    """The model as `cfm serve` loads it by default (int4, native kernel, no torch form)."""
+    return load_model(model_path)
+
+
+@pytest.fixture(scope="module")
+def engine(lean_model):
+    return Engine(lean_model, lean_model.new_generator(), model_id(lean_model), max_queue=200)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +103,8 @@ def test_100_concurrent_streams_all_finish(api, engine):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == results[0][1]
 
 
-def test_a_full_queue_answers_429_with_retry_after(model):
-    engine = Engine(model, model.new_generator(), model_id(model), max_queue=4)
+def test_a_full_queue_answers_429_with_retry_after(lean_model):
+    engine = Engine(lean_model, lean_model.new_generator(), model_id(lean_model), max_queue=4)
     server, thread, url = start(engine)
     try:
         results = run_clients(url, engine.model_id, 100)
@@ -263,9 +270,9 @@ def _rss_kb(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def serve_process():
-    """`cfm serve` in its own process (its RSS is measured), fp32 weights (no kernel build)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", "serve", "--port", "0", "--weights", "fp32",
-                             "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    """`cfm serve` in its own process (its RSS is measured), as it runs by default (int4, native kernel)."""
+    proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", "serve", "--port", "0", "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stderr:
             if "serving" in line:
