@@ -247,15 +247,8 @@ def plot(serve: dict, center: dict, path: Path) -> Path:
     a.set(xscale="log", yscale="log", xlabel="concurrent streaming clients", ylabel="ms",
           title=f"cfm serve: {serve['max_tokens']} tokens per answer, --max-queue {serve['max_queue']}")
     a.legend(fontsize=8)
-    a = ax[0][1]
-    tl = serve["timeline"]
-    a.plot([r["t"] for r in tl], [r["waiting"] for r in tl], color="#c63", label="requests waiting")
-    a.set(xlabel="s", ylabel="waiting", title="cfm serve: queue depth and RSS over time")
-    b = a.twinx()
-    b.plot([r["t"] for r in tl], [r["rss_mb"] for r in tl], color="#27a", label="RSS MB")
-    b.set_ylabel("RSS MB")
-    a.legend(loc="upper left", fontsize=8)
-    b.legend(loc="upper right", fontsize=8)
+    _timeline(ax[0][1], serve["timeline"], {"waiting": ("#c63", "requests waiting")},
+              "cfm serve: queue depth and RSS over time", ylabel="waiting")
     c = center["waves"]
     a = ax[1][0]
     x = [r["sessions"] for r in c]
@@ -265,19 +258,25 @@ def plot(serve: dict, center: dict, path: Path) -> Path:
     a.set(xscale="log", yscale="log", xlabel="concurrent sessions", ylabel="ms",
           title=f"center layers {SPAN[0]}:{SPAN[1]}, --max-kv-mb {center['max_kv_mb']:g}")
     a.legend(fontsize=8)
-    a = ax[1][1]
-    tl = center["timeline"]
-    a.plot([r["t"] for r in tl], [r["sessions"] for r in tl], color="#c63", label="live sessions")
-    a.plot([r["t"] for r in tl], [r["kv_mb"] for r in tl], color="#2a7", label="KV MB allocated")
-    a.set(xlabel="s", title="center: sessions, KV bytes and RSS over time")
-    b = a.twinx()
-    b.plot([r["t"] for r in tl], [r["rss_mb"] for r in tl], color="#27a", label="RSS MB")
-    b.set_ylabel("RSS MB")
-    a.legend(loc="upper left", fontsize=8)
-    b.legend(loc="upper right", fontsize=8)
+    _timeline(ax[1][1], center["timeline"], {"sessions": ("#c63", "live sessions"),
+                                             "kv_mb": ("#2a7", "KV MB allocated")},
+              "center: sessions, KV bytes and RSS over time")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def _timeline(a, tl: list[dict], series: dict, title: str, ylabel: str | None = None) -> None:
+    """`series` {key: (colour, label)} over time on `a`, and the RSS on a second axis."""
+    t = [r["t"] for r in tl]
+    for key, (colour, label) in series.items():
+        a.plot(t, [r[key] for r in tl], color=colour, label=label)
+    a.set(xlabel="s", ylabel=ylabel, title=title)
+    b = a.twinx()
+    b.plot(t, [r["rss_mb"] for r in tl], color="#27a", label="RSS MB")
+    b.set_ylabel("RSS MB")
+    a.legend(loc="upper left", fontsize=8)
+    b.legend(loc="upper right", fontsize=8)
 
 
 def main() -> None:

@@ -8,12 +8,15 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
 from center.interceptor import Tokens
 from center.server import CenterLimits, CenterServer
+from cfm_runtime import load_model
 from cfm_runtime.errors import CfmError
+from cfm_runtime.protocol import wire
 from cfm_runtime.protocol.proto import pb, pb_grpc
 from test_center import ALICE, BOB, D, assert_status, opened, run, step
 
@@ -33,17 +36,31 @@ def info(channel, metadata=None) -> pb.InfoResponse:
     return pb_grpc.CenterStub(channel).Info(pb.InfoRequest(), metadata=metadata)
 
 
-def test_kv_bytes_follow_the_blocks_and_a_rewind_gives_them_back(model):
-    s = CenterServer(model, span=(2, 28)).start()
+@pytest.fixture(scope="module")
+def lean_model(model_path):
+    """The center's default form: int4 on the native kernel, which writes the caches by address."""
+    return load_model(model_path)
+
+
+def test_kv_bytes_follow_the_blocks_and_a_rewind_gives_them_back(lean_model):
+    """A rewind past a block boundary replaces the cache's arrays by smaller ones; the next step, written by
+    the native kernel at the new addresses, equals the same positions computed locally."""
+    h, x = np.random.default_rng(0).standard_normal((2, 300, D), dtype=np.float32)
+    s = CenterServer(lean_model, span=(2, 28)).start()
     try:
         with grpc.insecure_channel(s.address) as ch:
-            out, err = run(ch, [opened(), step(0, torch.randn(300, D))], metadata=None)
+            out, err = run(ch, [opened(), step(0, torch.from_numpy(h))], metadata=None)
             assert err is None
             session = s.servicer.table.sessions[out[0].opened.session_id]
             assert info(ch).limits.used_kv_bytes == 2 * BLOCK == session.cache.nbytes  # 300 positions: 2 blocks
-            out, err = run(ch, [opened(resume_session_id=session.id), step(10, torch.randn(1, D))], metadata=None)
-            assert err is None and session.n_past == 11
+            out, err = run(ch, [opened(resume_session_id=session.id), step(10, torch.from_numpy(x[:2]))],
+                           metadata=None)
+            assert err is None and session.n_past == 12
             assert info(ch).limits.used_kv_bytes == BLOCK == session.cache.nbytes  # the rewind gave one back
+            got = wire.decode(out[1].result.hidden, hidden_size=D, dtype=pb.DTYPE_FLOAT32, max_rows=2)
+            cache = lean_model.new_cache(2, 28)
+            lean_model.backend.span(h[None, :10], 2, 28, [cache])
+            np.testing.assert_array_equal(got, lean_model.backend.span(x[None, :2], 2, 28, [cache])[0])
             run(ch, [opened(resume_session_id=session.id), CLOSE], metadata=None)
             assert info(ch).limits.used_kv_bytes == 0
     finally:
