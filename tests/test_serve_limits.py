@@ -169,7 +169,8 @@ def test_prompt_too_long_in_bytes_is_refused_before_tokenizing(api, engine):
     ('{"model": "M", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}', "max_tokens"),
     ('{"model": "M", "prompt": 1%s}' % ("0" * 5000), None),
     ('[' * 100_000 + ']' * 100_000, None),
-])
+], ids=["lone surrogate", "surrogate in stop", "seed 2**70", "seed 2**70 streamed", "max_tokens 1e400",
+        "5000-digit number", "100000 nested arrays"])
 def test_malformed_values_get_400_in_openai_shape(api, engine, body, param):
     path = "/v1/completions" if '"prompt"' in body else "/v1/chat/completions"
     r = httpx.post(api + path, content=body.replace('"M"', json.dumps(engine.model_id)).encode(),
