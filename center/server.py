@@ -25,7 +25,7 @@ from cfm_runtime.protocol.spans import default_span
 
 from .engine import Engine
 from .interceptor import StatusInterceptor, Tokens, caller_id
-from .sessions import Session, SessionTable, TableLimits
+from .sessions import Session as SessionState, SessionTable, TableLimits  # `Session` is the rpc below
 
 log = logging.getLogger("cfm.center")
 VERSION = "0.1.0"
@@ -153,7 +153,7 @@ class CenterServicer(pb_grpc.CenterServicer):
             if session is not None:
                 self.table.detach(session, failed=failed)
 
-    def _open(self, owner: str, req) -> Session:
+    def _open(self, owner: str, req) -> SessionState:
         if req.resume_session_id:
             return self.table.resume(owner, req.resume_session_id)
         a, b = (req.span_start, req.span_end) if (req.span_start, req.span_end) != (0, 0) else self.span
@@ -167,11 +167,11 @@ class CenterServicer(pb_grpc.CenterServicer):
                                req.max_positions or self.max_positions)
 
     @staticmethod
-    def _opened(s: Session) -> pb.SessionOpened:
+    def _opened(s: SessionState) -> pb.SessionOpened:
         return pb.SessionOpened(session_id=s.id, span_start=s.start, span_end=s.end, n_past=s.n_past,
                                 max_positions=s.max_positions, dtype=s.dtype)
 
-    async def _step(self, s: Session, step) -> pb.StepResult:
+    async def _step(self, s: SessionState, step) -> pb.StepResult:
         self.table.check(s)
         h = wire.decode(step.hidden, hidden_size=self.hidden, dtype=s.dtype, max_rows=self.max_step)
         pos, n = step.position, h.shape[0]
