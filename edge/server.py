@@ -476,6 +476,7 @@ def build_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # connections made once the port is announced wait here until uvicorn accepts them
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     return server, sock
 
@@ -483,7 +484,7 @@ def build_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           ready: Callable[[int], None] | None = None, allow_hosts: list[str] | None = None,
           max_body_bytes: int = MAX_BODY_BYTES) -> None:
-    """Run the API until interrupted; `ready(port)` is called once the socket is bound."""
+    """Run the API until interrupted; `ready(port)` is called once the socket listens."""
     server, sock = build_server(engine, host, port, api_key, allow_hosts, max_body_bytes)
     if ready:
         ready(sock.getsockname()[1])
