@@ -117,8 +117,9 @@ BUDGET_MB = 32  # three blocks of 10.2 MB over layers 2:28
 @pytest.fixture(scope="module")
 def center_small_budget():
     """`cfm center serve --max-kv-mb 32` in its own process (its RSS is measured)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", "center", "serve", "--port", "0",
-                             "--max-kv-mb", str(BUDGET_MB)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cmd = ["center", "serve", "--port", "0", "--threads", "1", "--max-kv-mb", str(BUDGET_MB)]
+    proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", *cmd], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
     try:
         for line in proc.stdout:
             if line.startswith("listening"):
