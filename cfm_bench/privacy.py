@@ -105,7 +105,7 @@ def _chunks(text: str, min_chars: int, max_lines: int = 8) -> list[str]:
     return out + ([buf.strip("\n")] if buf.strip() else [])
 
 
-def chat_sample(model, kind: str, message: str, max_content: int = 48) -> Sample:
+def chat_sample(model, kind: str, message: str, max_content: int = 32) -> Sample:
     """The message in the chat template, cut to `max_content` tokens; the template's tokens are public."""
     tok = model.tokenizer
     content = tok.encode(message)[:max_content]
@@ -491,12 +491,12 @@ class BrickTraining:
     public state of another token than to its own (`front`), and the public last layers' argmax on the
     returned state not the undefended model's (`tail`)."""
 
-    steps: int = 150
+    steps: int = 80
     lr: float = 2e-3
     rank: int = 8
     alpha: float = 16.0
-    batch: int = 4  # windows per step
-    window: int = 48  # tokens per window
+    batch: int = 2  # windows per step
+    window: int = 32  # tokens per window
     front_weight: float = 1.0
     tail_weight: float = 1.0
     competitors: int = 8  # tokens whose public states the sent state should be nearer to (inverter's top)
@@ -611,18 +611,19 @@ def _brick_losses(model, split, windows: list[list[int]], targets: list[tuple], 
 @dataclass(frozen=True)
 class Settings:
     per_kind: int = 12  # held-out messages per kind (chat, code, personal)
-    max_content: int = 48  # tokens of each message kept
-    answer_tokens: int = 16  # greedy answer tokens generated per message
+    max_content: int = 32  # tokens of each message kept
+    answer_tokens: int = 12  # greedy answer tokens generated per message
     fronts: tuple = (1, 2, 4, 8)  # undefended splits (k, n - k): k edge layers before and after the center
-    split: tuple = (2, 28)  # where the defences are measured (the center's default span)
-    noises: tuple = (0.1, 0.3, 1.0)
+    split: tuple = (2, 28)  # the center's default span: utility's reference run
+    defence_splits: tuple = ((2, 28), (8, 22))  # where the defences are measured
+    noises: tuple = (0.1, 0.3, 1.0, 3.0)
     random_bricks: tuple = (0.2, 0.5)  # spectral norm of the update relative to the base weight's
     trained_brick: bool = True
     brick: BrickTraining = field(default_factory=BrickTraining)
     corpus_tokens: int = 20_000  # public text for the inverter
     brick_windows: int = 120  # public windows the trained brick sees
     candidates: int = 128  # inverter's top-k scored by the exact search at every position
-    verify_positions: int = 8  # full-vocabulary searches per defended configuration (the bound's check)
+    verify_positions: int = 4  # full-vocabulary searches per defended configuration (the bound's check)
     threads: int | None = None
     seed: int = 0
 
@@ -640,7 +641,8 @@ class Settings:
             raise CfmError("privacy benchmark: " + "; ".join(problems))
 
 
-QUICK = Settings(per_kind=2, max_content=16, answer_tokens=4, fronts=(2,), noises=(0.3,), random_bricks=(),
+QUICK = Settings(per_kind=2, max_content=16, answer_tokens=4, fronts=(2,), defence_splits=((2, 28),), noises=(0.3,),
+                 random_bricks=(),
                  trained_brick=False, corpus_tokens=4_000, candidates=64, verify_positions=1)
 TARGET = {"prompt": 0.10, "answer": 0.10, "perplexity_change": 0.03}
 KINDS = ("chat", "code", "personal")
@@ -783,19 +785,19 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def defences(model, s: Settings, inverter: Inverter, log) -> list[tuple[str, Defence, dict | None, dict]]:
-    """(name, defence, brick pairs, notes) of every defended configuration at `s.split`."""
+def defences(model, s: Settings, split: tuple[int, int], inverter: Inverter, log) -> list[tuple]:
+    """(name, defence, brick pairs, notes) of every defended configuration at `split`."""
     n = model.config.n_layers
     out = [(f"noise {x:g}", Defence(f"noise {x:g}", noise=x, seed=s.seed), None, {}) for x in s.noises]
     for scale in s.random_bricks:
         d = Defence(f"random brick {scale:g}", brick="random", brick_scale=scale, seed=s.seed)
-        out.append((d.name, d, random_brick(model.transformer, edge_layers(s.split, n, d), d.brick_rank, scale,
+        out.append((d.name, d, random_brick(model.transformer, edge_layers(split, n, d), d.brick_rank, scale,
                                             s.seed), {}))
     if s.trained_brick:
         d = Defence("trained brick", brick="trained", brick_rank=s.brick.rank, seed=s.seed)
         t0 = time.perf_counter()
         windows = public_corpus(model, tokens=s.brick_windows * s.brick.window, window=s.brick.window)
-        pairs, history = train_private_brick(model, s.split, windows, inverter, s.brick, d, log)
+        pairs, history = train_private_brick(model, split, windows, inverter, s.brick, d, log)
         out.append((d.name, d, pairs, {"training": asdict(s.brick), "training_seconds": round(time.perf_counter() - t0, 1),
                                        "loss_first": history[0], "loss_last_10": _mean_losses(history[-10:])}))
     return out
@@ -819,7 +821,7 @@ def run(s: Settings, out_dir: Path, model_path=None, log: Callable[[str], None] 
                for kind, ms in held_out_messages(s.per_kind).items() for m in ms]
     texts = utility_texts(model)
     base = [Edge(model, s.split).trace(ids).logits for ids in texts]
-    depths = tuple(sorted(set(s.fronts) | {s.split[0]}))
+    depths = tuple(sorted(set(s.fronts) | {a for a, _ in s.defence_splits}))
     log(f"{len(prompts)} held-out prompts; public states at depths {depths} from {s.corpus_tokens} public tokens")
     states, targets = public_states(model, public_corpus(model, s.corpus_tokens), depths)
     inverters = {a: train_inverter(model, states[a], targets) for a in depths}
@@ -829,12 +831,11 @@ def run(s: Settings, out_dir: Path, model_path=None, log: Callable[[str], None] 
         rows.append(measure_config(model, f"edge {k}+{k}", (k, n - k), Defence(), None, prompts, inverters[k],
                                    texts, base, s, plain))
         log(_describe(rows[-1]))
-    a = s.split[0]
-    for name, d, pairs, notes in defences(model, s, inverters[a], log):
-        inv = train_inverter(model, states[a], targets, noise=d.noise, seed=s.seed) if d.noise else inverters[a]
-        rows.append(measure_config(model, f"{a}:{s.split[1]} {name}", s.split, d, pairs, prompts, inv, texts, base, s)
-                    | notes)
-        log(_describe(rows[-1]))
+    for a, b in s.defence_splits:
+        for name, d, pairs, notes in defences(model, s, (a, b), inverters[a], log):
+            inv = train_inverter(model, states[a], targets, noise=d.noise, seed=s.seed) if d.noise else inverters[a]
+            rows.append(measure_config(model, f"{a}:{b} {name}", (a, b), d, pairs, prompts, inv, texts, base, s) | notes)
+            log(_describe(rows[-1]))
     result = {"benchmark": "privacy", "settings": asdict(s), "environment": environment(model, t_start),
               "summary": summarize(rows), "rows": rows, "notes": NOTES}
     (out_dir / "privacy.json").write_text(json.dumps(result, indent=1, allow_nan=False))
@@ -893,7 +894,7 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 3 + 0.32 * len(rows)), gridspec_kw={"width_ratios": [1, 1.3]})
     plain = sorted((r for r in rows if r["defence"]["name"] == "none"), key=lambda r: r["edge_layers"][0])
     ks = [r["edge_layers"][0] for r in plain]
     for part, key, style, label in (("prompt", "exact_search", "o-", "prompt, exact search"),
@@ -908,19 +909,17 @@ def plot(result: dict, path: Path) -> Path:
              xscale="log", title="No defence: split k:(n-k)")
     left.set_xticks(ks, [str(k) for k in ks])
     left.legend(fontsize=8)
-    defended = [r for r in rows if r["defence"]["name"] != "none" or tuple(r["split"]) == tuple(result["settings"]["split"])]
-    for r in defended:
-        x = max(r["utility"]["perplexity_change"], 1e-4) * 100
-        right.scatter([x], [100 * worst_recovery(r)], marker="o")
-        right.scatter([x], [100 * r["prompt"]["inverter"]], marker="x", color="grey")
-        right.annotate(r["name"].split(" ", 1)[1] if " " in r["name"] else r["name"], (x, 100 * worst_recovery(r)),
-                       fontsize=7, xytext=(3, 3), textcoords="offset points")
-    right.axvspan(1e-2, 100 * TARGET["perplexity_change"], ymax=TARGET["prompt"] / 1.05, color="tab:green", alpha=0.15,
-                  label="target: <=10% recovered at <=+3% perplexity")
-    right.set(xscale="log", xlabel="perplexity increase (%)", ylabel="tokens recovered (%)", ylim=(0, 105),
-              title=f"Defences at split {result['settings']['split'][0]}:{result['settings']['split'][1]}: "
-                    "o worst attack, x inverter (prompt)")
-    right.legend(fontsize=8, loc="lower left")
+    bars = (("prompt", "exact_search", "prompt: exact search"), ("prompt", "inverter", "prompt: learned inverter"),
+            ("answer", "logit_lens", "answer: logit lens"), ("answer", "inverter", "answer: learned inverter"))
+    y = np.arange(len(rows))
+    for j, (part, key, label) in enumerate(bars):
+        vals = [100 * (r.get(part, {}).get(key) or 0) for r in rows]
+        right.barh(y + (j - 1.5) * 0.2, vals, height=0.2, label=label)
+    right.set_yticks(y, [f"{r['name']} ({r['utility']['perplexity_change']:+.1%} ppl)" for r in rows], fontsize=7)
+    right.invert_yaxis()
+    right.axvline(100 * TARGET["prompt"], color="grey", lw=0.8, ls=":")
+    right.set(xlabel="tokens recovered (%)", xlim=(0, 100), title="Every configuration (target: <= 10% at <= +3% perplexity)")
+    right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.6 / len(rows) - 0.04), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -81,7 +81,7 @@ def add_privacy_parser(bsub) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
     p.add_argument("--per-kind", type=int, default=None, help="held-out texts per kind: chat, code, personal (default 12)")
     p.add_argument("--noise", default=None, metavar="S,S,..", help="noise levels relative to each row's norm (default 0.1,0.3,1)")
-    p.add_argument("--brick-steps", type=int, default=None, help="training steps of the private brick (default 150; 0: none)")
+    p.add_argument("--brick-steps", type=int, default=None, help="training steps of the private brick (default 80; 0: none)")
     p.set_defaults(func=cmd_bench_privacy)
 
 
