@@ -48,7 +48,22 @@ from cfm_runtime.errors import CfmError
 from cfm_runtime.model import SpanCache
 
 DATA = Path(__file__).resolve().parent / "data"
-PERSONAL_FACTS = Path(__file__).resolve().parents[1] / "tests" / "data" / "personal_facts.json"
+# What a user tells a personal assistant, in the style of the bricks' test data (tests/data/personal_facts.json):
+# made-up people, kept here so that the benchmark runs from an installed wheel.
+PERSONAL = (
+    "My name is Lena Marwick. I grew up in the small town of Quillbury, on the coast of Norway.",
+    "My dog is called Biscuit. Biscuit is a golden retriever who loves the beach.",
+    "I work as a violin maker, and my favourite food is cardamom bread.",
+    "What's my dog called?",
+    "My doctor says my blood pressure is 150 over 95. Should I be worried about that?",
+    "I live at 14 Harbour Lane, Quillbury, and my phone number is 0176 5550 1234.",
+    "Remind me that my sister Ingrid's birthday is on the 3rd of March.",
+    "I was diagnosed with type 1 diabetes in 2019 and I take insulin twice a day.",
+    "Can you help me write an email to my landlord, Mr. Okafor, about the broken heating?",
+    "My salary is 52,000 euros a year and my rent is 1,100 euros a month. Can I afford a car?",
+    "My daughter Mia starts school at Northfield Primary in September.",
+    "I am going through a divorce and I feel anxious most evenings. What can I do?",
+)
 BRICK_NAME = "__private_edge__"
 EXACT_TOL = 1e-4  # relative distance under which a candidate's state is the sent state (fp32 rounding: ~1e-7)
 MASSIVE_CHANNELS = 6  # channels left out of a row's norm for noise: the residual stream's outliers
@@ -71,17 +86,15 @@ class Sample:
 
 
 def held_out_messages(per_kind: int = 12) -> dict[str, list[str]]:
-    """User messages never used to train an inverter or a brick: chat prompts, code, personal facts."""
+    """User messages never used to train an inverter or a brick: chat prompts (shipped task prompts held out),
+    code (the eval and calibration code, in pieces) and personal facts (`PERSONAL`)."""
     fn = resources.files("cfm_runtime").joinpath("data", "functions", "prompts.json")
     prompts = json.loads(fn.read_text())["functions"]
     chat = [q for kind in sorted(prompts)[:6] for q in prompts[kind][-2:]]  # the last two of six kinds
     code_text = json.loads((DATA / "eval_texts.json").read_text())["texts"]["code"]
     code_text += "\n\n" + resources.files("cfm_runtime").joinpath("data", "calib", "code.txt").read_text()
     code = _chunks(code_text, min_chars=60, max_lines=6)
-    facts = json.loads(PERSONAL_FACTS.read_text())
-    personal = [p.strip() for p in (facts["facts"] + "\n\n" + facts["held_out"]).split("\n\n") if p.strip()]
-    personal += list(facts["questions"])
-    out = {"chat": chat[:per_kind], "code": code[:per_kind], "personal": personal[:per_kind]}
+    out = {"chat": chat[:per_kind], "code": code[:per_kind], "personal": list(PERSONAL[:per_kind])}
     short = [k for k, v in out.items() if len(v) < per_kind]
     if short:
         raise CfmError(f"only {', '.join(f'{len(out[k])} {k}' for k in short)} held-out texts; ask for "
