@@ -775,20 +775,31 @@ def worst_recovery(row: dict) -> float:
     return max(rates)
 
 
+def mean_recovery(row: dict) -> float:
+    """The mean of the attacks' recovery rates (exact search's bound, inverter; logit lens on answers)."""
+    rates = [row["prompt"][k] for k in ("exact_search", "inverter")]
+    if "answer" in row:
+        rates += [row["answer"][k] for k in ("exact_search", "inverter", "logit_lens")]
+    return sum(rates) / len(rates)
+
+
+def rank(row: dict) -> tuple[float, float]:
+    """Lower is more private: the worst attack first, then the attacks' mean."""
+    return worst_recovery(row), mean_recovery(row)
+
+
 def summarize(rows: list[dict]) -> dict:
     """The target's verdict, the best trade-off within the perplexity budget, and the edge-layer table the
     planner quotes."""
     within = [r for r in rows if r["utility"]["perplexity_change"] <= TARGET["perplexity_change"]]
-    best = min(within, key=worst_recovery) if within else None
-    lowest = min(rows, key=worst_recovery)
+    best = min(within, key=rank) if within else None
+    lowest = min(rows, key=rank)
     undefended = {r["edge_layers"][0]: r for r in rows if r["defence"]["name"] == "none"}
     return {
         "target": TARGET, "target_met": any(r["meets_target"] for r in rows),
         "meeting_target": [r["name"] for r in rows if r["meets_target"]],
-        "best_within_perplexity_budget": best and {"name": best["name"], "worst_recovery": worst_recovery(best),
-                                                   "perplexity_change": best["utility"]["perplexity_change"]},
-        "lowest_recovery_any_cost": {"name": lowest["name"], "worst_recovery": worst_recovery(lowest),
-                                     "perplexity_change": lowest["utility"]["perplexity_change"]},
+        "best_within_perplexity_budget": best and _brief(best),
+        "lowest_recovery_any_cost": _brief(lowest),
         "by_edge_layers": {k: {"prompt_exact_search": r["prompt"]["exact_search"],
                                "prompt_inverter": r["prompt"]["inverter"],
                                "answer_exact_search": r.get("answer", {}).get("exact_search"),
@@ -796,6 +807,11 @@ def summarize(rows: list[dict]) -> dict:
                                "answer_logit_lens": r.get("answer", {}).get("logit_lens")}
                            for k, r in sorted(undefended.items())},
     }
+
+
+def _brief(row: dict) -> dict:
+    return {"name": row["name"], "worst_recovery": worst_recovery(row), "mean_recovery": round(mean_recovery(row), 4),
+            "perplexity_change": row["utility"]["perplexity_change"]}
 
 
 def defences(model, s: Settings, split: tuple[int, int], inverter: Inverter, log) -> list[tuple]:
@@ -937,3 +953,21 @@ def plot(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def markdown_table(result: dict) -> str:
+    """The rows as the markdown table of docs/privacy.md: recovery (%) of prompt and answer tokens by attack,
+    and the perplexity cost."""
+
+    def pct(x):
+        return "" if x is None else f"{100 * x:.0f}"
+
+    head = ("| configuration | prompt: exact search | prompt: inverter | answer: exact search | answer: inverter | "
+            "answer: logit lens | perplexity | top-1 agreement |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in result["rows"]:
+        p, a, u = r["prompt"], r.get("answer", {}), r["utility"]
+        lines.append(f"| {r['name']} | {pct(p['exact_search'])} | {pct(p['inverter'])} | {pct(a.get('exact_search'))} | "
+                     f"{pct(a.get('inverter'))} | {pct(a.get('logit_lens'))} | {u['perplexity_change']:+.1%} | "
+                     f"{pct(u['top1_agreement'])} |")
+    return "\n".join(lines)
