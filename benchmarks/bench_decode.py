@@ -4,7 +4,7 @@ One process, one prompt set; runtimes alternate every few decode tokens (llama.c
 cfm int4 8, ... each continuing its own greedy sequence), so machine noise hits every runtime alike;
 medians over the repetitions, ratios to llama.cpp, and the median of the per-chunk paired ratios.
 Also: weight bytes read per token, a physical limit (measured read bandwidth / bytes per token),
-model RSS, perplexity and top-1 agreement against cfm fp32 on tests/data/eval_texts.json, and an
+model RSS, perplexity and top-1 agreement against cfm fp32 on cfm_bench/data/eval_texts.json, and an
 onnxruntime profile of one int4 decode step (where the time goes).
 
     python benchmarks/bench_decode.py [--threads 2] [--reps 3] [--decode 64] [--chunk 8]
@@ -42,7 +42,7 @@ from cfm_runtime.kernels.fused import FusedSpan  # noqa: E402
 from cfm_runtime.memory import release_freed_memory  # noqa: E402
 from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402
 
-EVAL = Path(__file__).parents[1] / "tests" / "data" / "eval_texts.json"
+EVAL = Path(__file__).parents[1] / "cfm_bench" / "data" / "eval_texts.json"
 CALIB = Path(cfm_runtime.__file__).parent / "data" / "calib"
 PROMPTS = [
     [{"role": "user", "content": PROMPT}],
@@ -82,20 +82,23 @@ class CfmSteps:
     def __init__(self, model):
         self.model = model
 
+    def new_runner(self):
+        return LocalRunner(self.model)
+
     def prefill(self, ids: list[int]) -> float:
-        self.runner = LocalRunner(self.model)
+        self.runner = self.new_runner()
         with torch_threads(self.runner.torch_threads()):
             t0 = time.perf_counter()
             logits = self.runner.forward(ids)[-1]
             dt = time.perf_counter() - t0
-        self.tok = int(torch.argmax(logits))
+        self.tok = int(np.argmax(logits))
         return dt
 
     def decode(self, n: int) -> float:
         with torch_threads(self.runner.torch_threads()):
             t0 = time.perf_counter()
             for _ in range(n):
-                self.tok = int(torch.argmax(self.runner.forward([self.tok])[-1]))
+                self.tok = int(np.argmax(self.runner.forward([self.tok])[-1]))
             return time.perf_counter() - t0
 
 
@@ -125,7 +128,7 @@ def run_interleaved(steppers: dict, ids: list[int], n_decode: int, chunk: int, p
 
 
 def eval_ids(model) -> dict[str, list[int]]:
-    """tests/data/eval_texts.json and the shipped calibration text: ~3,100 tokens (no weight format is fitted
+    """cfm_bench/data/eval_texts.json and the shipped calibration text: ~3,100 tokens (no weight format is fitted
     on either, so both are fair for measuring quantization)."""
     d = json.loads(EVAL.read_text())
     ids = {k: model.tokenizer.encode(t) for k, t in d["texts"].items()}
@@ -148,7 +151,7 @@ def step_logits(model, ids: list[int]) -> np.ndarray:
     """Logits of every position fed one token at a time, as decoding computes them (teacher forcing)."""
     runner = LocalRunner(model)
     with torch_threads(runner.torch_threads()):
-        return np.stack([runner.forward([i])[-1].numpy() for i in ids])
+        return np.stack([runner.forward([i])[-1] for i in ids])
 
 
 def quality(logits: dict[str, dict], ids: dict[str, list[int]]) -> dict:

@@ -4,7 +4,7 @@ Trains a LoRA brick on a short text of made-up facts about a user (tests/data/pe
 shared with tests/test_bricks.py) with the `cfm brick train` defaults (TrainConfig), then measures
 held-out perplexity on other sentences about the user, recall of the facts asked in chat as a user
 would (greedy; none of the questions is copied from the training text), and drift on unrelated
-input: top-1 agreement and KL against the base model on tests/data/eval_texts.json, and the greedy
+input: top-1 agreement and KL against the base model on cfm_bench/data/eval_texts.json, and the greedy
 answers to general questions (unchanged, or still containing the base model's correct answer word).
 Saves benchmarks/results/personalize.json; `--sweep` trains a grid of options instead and saves
 benchmarks/results/personalize_sweep.json (one row per setting, same measurements); `--only` picks
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import environment, save  # noqa: E402
 
 import cfm_runtime  # noqa: E402
+from cfm_bench.split import EVAL_TEXTS  # noqa: E402
 from cfm_runtime.bricks import Brick, BrickStore, apply_brick, base_info, remove_brick  # noqa: E402
 from cfm_runtime.bricks.lora import TARGET_KINDS  # noqa: E402
 from cfm_runtime.bricks.routing import DEFAULT_THRESHOLD, route, signature  # noqa: E402
@@ -87,7 +88,7 @@ class Setup:
         (self.tmp / "held.txt").write_text(self.data["held_out"])
         self.examples = load_examples(self.tmp / "facts.txt", model.tokenizer)
         self.held = load_examples(self.tmp / "held.txt", model.tokenizer)
-        evals = json.loads((DATA / "eval_texts.json").read_text())["texts"]
+        evals = json.loads(EVAL_TEXTS.read_text())["texts"]
         self.eval_ids = [model.tokenizer.encode(t)[:256] for t in evals.values()]
         self.base_logits = [model.logits(ids) for ids in self.eval_ids]
         # the base model's answers are the same for every setting: computed once per model and data

@@ -1,6 +1,6 @@
 """Sparse FFN and offload: quality vs density, and speed / flash traffic vs RAM budget under a memory cap.
 
-1. Quality on held-out text (tests/data/eval_texts.json, not in the calibration set): perplexity
+1. Quality on held-out text (cfm_bench/data/eval_texts.json, not in the calibration set): perplexity
    change and top-1 agreement with dense, at mean densities 0.3 to 0.7, oracle and predictor (int4 and
    low-rank), uniform densities and the pack's per-layer plan.
 2. Memory: `cfm generate` runs in a memory cgroup (v1, capped at --cap MB) at several --ram-budget
@@ -36,7 +36,7 @@ CGROUP = Path("/sys/fs/cgroup/memory")
 
 
 def held_out(model) -> list[list[int]]:
-    d = json.loads((ROOT / "tests/data/eval_texts.json").read_text())
+    d = json.loads((ROOT / "cfm_bench" / "data" / "eval_texts.json").read_text())
     return [model.tokenizer.encode(t) for t in d["texts"].values()] + [model.encode_prompt(d["chat"])]
 
 

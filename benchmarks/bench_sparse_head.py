@@ -4,7 +4,7 @@ The LM head (49152 x 576, the tied Q8_0 embedding) is ~28% of the bytes a decode
 cheapest candidate proposer that keeps the top-1 is a 4-bit copy of the head: score every token
 approximately, rescore the top K exactly from the fp32 embedding rows (K x 576 reads), and fall back
 to the full 8-bit head when the candidates are not certainly the best. This measures, on the
-decode benchmark's quality texts (tests/data/eval_texts.json and the shipped calibration text):
+decode benchmark's quality texts (cfm_bench/data/eval_texts.json and the shipped calibration text):
 - top-1 agreement of the 4-bit head alone, and whether the true top-1 is among its top K;
 - how often the check passes: certified (exact top-1 >= the (K+1)-th approximate score plus a
   Cauchy-Schwarz bound of the 4-bit error, max_j ||dE_j|| * ||h||), or merely confident (plus

@@ -29,7 +29,7 @@ def selections(model, pack, density: float, n_tokens: int) -> list[list[np.ndarr
     """Per token, per layer: sorted pack positions of the oracle top-k."""
     from cfm_runtime.sparse.stats import collect, topk_mask
 
-    texts = json.loads((Path(__file__).parents[1] / "tests/data/eval_texts.json").read_text())["texts"]
+    texts = json.loads((Path(__file__).parents[1] / "cfm_bench/data/eval_texts.json").read_text())["texts"]
     acts = collect(model, [model.tokenizer.encode(t) for t in texts.values()])
     out = []
     inv = [np.argsort(pack.order(i)) for i in range(pack.n_layers)]

@@ -3,7 +3,7 @@
 The predictor (cfm_runtime/sparse/predictor.py) reconstructs the FFN's gate and up pre-activations at
 rank r and scores neurons by |act(g^) * u^|. For each rank, with and without the activation-sensitivity
 weighting: per-layer recall / mass recall of the oracle top-k (15% of the calibration tokens, held out
-from the fit), and perplexity / top-1 agreement with dense on tests/data/eval_texts.json (never used in
+from the fit), and perplexity / top-1 agreement with dense on cfm_bench/data/eval_texts.json (never used in
 calibration) at uniform densities 0.3 / 0.5 / 0.7, through the real SparseFFN (measure mode: per-token
 top-k of predicted scores, masked). The oracle (true top-k) is measured beside it. Cost per token in
 multiply-adds and bytes relative to the dense FFN.

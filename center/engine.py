@@ -1,4 +1,5 @@
-"""One compute thread; decode steps (one position each) waiting together run as one batched forward."""
+"""One compute thread; decode steps (one position each) waiting together run as one batched forward on the
+model's execution backend (the native int4 kernel takes the whole batch in one call)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
-
-from cfm_runtime.model import Transformer
+import numpy as np
 
 from .sessions import Session
 
@@ -19,21 +18,21 @@ from .sessions import Session
 @dataclass
 class Job:
     session: Session
-    h: torch.Tensor  # [n, D] float32
+    h: np.ndarray  # [n, D] float32
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 class Engine:
-    """Runs jobs on `transformer`; `submit` returns a Future of (h_out [n, D], compute_ms, batch_size)."""
+    """Runs jobs on `model` (a `cfm_runtime.Model`); `submit` returns a Future of (h_out [n, D], compute_ms, batch)."""
 
-    def __init__(self, transformer: Transformer, max_batch: int = 32):
-        self.transformer, self.max_batch = transformer, max_batch
+    def __init__(self, model, max_batch: int = 32):
+        self.model, self.max_batch = model, max_batch
         self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.batches = self.batched_steps = 0
         self.thread = threading.Thread(target=self._loop, name="center-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, session: Session, h: torch.Tensor) -> concurrent.futures.Future:
+    def submit(self, session: Session, h: np.ndarray) -> concurrent.futures.Future:
         job = Job(session, h)
         self.jobs.put(job)
         return job.future
@@ -87,12 +86,11 @@ class Engine:
         for j, out in zip(jobs, outs):
             j.future.set_result((out, ms, len(jobs)))
 
-    @torch.inference_mode()
-    def _forward(self, jobs: list[Job]) -> tuple[list[torch.Tensor], float]:
+    def _forward(self, jobs: list[Job]) -> tuple[list[np.ndarray], float]:
         t0 = time.perf_counter()
         s = jobs[0].session
-        h = torch.stack([j.h for j in jobs])  # [B, n, D]; B > 1 only for decode steps (n == 1)
-        out = self.transformer.forward_span(h, s.start, s.end, [j.session.cache for j in jobs])
+        h = np.stack([j.h for j in jobs])  # [B, n, D]; B > 1 only for decode steps (n == 1)
+        out = self.model.backend.span(h, s.start, s.end, [j.session.cache for j in jobs])
         self.batches += 1
         self.batched_steps += len(jobs)
         return list(out), (time.perf_counter() - t0) * 1000

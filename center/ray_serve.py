@@ -32,6 +32,7 @@ from cfm_runtime import LoadOptions, load_model
 from cfm_runtime.errors import CfmError
 from cfm_runtime.gguf_file import read_gguf
 from cfm_runtime.loading import gguf_config_values, resolve_model_path
+from cfm_runtime.options import WEIGHT_FORMATS
 
 from cfm_runtime.protocol.errors import status_for
 from cfm_runtime.protocol.spans import parse_span
@@ -60,6 +61,7 @@ class ReplicaSpec:
     idle_timeout_s: float = 300.0
     max_batch: int = 32
     token_file: str | None = None
+    weights: str = "int4"  # weight format of the served layers (fingerprints are the file's: edges of any format)
 
 
 @dataclass
@@ -85,7 +87,7 @@ class CenterReplica:
 
     def __init__(self, spec: dict):
         s = ReplicaSpec(**spec)
-        model = load_model(s.model, LoadOptions(threads=s.threads, weights="fp32"))
+        model = load_model(s.model, LoadOptions(threads=s.threads, weights=s.weights))
         limits = CenterLimits(max_sessions=s.max_sessions, max_kv_mb=s.max_kv_mb,
                               idle_timeout_s=s.idle_timeout_s, max_batch=s.max_batch)
         self.servicer = CenterServicer(model, parse_span(s.layers, model.config.n_layers), limits,
@@ -347,6 +349,8 @@ def _validate(replica: ReplicaSpec, scaling: ScalingSpec) -> None:
             raise CfmError(f"{name.replace('_', '-')} must be >= 1")
     if replica.max_kv_mb <= 0:
         raise CfmError("max-kv-mb must be > 0")
+    if replica.weights not in WEIGHT_FORMATS:
+        raise CfmError(f"weights {replica.weights!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
     if scaling.min_replicas is None and scaling.replicas < 1:
         raise CfmError("--replicas must be >= 1")
     if scaling.session_positions < 1:

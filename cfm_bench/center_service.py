@@ -113,9 +113,9 @@ class TokenClient:
         self.sock.close()
 
 
-def _center_main(conn, model_path, threads: int, span) -> None:
+def _center_main(conn, model_path, threads: int, span, weights: str) -> None:
     """Child process: load the model, serve gRPC and the baseline, report ports, wait for 'stop'."""
-    model = load_model(model_path, LoadOptions(threads=threads, weights="fp32", progress=False))
+    model = load_model(model_path, LoadOptions(threads=threads, weights=weights, progress=False))
     center = CenterServer(model, span).start()
     tokens = TokenService(model)
     conn.send({"grpc_port": center.port, "token_port": tokens.port, "span": list(center.servicer.span),
@@ -131,15 +131,16 @@ def _center_main(conn, model_path, threads: int, span) -> None:
 class CenterProcess:
     """Starts the center process (spawned: a fresh interpreter, its own torch threads)."""
 
-    def __init__(self, model_path, threads: int, span: tuple[int, int] | None = None):
-        self.model_path, self.threads, self.span = model_path, threads, span
+    def __init__(self, model_path, threads: int, span: tuple[int, int] | None = None, weights: str = "fp32"):
+        self.model_path, self.threads, self.span, self.weights = model_path, threads, span, weights
         self.info: dict = {}
         self.proc = None
 
     def start(self, timeout: float = 300.0) -> dict:
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_center_main, args=(child, self.model_path, self.threads, self.span),
+        self.proc = ctx.Process(target=_center_main, args=(child, self.model_path, self.threads, self.span,
+                                                           self.weights),
                                 name="cfm-bench-center", daemon=True)
         self.proc.start()
         child.close()

@@ -31,8 +31,9 @@ def add_parser(sub) -> None:
     s.add_argument("--max-kv-mb", type=float, default=2048, help="KV cache budget of all sessions, MiB (default 2048)")
     s.add_argument("--idle-timeout", type=float, default=300, help="seconds before an idle session is freed (default 300)")
     s.add_argument("--max-batch", type=int, default=32, help="decode steps computed together at most (default 32)")
-    s.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32",
-                   help="weight format of the served layers (default fp32); edges of any format match it")
+    s.add_argument("--weights", choices=("fp32", "int8", "int4"), default="int4",
+                   help="weight format of the served layers (default int4: batched native decode steps); edges of "
+                        "any format match it (the same format on both ends keeps answers identical on fallback)")
     s.set_defaults(func=cmd_serve)
     add_ray_parsers(csub)
 
@@ -94,6 +95,8 @@ def add_ray_parsers(csub) -> None:
                         "default: start a local Ray and serve until Ctrl-C")
     d.add_argument("--grpc-port", type=int, default=9000, help="port of Serve's gRPC proxy on every node (default 9000)")
     d.add_argument("--threads", "-t", type=int, default=1, help="CPU threads (and Ray CPUs) per replica (default 1)")
+    d.add_argument("--weights", choices=("fp32", "int8", "int4"), default="int4",
+                   help="weight format of the served layers (default int4)")
     d.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray started without --address")
     d.add_argument("--token-file", default=None,
                    help="require bearer tokens listed in this file (the path must exist on every node)")
@@ -121,7 +124,7 @@ def app_args(args) -> dict:
     out = {"model": args.model, "layers": args.layers, "threads": args.threads, "max_sessions": args.max_sessions,
            "max_kv_mb": args.max_kv_mb, "idle_timeout_s": args.idle_timeout, "max_batch": args.max_batch,
            "token_file": args.token_file, "session_positions": args.session_positions,
-           "target_sessions": args.target_sessions}
+           "target_sessions": args.target_sessions, "weights": args.weights}
     if args.autoscale:
         out["autoscale"] = args.autoscale
     else:

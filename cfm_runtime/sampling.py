@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from .errors import CfmError
 
@@ -43,28 +43,35 @@ class SamplingParams:
 
 
 class Sampler:
+    """Picks tokens from logits as `params` say; numpy's PCG64 generator, seeded (`seed`) or from the OS."""
+
     def __init__(self, params: SamplingParams):
         self.p = params
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.Generator(np.random.PCG64(seed))
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         """logits [vocab] -> a token id; `history` is the context so far (for the penalty)."""
         p = self.p
+        logits = np.asarray(logits, dtype=np.float32)
         if p.repetition_penalty != 1.0 and history:
-            recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
+            recent = np.asarray(sorted(set(history[-p.repeat_last_n:])), dtype=np.int64)
             picked = logits[recent]
-            logits = logits.clone()
-            logits[recent] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+            logits = logits.copy()
+            logits[recent] = np.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
         if p.temperature == 0 or p.top_k == 1:
-            return int(torch.argmax(logits))
+            return int(np.argmax(logits))
         if p.top_k:
-            logits, idx = torch.topk(logits, min(p.top_k, logits.shape[-1]))
+            k = min(p.top_k, logits.shape[-1])
+            idx = np.argpartition(-logits, k - 1)[:k]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
         else:
-            logits, idx = torch.sort(logits, descending=True)
-        probs = torch.softmax(logits.double() / p.temperature, -1)
+            idx = np.argsort(-logits, kind="stable")
+        z = logits[idx].astype(np.float64) / p.temperature
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
         if p.top_p < 1.0:
-            keep = torch.cumsum(probs, -1) - probs < p.top_p  # smallest prefix reaching top_p
+            keep = np.cumsum(probs) - probs < p.top_p  # smallest prefix reaching top_p
             probs = probs * keep
-        choice = torch.multinomial(probs, 1, generator=self.gen)
-        return int(idx[choice])
+            probs /= probs.sum()
+        return int(idx[self.rng.choice(len(probs), p=probs)])

@@ -81,7 +81,8 @@ def serve_center():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
-        deploy({"replicas": 2, "layers": SPAN, "threads": 1, "max_sessions": 16}, grpc_port=port)
+        # fp32 replicas: their answers are compared token for token with a center on the fp32 session model
+        deploy({"replicas": 2, "layers": SPAN, "threads": 1, "max_sessions": 16, "weights": "fp32"}, grpc_port=port)
         yield f"127.0.0.1:{port}"
     finally:
         try:

@@ -9,6 +9,7 @@ its own weight; bricks are attached and detached per request without touching th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -79,28 +80,56 @@ class LoRALinear(nn.Module):
         return torch.stack(deltas).sum(0) if deltas else None
 
 
+@runtime_checkable
+class AdapterHost(Protocol):
+    """A module that computes some linears itself (a sparse FFN) and applies bricks on them: `attach` hands it
+    the pairs of those linears instead of wrapping them."""
+
+    linear_names: tuple[str, ...]
+
+    def add_adapter(self, linear: str, name: str, pair: LoraPair, weight: float) -> None: ...
+
+    def remove_adapter(self, name: str) -> None: ...
+
+    def set_adapter_weight(self, name: str, weight: float) -> None: ...
+
+    def adapter_weights(self) -> dict[str, float]: ...
+
+
 def _parent_and_attr(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent, _, attr = name.rpartition(".")
     return root.get_submodule(parent), attr
 
 
 def attach(transformer: nn.Module, name: str, pairs: dict[str, LoraPair], weight: float = 1.0) -> None:
-    """Add brick `name` (pairs by module name, in the model's own row layout) to the transformer.
+    """Add brick `name` (pairs by module name, in the model's own row layout) to the transformer: each linear is
+    wrapped in a `LoRALinear`, or handed to the module that computes it (an `AdapterHost`, e.g. a sparse FFN).
 
     Every target is checked first, so a refused brick leaves the transformer as it was."""
-    unwrappable = sorted({m.rsplit(".", 1)[0] for m in pairs if not _linear_like(transformer, m)})
-    if unwrappable:
-        raise CfmError(f"brick {name!r} changes linears inside {', '.join(unwrappable[:3])}"
-                       f"{' ...' if len(unwrappable) > 3 else ''}, which this model runs as a sparse or offloaded "
-                       "FFN (--sparse, --ram-budget): bricks on FFN linears do not combine with it; use a brick "
-                       "on attention linears only, or load the model without --sparse/--ram-budget")
+    missing = sorted(m for m in pairs if _host(transformer, m) is None and not _linear_like(transformer, m))
+    if missing:
+        raise CfmError(f"brick {name!r} targets {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, "
+                       "which this model does not have as linears; it was made for another layout")
     for module_name, pair in pairs.items():
         parent, attr = _parent_and_attr(transformer, module_name)
+        host = _host(transformer, module_name)
+        if host is not None:
+            host.add_adapter(attr, name, pair, weight)
+            continue
         mod = getattr(parent, attr)
         if not isinstance(mod, LoRALinear):
             mod = LoRALinear.from_base(mod)
             setattr(parent, attr, mod)
         mod.add(name, pair, weight)
+
+
+def _host(transformer: nn.Module, module_name: str) -> AdapterHost | None:
+    parent, _, attr = module_name.rpartition(".")
+    try:
+        module = transformer.get_submodule(parent)
+    except AttributeError:
+        return None
+    return module if isinstance(module, AdapterHost) and attr in module.linear_names else None
 
 
 def _linear_like(transformer: nn.Module, module_name: str) -> bool:
@@ -114,6 +143,8 @@ def _linear_like(transformer: nn.Module, module_name: str) -> bool:
 def detach(transformer: nn.Module, name: str) -> None:
     """Remove brick `name`; wrappers left without bricks give their base module back."""
     for module_name, mod in list(transformer.named_modules()):
+        if isinstance(mod, AdapterHost):
+            mod.remove_adapter(name)
         if isinstance(mod, LoRALinear):
             mod.remove(name)
             if not mod.adapters:
@@ -126,6 +157,8 @@ def set_weight(transformer: nn.Module, name: str, weight: float) -> None:
     for mod in transformer.modules():
         if isinstance(mod, LoRALinear) and name in mod.weights:
             mod.weights[name] = weight
+        if isinstance(mod, AdapterHost):
+            mod.set_adapter_weight(name, weight)
 
 
 def attached(transformer: nn.Module) -> dict[str, float]:
@@ -134,6 +167,8 @@ def attached(transformer: nn.Module) -> dict[str, float]:
     for mod in transformer.modules():
         if isinstance(mod, LoRALinear):
             out.update(mod.weights)
+        if isinstance(mod, AdapterHost):
+            out.update(mod.adapter_weights())
     return out
 
 
@@ -141,7 +176,8 @@ def brick_layers(transformer: nn.Module) -> set[int]:
     """Indices of the layers any attached brick touches (these layers must run on the edge)."""
     layers = set()
     for name, mod in transformer.named_modules():
-        if isinstance(mod, LoRALinear) and mod.adapters and name.startswith("layers."):
+        has = (isinstance(mod, LoRALinear) and mod.adapters) or (isinstance(mod, AdapterHost) and mod.adapter_weights())
+        if has and name.startswith("layers."):
             layers.add(int(name.split(".")[1]))
     return layers
 
@@ -149,6 +185,10 @@ def brick_layers(transformer: nn.Module) -> set[int]:
 def fuse_bricks(transformer: nn.Module) -> list[str]:
     """Fold every active brick into the base nn.Linear weights and unwrap; returns the fused brick names."""
     names = sorted(n for n, w in attached(transformer).items() if w)
+    hosts = [n for n, m in transformer.named_modules() if isinstance(m, AdapterHost) and m.adapter_weights()]
+    if hosts:
+        raise CfmError(f"cannot fuse bricks into {hosts[0]}: it is a sparse or offloaded FFN whose weights live in "
+                       "its neuron pack; fuse on the dense model")
     for module_name, mod in list(transformer.named_modules()):
         if not isinstance(mod, LoRALinear):
             continue

@@ -13,7 +13,6 @@ from typing import Callable
 from ..errors import CfmError
 from .apply import apply_brick, check_base, remove_brick
 from .formats import validate
-from .lora import brick_layers
 from .routing import DEFAULT_THRESHOLD, route
 from .store import Brick, BrickStore
 
@@ -28,6 +27,7 @@ class BrickSet:
         self.extra: tuple[tuple[str, float], ...] = ()  # bricks added on top of the baseline for this answer
         self.center_layers: frozenset[int] = frozenset()  # layers that run on a center: no brick may touch them
         self.routed: str | None = None
+        self.fixed = tuple(fixed)
         for name, weight in fixed:
             apply_brick(model, self.brick(name), weight)
         if fixed:
@@ -52,7 +52,7 @@ class BrickSet:
 
     def layers(self) -> set[int]:
         """Layers the run's bricks touch: those on the model, and with auto routing every routable brick's."""
-        mine = set(brick_layers(self.model.transformer))
+        mine = self.model.brick_layers()
         return mine | {layer for m in self.metas for layer in m.get("layers", [])}
 
     def offered(self) -> list[str]:
@@ -91,3 +91,9 @@ class BrickSet:
 
     def report(self) -> dict:
         return {"brick": self.routed} if self.auto else {}
+
+    def close(self) -> None:
+        """Take off every brick this set put on (the model is left as the set found it)."""
+        for name, _ in self.extra + self.fixed:
+            remove_brick(self.model, name)
+        self.extra = self.fixed = ()

@@ -10,6 +10,10 @@ gate|up and down, each with its offset term as one Gemm (`GraphBuilder.linear`).
 Built from `DecoderWeights` (packed blocks and norms), it knows nothing of modules: the backend that
 builds it (`cfm_runtime.backends`) decides when the weights it holds still describe the model. It
 writes the same rotated keys and values as the torch modules, so a cache can switch paths at any token.
+
+With `sides=True` every linear of the span also takes a low-rank side term y += (x A^T) B^T whose A^T
+[in, r] and B^T [r, out] are graph inputs bound at each call (rank 0 where a linear has none): LoRA
+bricks run unfused, and switching them is a rebinding, not a rebuild.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from .graph import FLOAT, INT32, MS, GraphBuilder, bind_tensor
 from .packing import concat
 from .weights import DecoderWeights, LayerWeights
 
+SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
 
 class FusedSpan:
     """Layers [start, end) as one graph; `forward(h, caches)` runs one sequence (B = 1).
@@ -30,10 +36,12 @@ class FusedSpan:
     position (output "logits" [1, vocab]), so a decode step is a single session run.
     """
 
-    def __init__(self, w: DecoderWeights, start: int, end: int, threads: int, head: bool = False, spin: bool = False):
-        self.w, self.start, self.end, self.head = w, start, end, head
+    def __init__(self, w: DecoderWeights, start: int, end: int, threads: int, head: bool = False, spin: bool = False,
+                 sides: bool = False):
+        self.w, self.start, self.end, self.head, self.sides = w, start, end, head, sides
         self.session = self._build(threads, spin)
-        self._bound: tuple | None = None  # (binding, the caches' data pointers and capacities) of the last call
+        self._bound: tuple | None = None  # (binding, key: the caches' pointers and capacities, the sides) of the last call
+        self._zeros: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._lens = torch.zeros(2, dtype=torch.int32)  # seqlens_k (= total - 1), total_sequence_length
 
     # ------------------------------------------------------------ graph
@@ -54,9 +62,9 @@ class FusedSpan:
             layer = w.layers[i]
             x, xn = self._norm(g, x, pending, layer.ln1)
             names = [g.input(f"{kind}_{i}", FLOAT, kv_shape) for kind in ("past_k", "past_v")]
-            attn = self._attention(g, xn, layer, names, seqlens, total, cos, sin)
+            attn = self._attention(g, xn, i, layer, names, seqlens, total, cos, sin)
             x, xn = self._norm(g, x, attn, layer.ln2)
-            pending = self._mlp(g, xn, layer)
+            pending = self._mlp(g, xn, i, layer)
             for kind in ("present_k", "present_v"):
                 g.outputs.append(helper.make_tensor_value_info(f"{kind}_{i}", FLOAT, kv_shape))
         out = g.op("Add", [x, pending])[0] if pending is not None else x
@@ -78,13 +86,15 @@ class FusedSpan:
                           epsilon=self.w.eps)
         return s, y
 
-    def _attention(self, g: GraphBuilder, xn: str, layer: LayerWeights, past: list[str], seqlens, total,
+    def _attention(self, g: GraphBuilder, xn: str, i: int, layer: LayerWeights, past: list[str], seqlens, total,
                    cos, sin) -> str:
         w = self.w
         qkv = g.linear(xn, concat([layer.q, layer.k, layer.v]), accuracy=layer.accuracy)
+        if self.sides:
+            parts = [self._side(g, xn, i, kind, p) for kind, p in (("q", layer.q), ("k", layer.k), ("v", layer.v))]
+            qkv = g.op("Add", [qkv, g.op("Concat", parts, axis=1)[0]])[0]
         if layer.qkv_bias is not None:
             qkv = g.op("Add", [qkv, g.const(layer.qkv_bias.numpy(), "bias")])[0]
-        i = past[0].split("_")[-1]
         qkv = g.op("Reshape", [qkv, g.const(np.array([1, -1, layer.q.n + 2 * layer.k.n], np.int64), "shape")])[0]
         out = g.name("attn")
         g.nodes.append(helper.make_node(
@@ -92,29 +102,43 @@ class FusedSpan:
             [out, f"present_k_{i}", f"present_v_{i}"], domain=MS, num_heads=w.n_heads, kv_num_heads=w.n_kv_heads,
             scale=float(w.head_dim) ** -0.5, do_rotary=1, rotary_interleaved=int(w.interleaved_rope)))
         out = g.op("Reshape", [out, g.const(np.array([-1, layer.o.k], np.int64), "shape")])[0]
-        return g.linear(out, layer.o, accuracy=layer.accuracy)
+        return self._with_side(g, out, g.linear(out, layer.o, accuracy=layer.accuracy), i, "o", layer.o)
 
-    def _mlp(self, g: GraphBuilder, xn: str, layer: LayerWeights) -> str:
+    def _side(self, g: GraphBuilder, x: str, i, kind: str, p) -> str:
+        """(x A^T) B^T of linear `kind` of layer i: [t, in] -> [t, out]; A^T, B^T are inputs (rank "r_...")."""
+        at = g.input(f"side_a_{i}_{kind}", FLOAT, [p.k, f"r_{i}_{kind}"])
+        bt = g.input(f"side_b_{i}_{kind}", FLOAT, [f"r_{i}_{kind}", p.n])
+        return g.op("MatMul", [g.op("MatMul", [x, at])[0], bt])[0]
+
+    def _with_side(self, g: GraphBuilder, x: str, y: str, i, kind: str, p) -> str:
+        return g.op("Add", [y, self._side(g, x, i, kind, p)])[0] if self.sides else y
+
+    def _mlp(self, g: GraphBuilder, xn: str, i: int, layer: LayerWeights) -> str:
         gu = g.linear(xn, concat([layer.gate, layer.up]), accuracy=layer.accuracy)
+        if self.sides:
+            parts = [self._side(g, xn, i, "gate", layer.gate), self._side(g, xn, i, "up", layer.up)]
+            gu = g.op("Add", [gu, g.op("Concat", parts, axis=1)[0]])[0]
         gate, up = g.op("Split", [gu, g.const(np.array([layer.gate.n] * 2, np.int64))], n_out=2, axis=-1)
         if self.w.activation == "silu":
             act = g.op("Mul", [gate, g.op("Sigmoid", [gate])[0]])[0]
         else:
             act = g.op("Relu", [gate])[0]
-        return g.linear(g.op("Mul", [act, up])[0], layer.down, accuracy=layer.accuracy)
+        h = g.op("Mul", [act, up])[0]
+        return self._with_side(g, h, g.linear(h, layer.down, accuracy=layer.accuracy), i, "down", layer.down)
 
     # ------------------------------------------------------------ running
 
     @torch.inference_mode()
-    def forward(self, h: torch.Tensor, caches) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, caches, sides: dict | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """h [1, T, D] after the cached positions -> [1, T, D] (and logits [vocab] of the last position if
-        built with head=True); `caches` are the span's per-layer KV caches (`model.KVCache`: `k`, `v`
-        [Hkv, capacity, hd], `offset`, `reserve`); appends T positions to them."""
+        built with head=True); `caches` are the span's per-layer KV caches (`cache.KVCache`: `k`, `v`
+        [Hkv, capacity, hd], `offset`, `reserve`); appends T positions to them. `sides`: with a graph built
+        with sides, {(layer, kind): (A^T [in, r], B^T [r, out])} (missing: rank 0)."""
         t = h.shape[1]
         pos = caches[0].offset
         for kv in caches:
             kv.reserve(pos + t)
-        binding = self._binding(caches)
+        binding = self._binding(caches, sides or {})
         h = h.contiguous()
         out = torch.empty_like(h)
         bind_tensor(binding, "h", h)
@@ -125,9 +149,10 @@ class FusedSpan:
             kv.offset = pos + t
         return (out, self._logits[0]) if self.head else out
 
-    def _binding(self, caches) -> "object":
-        ptrs = tuple((kv.k.data_ptr(), kv.v.data_ptr(), kv.k.shape[1]) for kv in caches)
-        if self._bound is not None and self._bound[1] == ptrs:
+    def _binding(self, caches, sides: dict) -> "object":
+        ptrs = tuple((kv.k_ptr, kv.v_ptr, kv.capacity) for kv in caches)
+        key = (ptrs, id(sides))
+        if self._bound is not None and self._bound[1] == key:
             return self._bound[0]
         binding = self.session.io_binding()
         bind_tensor(binding, "lens", self._lens)
@@ -135,10 +160,28 @@ class FusedSpan:
             self._logits = torch.empty(1, self.w.vocab_size)
             bind_tensor(binding, "logits", self._logits, output=True)
         for i, kv in zip(range(self.start, self.end), caches):
-            k, v = kv.k[None], kv.v[None]  # [1, Hkv, cap, hd]: the buffer is both past and present
+            k, v = torch.from_numpy(kv.k)[None], torch.from_numpy(kv.v)[None]  # [1, Hkv, cap, hd]: past and present
             bind_tensor(binding, f"past_k_{i}", k)
             bind_tensor(binding, f"past_v_{i}", v)
             bind_tensor(binding, f"present_k_{i}", k, output=True)
             bind_tensor(binding, f"present_v_{i}", v, output=True)
-        self._bound = (binding, ptrs)
+            if self.sides:
+                self._bind_sides(binding, i, sides)
+        self._bound = (binding, key, sides)  # the side tensors stay alive while bound
         return binding
+
+    def _bind_sides(self, binding, i: int, sides: dict) -> None:
+        layer = self.w.layers[i]
+        for kind in SIDE_KINDS:
+            p = getattr(layer, kind)
+            at, bt = sides.get((i, kind), (None, None))
+            if at is None:
+                at, bt = self._zero_rank(p.k, p.n)
+            bind_tensor(binding, f"side_a_{i}_{kind}", at)
+            bind_tensor(binding, f"side_b_{i}_{kind}", bt)
+
+    def _zero_rank(self, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (k, n)
+        if key not in self._zeros:
+            self._zeros[key] = (torch.empty(k, 0), torch.empty(0, n))
+        return self._zeros[key]

@@ -16,12 +16,39 @@ from torch import nn
 from .io import BundleFile, NeuronCache, plan_runs
 
 
-def ffn_rows(x: torch.Tensor, w: torch.Tensor, act, keep=None) -> torch.Tensor:
-    """x [.., D], bundles w [3, k, D] (fp32, rows contiguous) -> [.., D]; `keep` [.., k] masks neurons."""
-    h = act(F.linear(x, w[0])) * F.linear(x, w[1])
+def ffn_rows(x: torch.Tensor, w: torch.Tensor, act, keep=None, sides=None, idx=None) -> torch.Tensor:
+    """x [.., D], bundles w [3, k, D] (fp32, rows contiguous) -> [.., D]; `keep` [.., k] masks neurons.
+    `sides`: low-rank terms of bricks on gate/up/down (`Sides`), applied to the k neurons at pack positions
+    `idx` (None: all of them, in pack order)."""
+    gate, up = F.linear(x, w[0]), F.linear(x, w[1])
+    if sides is not None:
+        gate, up = gate + sides.rows("gate", x, idx), up + sides.rows("up", x, idx)
+    h = act(gate) * up
     if keep is not None:
         h = h * keep
-    return h @ w[2]
+    y = h @ w[2]
+    return y if sides is None else y + sides.cols(h, idx)
+
+
+class Sides:
+    """Bricks on one layer's FFN linears as low-rank terms in pack order: for gate and up, y += (x A^T) B^T over
+    the computed neurons' rows of B; for down, y += (h A^T) B^T over the computed neurons' columns of A."""
+
+    def __init__(self, terms: dict[str, tuple[torch.Tensor, torch.Tensor]], order: torch.Tensor):
+        # gate/up: B [F, r] rows to pack order; down: A [r, F] columns to pack order
+        self.terms = {k: (a, b[order]) if k != "down" else (a[:, order], b) for k, (a, b) in terms.items()}
+
+    def rows(self, kind: str, x: torch.Tensor, idx) -> torch.Tensor | float:
+        if kind not in self.terms:
+            return 0.0
+        a, b = self.terms[kind]
+        return F.linear(F.linear(x, a), b if idx is None else b[idx])
+
+    def cols(self, h: torch.Tensor, idx) -> torch.Tensor | float:
+        if "down" not in self.terms:
+            return 0.0
+        a, b = self.terms["down"]
+        return F.linear(F.linear(h, a if idx is None else a[:, idx]), b)
 
 
 def parts(*chunks: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
@@ -158,16 +185,54 @@ class LayerStats:
 
 
 class SparseFFN(nn.Module):
-    """forward(x [B, T, D]) -> [B, T, D] over a store; selection by `strategy` at `density` on decode."""
+    """forward(x [B, T, D]) -> [B, T, D] over a store; selection by `strategy` at `density` on decode.
+
+    It hosts bricks on its three linears (`add_adapter`): their low-rank terms apply to the neurons it computes
+    (the predictor scores the base weights only; the oracle sees the bricks' effect)."""
+
+    linear_names = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, layer: int, store, act, n: int, density: float = 1.0, strategy: str = "dense",
-                 predictor: nn.Module | None = None, shared=None):
+                 predictor: nn.Module | None = None, shared=None, order: np.ndarray | None = None):
         super().__init__()
         self.layer, self.store, self.act, self.n = layer, store, act, n
         self.density, self.strategy, self.predictor = density, strategy, predictor
         self.shared = shared  # the runtime: step counter, staging buffers, next layer's prefetch
         self.measure = False
         self.stats = LayerStats()
+        self.order = torch.from_numpy(order if order is not None else np.arange(n))  # pack position -> neuron
+        self.adapters: dict[str, dict[str, tuple]] = {k: {} for k in self.linear_names}  # linear -> name -> (pair, w)
+        self.sides: Sides | None = None
+
+    # ------------------------------------------------------------ bricks
+
+    def add_adapter(self, linear: str, name: str, pair, weight: float) -> None:
+        """A brick's LoRA pair (`bricks.LoraPair`, the model's own row layout) on `linear` (gate/up/down_proj)."""
+        self.adapters[linear][name] = (pair, weight)
+        self._merge()
+
+    def remove_adapter(self, name: str) -> None:
+        for pairs in self.adapters.values():
+            pairs.pop(name, None)
+        self._merge()
+
+    def set_adapter_weight(self, name: str, weight: float) -> None:
+        for pairs in self.adapters.values():
+            if name in pairs:
+                pairs[name] = (pairs[name][0], weight)
+        self._merge()
+
+    def adapter_weights(self) -> dict[str, float]:
+        return {n: w for pairs in self.adapters.values() for n, (_, w) in pairs.items()}
+
+    def _merge(self) -> None:
+        terms = {}
+        for linear, pairs in self.adapters.items():
+            active = [(p, w * p.scale) for p, w in pairs.values() if w]
+            if active:
+                terms[linear.removesuffix("_proj")] = (torch.cat([p.a for p, _ in active]).float(),
+                                                       torch.cat([w * p.b for p, w in active], dim=1).float())
+        self.sides = Sides(terms, self.order) if terms else None
 
     @property
     def k(self) -> int:
@@ -183,7 +248,7 @@ class SparseFFN(nn.Module):
             if x.shape[1] == 1:
                 self.stats.steps += x.shape[0]
                 self.stats.computed += self.n * x.shape[0]
-            return ffn_rows(x, self.store.full(), self.act)
+            return ffn_rows(x, self.store.full(), self.act, sides=self.sides)
         if self.strategy == "oracle" or self.measure:
             return self._masked(x)
         return self._selected(x)
@@ -195,13 +260,16 @@ class SparseFFN(nn.Module):
         """Per-token top-k of the true (oracle) or predicted activations, computed densely then masked."""
         w = self.store.full()
         if self.strategy == "oracle":
-            s = (self.act(F.linear(x, w[0])) * F.linear(x, w[1])).abs()
+            gate, up = F.linear(x, w[0]), F.linear(x, w[1])
+            if self.sides is not None:
+                gate, up = gate + self.sides.rows("gate", x, None), up + self.sides.rows("up", x, None)
+            s = (self.act(gate) * up).abs()
         else:
             s = self.scores(x)
         keep = torch.zeros_like(s).scatter_(-1, topk_positions(s, self.k), 1.0)
         self.stats.steps += x.shape[0] * x.shape[1]
         self.stats.computed += self.k * x.shape[0] * x.shape[1]
-        return ffn_rows(x, w, self.act, keep)
+        return ffn_rows(x, w, self.act, keep, sides=self.sides)
 
     def _selected(self, x: torch.Tensor) -> torch.Tensor:
         """Decode: gather only the predicted neurons (batch rows share the union of their selections)."""
@@ -213,4 +281,4 @@ class SparseFFN(nn.Module):
             w = self.store.gather(idx, step, self.stats)
         self.stats.steps += x.shape[0]
         self.stats.computed += len(idx) * x.shape[0]
-        return ffn_rows(x, w, self.act)
+        return ffn_rows(x, w, self.act, sides=self.sides, idx=torch.from_numpy(idx))

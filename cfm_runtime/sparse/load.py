@@ -162,7 +162,8 @@ def _ram_module(i: int, mlp, pack, kind: str | None, rank: int | None) -> Sparse
     order = pack.order(i)
     rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T))  # [3, F, D]
     net = predictor_from(pack, i, order, pack.manifest["model"]["activation"], kind, rank) if kind else None
-    return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net)
+    return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net,
+                     order=order)
 
 
 def _flash_engine(transformer, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads) -> SparseEngine:
@@ -178,7 +179,7 @@ def _flash_engine(transformer, pack, ram_budget_mb, kind, rank, cache_fraction, 
         cache = NeuronCache(plan["cache_rows"], n, (3, d)) if use_pred else None
         store = FlashStore(i, torch.from_numpy(hot), n, file, None, cache, max_gap)
         net = predictor_from(pack, i, pack.order(i), transformer.config.activation, kind, rank) if use_pred else None
-        modules.append(SparseFFN(i, store, layer.mlp.act, n, predictor=net))
+        modules.append(SparseFFN(i, store, layer.mlp.act, n, predictor=net, order=pack.order(i)))
     file.io.bytes = file.io.reads = 0
     engine = SparseEngine(modules, file, plan["staging_rows"], (3, d), plan["report"])
     for m in modules:

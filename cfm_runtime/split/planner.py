@@ -15,7 +15,6 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-import torch
 
 from ..errors import CfmError
 from ..protocol import wire
@@ -91,20 +90,19 @@ class Plan:
         return f"{head}\n{privacy_note(self.split)}"
 
 
-@torch.inference_mode()
 def local_speed(model, repeats: int = 3) -> tuple[float, float]:
-    """(ms per decode position per layer, ms for embedding + head) on this machine."""
-    t, n = model.transformer, model.config.n_layers
-    cache = t.new_cache(max_len=repeats + 2)
-    h = t.embed(torch.tensor([[1]]))
-    t.forward_span(h, 0, n, [cache])
+    """(ms per decode position per layer, ms for embedding + head) on this machine, on the model's backend."""
+    n, backend = model.config.n_layers, model.backend
+    cache = model.new_cache(max_len=2 * repeats + 2)
+    h = backend.embed([1])
+    backend.span(h, 0, n, [cache])
     t0 = time.perf_counter()
     for _ in range(repeats):
-        t.forward_span(h, 0, n, [cache])
+        backend.span(h, 0, n, [cache])
     layer = (time.perf_counter() - t0) * 1000 / repeats / n
     t0 = time.perf_counter()
     for _ in range(repeats):
-        t.head(t.embed(torch.tensor([[1]])))
+        backend.span_head(backend.embed([1]), n, cache)
     return layer, (time.perf_counter() - t0) * 1000 / repeats
 
 
