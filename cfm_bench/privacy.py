@@ -389,7 +389,8 @@ def candidate_states(t, prefix: SpanCache, pos: int, cand: torch.Tensor, depth: 
         q = t.rotary.apply(at.q_proj(xn).view(k_count, at.n_heads, 1, hd), pos).view(k_count, hkv, g, hd)
         k = t.rotary.apply(at.k_proj(xn).view(k_count, hkv, 1, hd), pos)  # [K, Hkv, 1, hd]
         v = at.v_proj(xn).view(k_count, hkv, 1, hd)
-        keys, values = prefix[i].k[:, :pos], prefix[i].v[:, :pos]  # [Hkv, pos, hd], already rotated
+        keys = torch.from_numpy(prefix[i].k[:, :pos])  # [Hkv, pos, hd], already rotated (numpy cache: a view)
+        values = torch.from_numpy(prefix[i].v[:, :pos])
         scores = torch.cat([torch.einsum("khgd,hpd->khgp", q, keys), (q * k).sum(-1, keepdim=True)], -1)
         p = torch.softmax(scores / math.sqrt(hd), -1)  # [K, Hkv, g, pos + 1]
         out = torch.einsum("khgp,hpd->khgd", p[..., :-1], values) + p[..., -1:] * v
@@ -657,6 +658,16 @@ class Settings:
 QUICK = Settings(per_kind=2, max_content=16, answer_tokens=4, fronts=(2,), defence_splits=((2, 28),), noises=(0.3,),
                  random_bricks=(),
                  trained_brick=False, corpus_tokens=4_000, candidates=64, verify_positions=1)
+# The grid run for benchmarks/results/privacy.json on 2 shared cores (~30 min): every split of `Settings`, the
+# defences at 2:28 only, fewer and shorter texts, 32 candidates, a shorter brick training; see CUTS.
+BUDGET = Settings(per_kind=3, max_content=20, answer_tokens=6, defence_splits=((2, 28),), noises=(0.1, 1.0),
+                  random_bricks=(0.05, 0.2), corpus_tokens=8_000, brick_windows=60, candidates=32,
+                  verify_positions=2, brick=BrickTraining(steps=40))
+CUTS = ("Defences are measured at split 2:28 only (not at 1, 4 or 8 edge layers); 3 held-out texts per kind "
+        "(20 prompt tokens, 6 answer tokens each) instead of 12 (32, 12); the exact search scores the inverter's "
+        "top 32 candidates (its bound is looser, i.e. higher, with fewer); the trained brick gets 40 steps on 60 "
+        "public windows. Why: the fp32 attacks on this 2-core machine shared with other jobs (load average "
+        "recorded in environment) would take several hours for the full grid.")
 TARGET = {"prompt": 0.10, "answer": 0.10, "perplexity_change": 0.03}
 KINDS = ("chat", "code", "personal")
 
@@ -814,6 +825,17 @@ def _brief(row: dict) -> dict:
             "perplexity_change": row["utility"]["perplexity_change"]}
 
 
+def write_package_data(result: dict) -> Path:
+    """The summary the planner quotes (`cfm_runtime.split.planner.privacy_note`), with where it came from,
+    as cfm_runtime/data/privacy.json."""
+    env = result["environment"]
+    data = {"source": "benchmarks/results/privacy.json (python benchmarks/bench_privacy.py --budget)",
+            "model": env["model"], "time": env["time"], **result["summary"]}
+    path = Path(str(resources.files("cfm_runtime").joinpath("data", "privacy.json")))
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
 def defences(model, s: Settings, split: tuple[int, int], inverter: Inverter, log) -> list[tuple]:
     """(name, defence, brick pairs, notes) of every defended configuration at `split`."""
     n = model.config.n_layers
@@ -841,7 +863,7 @@ def run(s: Settings, out_dir: Path, model_path=None, log: Callable[[str], None] 
     from cfm_runtime import LoadOptions, load_model
 
     s.check()
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_path, LoadOptions(threads=s.threads, weights="fp32", progress=False))
     n = model.config.n_layers
@@ -865,8 +887,8 @@ def run(s: Settings, out_dir: Path, model_path=None, log: Callable[[str], None] 
             inv = train_inverter(model, states[a], targets, noise=d.noise, seed=s.seed) if d.noise else inverters[a]
             rows.append(measure_config(model, f"{a}:{b} {name}", (a, b), d, pairs, prompts, inv, texts, base, s) | notes)
             log(_describe(rows[-1]))
-    result = {"benchmark": "privacy", "settings": asdict(s), "environment": environment(model, t_start),
-              "summary": summarize(rows), "rows": rows, "notes": NOTES}
+    result = {"benchmark": "privacy", "settings": asdict(s), "environment": environment(model, t_start, load_start),
+              "summary": summarize(rows), "rows": rows, "notes": NOTES + ([CUTS] if s == BUDGET else [])}
     (out_dir / "privacy.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     result["plots"] = [plot(result, out_dir / "privacy.png").name]
     (out_dir / "privacy.json").write_text(json.dumps(result, indent=1, allow_nan=False))
@@ -881,7 +903,7 @@ def _describe(row: dict) -> str:
             f"top-1 {u['top1_agreement']:.3f} ({row['seconds']} s)")
 
 
-def environment(model, t_start: float) -> dict:
+def environment(model, t_start: float, load_start: tuple) -> dict:
     versions = {}
     for pkg in ("torch", "numpy", "cfm-runtime"):
         try:
@@ -890,7 +912,8 @@ def environment(model, t_start: float) -> dict:
             versions[pkg] = None
     return {"machine": platform.machine(), "python": platform.python_version(), "versions": versions,
             "threads": torch.get_num_threads(), "cores_available": len(os.sched_getaffinity(0)),
-            "model": model.config.name, "n_layers": model.config.n_layers, "loadavg_end": os.getloadavg(),
+            "model": model.config.name, "n_layers": model.config.n_layers,
+            "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "elapsed_s": round(time.perf_counter() - t_start, 1),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 

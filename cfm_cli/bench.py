@@ -76,6 +76,10 @@ def add_privacy_parser(bsub) -> None:
     p = bsub.add_parser("privacy", help="what a center could recover from a split run's hidden states, and what "
                                         "private edge defences cost")
     p.add_argument("--quick", action="store_true", help="6 texts, split 2:28, one noise level (a few minutes)")
+    p.add_argument("--budget", action="store_true", help="the grid of benchmarks/results/privacy.json: every split, "
+                                                         "defences at 2:28, fewer texts (~30 min on 2 cores)")
+    p.add_argument("--package-data", action="store_true",
+                   help="also write the summary the planner quotes (cfm_runtime/data/privacy.json)")
     p.add_argument("--out", default="privacy-bench", help="folder for privacy.json and privacy.png (default privacy-bench)")
     p.add_argument("--model", "-m", default=None, help="GGUF file or Hugging Face folder (default: the embedded model)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
@@ -86,9 +90,11 @@ def add_privacy_parser(bsub) -> None:
 
 
 def privacy_settings_from_args(args):
-    from cfm_bench.privacy import QUICK, Settings  # the benchmark tooling: imported when a benchmark runs
+    from cfm_bench.privacy import BUDGET, QUICK, Settings  # the benchmark tooling: imported when a benchmark runs
 
-    s = QUICK if args.quick else Settings()
+    if args.quick and args.budget:
+        raise CfmError("--quick and --budget are two grids: give one")
+    s = QUICK if args.quick else BUDGET if args.budget else Settings()
     changes = {}
     if args.noise is not None:
         changes["noises"] = _numbers(args.noise, "--noise") if args.noise else ()
@@ -112,10 +118,12 @@ def cmd_bench_privacy(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CfmError(f"--out {out} is a file; give a folder")
-    from cfm_bench.privacy import run
+    from cfm_bench.privacy import run, write_package_data
 
     result = run(s, out, args.model)
     print(json.dumps(result["summary"], indent=1))
+    if args.package_data:
+        print(f"wrote {write_package_data(result)}")
     print(f"wrote {out / 'privacy.json'} and {', '.join(result['plots'])} in {result['environment']['elapsed_s']} s")
     return 0
 
