@@ -821,7 +821,10 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _brief(row: dict) -> dict:
-    return {"name": row["name"], "worst_recovery": worst_recovery(row), "mean_recovery": round(mean_recovery(row), 4),
+    return {"name": row["name"], "split": row["split"], "defence": row["defence"],
+            "prompt_exact_search": row["prompt"]["exact_search"], "prompt_inverter": row["prompt"]["inverter"],
+            "answer_logit_lens": row.get("answer", {}).get("logit_lens"),
+            "worst_recovery": worst_recovery(row), "mean_recovery": round(mean_recovery(row), 4),
             "perplexity_change": row["utility"]["perplexity_change"]}
 
 

@@ -180,7 +180,7 @@ def format_split_report(r: dict) -> str:
             f"positions center {r['positions_center']} local {r['positions_local']} ({segs}) | "
             f"round trip {r['round_trip_ms']} ms, center compute {r['center_compute_ms']} ms, "
             f"batch {r['center_batch_mean']} | reconnects {r['reconnects']}, replays {r.get('replays', 0)}"
-            + (f" | FALLBACK {falls}" if falls else "") + "]")
+            + (f" | FALLBACK {falls}" if falls else "") + "]" + (f"\n[{r['privacy']}]" if r.get("privacy") else ""))
 
 
 def format_sparse_report(r: dict) -> str:

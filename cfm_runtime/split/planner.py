@@ -4,17 +4,18 @@ Per decode token: local layers x local layer time + embeddings/head, plus for a 
 trip (RTT + hidden states up and down at the measured bandwidth) and the center's layers at the
 center's measured layer time. The plan is the split (or local-only) with the lowest prediction,
 keeping at least `min_edge_layers` layers on the edge before the center (a privacy floor). Every plan
-says what a center could recover from the hidden states at its split, from the measured table
-`PRIVACY` (docs/privacy.md): on the embedded model, about all of the prompt and the answer at any
-split, whatever the floor.
+says what a center could recover from the hidden states at its split, from the measured table in
+cfm_runtime/data/privacy.json (docs/privacy.md).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-
+from importlib import resources
 
 from ..errors import CfmError
 from ..protocol import wire
@@ -35,32 +36,49 @@ class Measurements:
     bytes_per_position: int
 
 
-# What a center recovered from the hidden states of SmolLM2-135M-Instruct (the embedded model), by edge layers
-# before the center (the same number after it), undefended: fractions of the user's prompt tokens and of the
-# answer tokens; benchmarks/results/privacy.json, docs/privacy.md. Exact search: run every token after the
-# recovered prefix through the public first layers, keep the nearest state. Inverter: a linear probe trained
-# on public text. Logit lens: the returned states through the public last layers and head.
-PRIVACY = {
-    1: {"prompt_exact_search": None, "prompt_inverter": None, "answer_logit_lens": None},
-    2: {"prompt_exact_search": None, "prompt_inverter": None, "answer_logit_lens": None},
-    4: {"prompt_exact_search": None, "prompt_inverter": None, "answer_logit_lens": None},
-    8: {"prompt_exact_search": None, "prompt_inverter": None, "answer_logit_lens": None},
-}
-PRIVACY_VERDICT = ("no measured defence (more edge layers, noise on the sent states, a random or trained private "
-                   "brick) keeps it under 10% at +3% perplexity; for privacy from the center, run local-only")
+PRIVACY_DATA = "privacy.json"  # in cfm_runtime/data: written by `python benchmarks/bench_privacy.py --budget`
 
 
-def privacy_note(split: tuple[int, int] | None) -> str:
-    """What a center could recover at `split` in principle, from the measured table (`PRIVACY`)."""
+@functools.cache
+def privacy_table() -> dict:
+    """The measured summary (docs/privacy.md): `by_edge_layers` maps edge layers before the center (the same
+    number after it) to the undefended recovery rates of the user's prompt tokens and the answer's; `target_met`
+    and `best_within_perplexity_budget` the defences' verdict. Empty if the file is missing."""
+    try:
+        text = resources.files("cfm_runtime").joinpath("data", PRIVACY_DATA).read_text()
+    except FileNotFoundError:
+        return {}
+    return json.loads(text)
+
+
+def privacy_note(split: tuple[int, int] | None, table: dict | None = None) -> str:
+    """What a center that knows the public weights could recover at `split` in principle, from the measured
+    table (the nearest measured split with no more edge layers: an over-estimate where between)."""
     if split is None:
         return "privacy: local-only, no hidden state leaves this device"
+    table = privacy_table() if table is None else table
     a = split[0]
-    k = max((k for k in PRIVACY if k <= a), default=min(PRIVACY))  # fewer layers measured: an over-estimate
-    r = PRIVACY[k]
-    return (f"privacy: with {a} edge layer{'s' if a != 1 else ''} before the center, a center that knows the public "
-            f"weights could recover ~{r['prompt_exact_search']:.0%} of the prompt's tokens (exact search; a learned "
-            f"inverter {r['prompt_inverter']:.0%}) and ~{r['answer_logit_lens']:.0%} of the answer's "
-            f"(measured on SmolLM2-135M with {k} edge layers, docs/privacy.md); {PRIVACY_VERDICT}")
+    rows = {int(k): v for k, v in table.get("by_edge_layers", {}).items()}
+    k = max((k for k in rows if k <= a), default=None)
+    layers = f"{a} edge layer{'s' if a != 1 else ''} before the center"
+    if k is None:
+        return (f"privacy: with {layers}, the hidden states sent to the center reveal text; no measurement for this "
+                f"split (docs/privacy.md, python benchmarks/bench_privacy.py --budget)")
+    r = rows[k]
+    note = (f"privacy: with {layers}, a center that knows the public weights could recover about "
+            f"{_pct(r.get('prompt_exact_search'))} of the prompt's tokens (exact search; a learned inverter "
+            f"{_pct(r.get('prompt_inverter'))}) and {_pct(r.get('answer_logit_lens'))} of the answer's (logit lens), "
+            f"measured with {k} edge layers at each end on {table.get('model', 'the embedded model')} (docs/privacy.md)")
+    best = table.get("best_within_perplexity_budget")
+    if table.get("target_met") is False and best:
+        note += (f"; no measured defence keeps both under 10% within +3% perplexity (best: {best['name']}, worst "
+                 f"attack {_pct(best['worst_recovery'])} at {best['perplexity_change']:+.1%}): for privacy from the "
+                 f"center, run local-only")
+    return note
+
+
+def _pct(x) -> str:
+    return "?" if x is None else f"{x:.0%}"
 
 
 @dataclass
