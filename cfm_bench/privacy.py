@@ -963,6 +963,7 @@ def plot(result: dict, path: Path) -> Path:
     left.set(xlabel="edge layers before (and after) the center", ylabel="tokens recovered (%)", ylim=(0, 105),
              xscale="log", title="No defence: split k:(n-k)")
     left.set_xticks(ks, [str(k) for k in ks])
+    left.set_xticks([], minor=True)
     left.legend(fontsize=8)
     bars = (("prompt", "exact_search", "prompt: exact search"), ("prompt", "inverter", "prompt: learned inverter"),
             ("answer", "logit_lens", "answer: logit lens"), ("answer", "inverter", "answer: learned inverter"))

@@ -53,7 +53,9 @@ def test_exact_search_recovers_the_prompt_and_the_chosen_defence_stays_under_its
     # undefended: the true token's state is the sent state at every position (certified: nothing else is nearer)
     undefended = sum(e and t for e, t in zip(r.exact, r.true_nearest)) / n
     assert undefended >= 0.95
-    assert sum(g == sample.ids[p] for g, p in zip(r.guess, r.positions)) / n >= 0.9, model.tokenizer.decode(r.guess)
+    # the attack itself, restricted to the top 32 of an inverter trained on 2,000 public tokens (the benchmark's,
+    # on 8,000 tokens: 98.8% at this split)
+    assert sum(g == sample.ids[p] for g, p in zip(r.guess, r.positions)) / n >= 0.85, model.tokenizer.decode(r.guess)
 
     defence, measured = chosen_defence()
     pairs = (privacy.random_brick(model.transformer, privacy.edge_layers(SPLIT, model.config.n_layers, defence),
