@@ -555,7 +555,7 @@ def train_private_brick(model, split: tuple[int, int], windows: list[list[int]],
                         log: Callable[[str], None] | None = None) -> tuple[dict[str, LoraPair], list[dict]]:
     """Train the private brick on the edge's layers of `split` (front and/or tail as `defence` says) on
     public `windows`; returns its pairs (model layout, plain tensors) and the loss history."""
-    t, n, (a, b) = model.transformer, model.config.n_layers, split
+    t, n, a = model.transformer, model.config.n_layers, split[0]
     if attached(t):
         raise CfmError("take the bricks off the model before training a private brick")
     windows = [w[: cfg.window] for w in windows if len(w) >= cfg.window]

@@ -49,20 +49,32 @@ def settings_from_args(args):
         changes["rtts_ms"] = _numbers(args.rtt, "--rtt")
     if args.rate:
         changes["rates_mbit"] = _numbers(args.rate, "--rate")
-    for name in ("edge_threads", "center_threads", "decode_tokens"):
+    changes |= _counts(args, ("edge_threads", "center_threads", "decode_tokens"))
+    return replace(s, **changes)
+
+
+def _counts(args, names: tuple[str, ...]) -> dict:
+    """The given flags among `names`, each checked >= 1."""
+    out = {}
+    for name in names:
         value = getattr(args, name)
         if value is not None:
             if value < 1:
                 raise CfmError(f"--{name.replace('_', '-')} must be >= 1")
-            changes[name] = value
-    return replace(s, **changes)
+            out[name] = value
+    return out
+
+
+def _out_dir(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CfmError(f"--out {out} is a file; give a folder")
+    return out
 
 
 def cmd_bench_split(args) -> int:
     s = settings_from_args(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CfmError(f"--out {out} is a file; give a folder")
+    out = _out_dir(args)
     from cfm_bench.split import run
 
     result = run(s, out, args.model)
@@ -98,12 +110,7 @@ def privacy_settings_from_args(args):
     changes = {}
     if args.noise is not None:
         changes["noises"] = _numbers(args.noise, "--noise") if args.noise else ()
-    for name in ("threads", "per_kind"):
-        value = getattr(args, name)
-        if value is not None:
-            if value < 1:
-                raise CfmError(f"--{name.replace('_', '-')} must be >= 1")
-            changes[name] = value
+    changes |= _counts(args, ("threads", "per_kind"))
     if args.brick_steps is not None:
         if args.brick_steps < 0:
             raise CfmError("--brick-steps must be >= 0 (0: no trained brick)")
@@ -115,9 +122,7 @@ def privacy_settings_from_args(args):
 
 def cmd_bench_privacy(args) -> int:
     s = privacy_settings_from_args(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CfmError(f"--out {out} is a file; give a folder")
+    out = _out_dir(args)
     from cfm_bench.privacy import run, write_package_data
 
     result = run(s, out, args.model)
