@@ -71,9 +71,9 @@ def privacy_note(split: tuple[int, int] | None, table: dict | None = None) -> st
             f"measured with {k} edge layers at each end on {table.get('model', 'the embedded model')} (docs/privacy.md)")
     best = table.get("best_within_perplexity_budget")
     if table.get("target_met") is False and best:
-        note += (f"; no measured defence keeps both under 10% within +3% perplexity (best: {best['name']}, worst "
-                 f"attack {_pct(best['worst_recovery'])} at {best['perplexity_change']:+.1%}): for privacy from the "
-                 f"center, run local-only")
+        note += (f"; no measured configuration (more edge layers, noise, private bricks) keeps both under 10% within "
+                 f"+3% perplexity (best trade-off: {best['name']}, worst attack {_pct(best['worst_recovery'])} at "
+                 f"{best['perplexity_change']:+.1%} perplexity): for privacy from the center, run local-only")
     return note
 
 
