@@ -93,20 +93,69 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The tail of a row's dot product with one activation after its pairs of blocks: an odd last block, the offset
-// term sum_b M_b * S_b, added to base in the order the single-activation kernel always used.
-inline float finish4(float base, float s, const uint8_t* c, const float* dr, const float* mr, const Act& a) {
-  const int kb = a.kb;
-  for (int b = kb - kb % 2; b < kb; ++b) {  // an odd last block
-    int32_t dot = 0;
-    for (int i = 0; i < 16; ++i)
-      dot += (c[b * 16 + i] & 0x0F) * a.even[b * 16 + i] + (c[b * 16 + i] >> 4) * a.odd[b * 16 + i];
-    s += dr[b] * a.sx[b] * static_cast<float>(dot - 8 * a.qsum[b]);
+// Per int32 lane, sum(code * qx) over the lane's 8 products (4 bytes of lo x qe, 4 of hi x qo) minus corr (the
+// -8 code offset). Exact integers either way: VNNI's vpdpbusd sums the same byte groups as vpmaddubsw + vpmaddwd.
+inline __m256i dot_pair(__m256i lo, __m256i hi, __m256i qe, __m256i qo, __m256i corr) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), corr), lo, qe), hi, qo);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), corr), lo, qe), hi, qo);
+#else
+  // int16 pairs: |15 * 127 * 2| * 2 terms < 2^15, no saturation
+  const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo));
+  return _mm256_sub_epi32(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)), corr);
+#endif
+}
+
+// The offset term sum_b M_b * S_b of one row and one activation, accumulated in double (the block sums carry this
+// model's massive activations), in a fixed order: 4 lanes over the blocks, then the tail.
+inline float offset_sum(const float* mr, const float* sums, int kb) {
+  __m256d acc = _mm256_setzero_pd();
+  int b = 0;
+  for (; b + 4 <= kb; b += 4)
+    acc = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(mr + b)), _mm256_cvtps_pd(_mm_loadu_ps(sums + b)), acc);
+  __m128d h = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
+  double off = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  for (; b < kb; ++b) off += static_cast<double>(mr[b]) * sums[b];
+  return static_cast<float>(off);
+}
+
+// One row's dot products with NT activations: the row's codes are loaded and unpacked once and reused NT times;
+// NT is a compile-time constant so the accumulators stay in registers. Every (row, activation) pair goes through
+// the same operations in the same order whatever NT is: a chunk of positions gives the bits of single steps.
+template <int NT>
+inline void row_tile(const uint8_t* c, const float* dr, const float* mr, int kb, const Act* acts, float* const* y,
+                     int r, bool add) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
+  for (int b = 0; b + 2 <= kb; b += 2) {
+    const __m256i cc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 16));
+    const __m256i lo = _mm256_and_si256(cc, low);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(cc, 4), low);
+    const __m256 d2 = _mm256_set_m128(_mm_set1_ps(dr[b + 1]), _mm_set1_ps(dr[b]));
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      const Act& a = acts[j];
+      // each block's 4 lanes carry -8 * sum(qx) / 4 so that the lane sum is sum(code * qx) - 8 * sum(qx)
+      const __m256i dot = dot_pair(lo, hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.even.data() + b * 16)),
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.odd.data() + b * 16)),
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.corr.data() + b * 4)));
+      const __m256 sc = _mm256_mul_ps(d2, _mm256_loadu_ps(a.sx2.data() + b * 4));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[j]);
+    }
   }
-  float off = 0.f;
-#pragma omp simd reduction(+ : off)
-  for (int j = 0; j < kb; ++j) off += mr[j] * a.sums[j];
-  return base + s + off;
+  for (int j = 0; j < NT; ++j) {
+    const Act& a = acts[j];
+    float s = hsum(acc[j]);
+    for (int b = kb - kb % 2; b < kb; ++b) {  // an odd last block
+      int32_t dot = 0;
+      for (int i = 0; i < 16; ++i)
+        dot += (c[b * 16 + i] & 0x0F) * a.even[b * 16 + i] + (c[b * 16 + i] >> 4) * a.odd[b * 16 + i];
+      s += dr[b] * a.sx[b] * static_cast<float>(dot - 8 * a.qsum[b]);
+    }
+    y[j][r] = (add ? y[j][r] : 0.f) + s + offset_sum(mr, a.sums.data(), kb);
+  }
 }
 
 constexpr int kTile = 4;  // activations dotted with one row at a time: its unpacked codes are reused kTile times
@@ -117,65 +166,60 @@ void gemv4(const uint8_t* codes, const float* d, const float* m, int n, const st
            float* const* y, bool add, int threads) {
   const int kb = acts[0].kb;
   const int nb = static_cast<int>(acts.size());
-  const __m256i low = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int r = 0; r < n; ++r) {
     const uint8_t* c = codes + static_cast<size_t>(r) * kb * 16;
     const float* dr = d + static_cast<size_t>(r) * kb;
     const float* mr = m + static_cast<size_t>(r) * kb;
-    for (int t0 = 0; t0 < nb; t0 += kTile) {
-      const int nt = std::min(kTile, nb - t0);
-      __m256 acc[kTile];
-      for (int j = 0; j < nt; ++j) acc[j] = _mm256_setzero_ps();
-      for (int b = 0; b + 2 <= kb; b += 2) {
-        const __m256i cc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 16));
-        const __m256i lo = _mm256_and_si256(cc, low);
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(cc, 4), low);
-        const __m256 d2 = _mm256_set_m128(_mm_set1_ps(dr[b + 1]), _mm_set1_ps(dr[b]));
-        for (int j = 0; j < nt; ++j) {
-          const Act& a = acts[t0 + j];
-          const __m256i qe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.even.data() + b * 16));
-          const __m256i qo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.odd.data() + b * 16));
-          // int16 pairs: |15 * 127 * 2| * 2 terms < 2^15, no saturation
-          const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, qe), _mm256_maddubs_epi16(hi, qo));
-          // each block's 4 lanes carry -8 * sum(qx) / 4 so that the lane sum is sum(code * qx) - 8 * sum(qx)
-          const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(p16, ones),
-                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.corr.data() + b * 4)));
-          const __m256 sc = _mm256_mul_ps(d2, _mm256_loadu_ps(a.sx2.data() + b * 4));
-          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sc, acc[j]);
-        }
-      }
-      for (int j = 0; j < nt; ++j) {
-        float* yj = y[t0 + j];
-        yj[r] = finish4(add ? yj[r] : 0.f, hsum(acc[j]), c, dr, mr, acts[t0 + j]);
-      }
+    int t0 = 0;
+    for (; t0 + kTile <= nb; t0 += kTile) row_tile<kTile>(c, dr, mr, kb, &acts[t0], y + t0, r, add);
+    switch (nb - t0) {  // the last tile, 1-3 activations
+      case 3: row_tile<3>(c, dr, mr, kb, &acts[t0], y + t0, r, add); break;
+      case 2: row_tile<2>(c, dr, mr, kb, &acts[t0], y + t0, r, add); break;
+      case 1: row_tile<1>(c, dr, mr, kb, &acts[t0], y + t0, r, add); break;
+      default: break;
     }
   }
 }
 
-// y[b][n] = row n of the 8-bit (code - 128) matrix times activation b. Signed x signed bytes through
-// vpmaddubsw: |w| times sign(w) * q (llama.cpp's trick); |w| <= 127 for symmetric codes, so no saturation.
+// One row of the 8-bit (code - 128) matrix dotted with NT activations, each block's codes loaded once. Signed x
+// signed bytes through vpmaddubsw: |w| times sign(w) * q (llama.cpp's trick); |w| <= 127 for symmetric codes, so
+// no saturation. Each (row, activation) pair is computed as alone, whatever NT is.
+template <int NT>
+inline void row_tile8(const uint8_t* c, const float* dr, int kb, const Act* acts, float* const* y, int r) {
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
+  for (int b = 0; b < kb; ++b) {
+    const __m256i w = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32)), flip);
+    const __m256i aw = _mm256_sign_epi8(w, w);  // |code - 128|
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      const Act& a = acts[j];
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.all.data() + b * 32));
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(q, w)), ones);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dr[b] * a.sx[b]), acc[j]);
+    }
+  }
+  for (int j = 0; j < NT; ++j) y[j][r] = hsum(acc[j]);
+}
+
+// y[b][n] = row n of the 8-bit (code - 128) matrix times activation b, in tiles of activations as gemv4.
 void gemv8(const uint8_t* codes, const float* d, int n, const std::vector<Act>& acts, float* const* y, int threads) {
   const int kb = acts[0].kb;
   const int nb = static_cast<int>(acts.size());
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-  const __m256i ones = _mm256_set1_epi16(1);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int r = 0; r < n; ++r) {
     const uint8_t* c = codes + static_cast<size_t>(r) * kb * 32;
     const float* dr = d + static_cast<size_t>(r) * kb;
-    for (int bi = 0; bi < nb; ++bi) {
-      const Act& a = acts[bi];
-      __m256 acc = _mm256_setzero_ps();
-      for (int b = 0; b < kb; ++b) {
-        const __m256i cc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + b * 32));
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.all.data() + b * 32));
-        const __m256i w = _mm256_xor_si256(cc, flip);  // code - 128 as int8
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w)), ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dr[b] * a.sx[b]), acc);
-      }
-      y[bi][r] = hsum(acc);
+    int t0 = 0;
+    for (; t0 + kTile <= nb; t0 += kTile) row_tile8<kTile>(c, dr, kb, &acts[t0], y + t0, r);
+    switch (nb - t0) {
+      case 3: row_tile8<3>(c, dr, kb, &acts[t0], y + t0, r); break;
+      case 2: row_tile8<2>(c, dr, kb, &acts[t0], y + t0, r); break;
+      case 1: row_tile8<1>(c, dr, kb, &acts[t0], y + t0, r); break;
+      default: break;
     }
   }
 }
