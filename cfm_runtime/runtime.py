@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import sparse as sparse_ffn
+from . import speculative
 from .backends import ModuleBackend, FusedBackend, choose_backend, quantize_model
 from .bricks.selection import BrickSet
 from .bricks.store import BrickStore
@@ -110,13 +111,19 @@ class Model:
         log = run.log or (lambda message: None)
         fixed = run.bricks if isinstance(run.bricks, tuple) else ()
         bricks = BrickSet(self, BrickStore(run.brick_store), fixed, run.bricks == "auto", run.brick_threshold, log)
-        runner = LocalRunner(self) if run.center is None else self._split_runner(run.center, bricks.layers(), log)
+        runner = (LocalRunner(self) if run.center is None
+                  else self._split_runner(run.center, bricks.layers(), log, run.speculate))
         span = getattr(runner, "span", None)
         if span is not None:
             bricks.center_layers = frozenset(range(*span))
-        return Generator(runner, self.tokenizer, self.config.context_length, bricks)
+        try:
+            spec = speculative.build(run.speculate, runner, self, log)
+        except CfmError:
+            runner.close()
+            raise
+        return Generator(runner, self.tokenizer, self.config.context_length, bricks, spec)
 
-    def _split_runner(self, center: CenterOptions, brick_layers: set[int], log) -> Runner:
+    def _split_runner(self, center: CenterOptions, brick_layers: set[int], log, speculate: str = "off") -> Runner:
         """The split runner for `center`, with the planner's split for "auto", and the center's layers kept
         clear of the layers bricks touch (bricks never leave this device)."""
         from .split.client import CenterClient, CenterFailure  # grpc: imported only by split runs
@@ -127,7 +134,7 @@ class Model:
         if split == "auto":
             client = CenterClient(center.address, center.token, center.tls_ca, center.tls, center.timeout)
             try:
-                p = plan(self, client, center.wire)
+                p = plan(self, client, center.wire, spec=speculative.estimate(speculate))
             except CenterFailure as e:
                 log(f"[split: center {center.address} unreachable ({e}); running locally, will reconnect]")
                 split = None

@@ -48,16 +48,48 @@ class Sampler:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.gen = torch.Generator().manual_seed(seed)
 
+    @property
+    def greedy(self) -> bool:
+        return self.p.temperature == 0 or self.p.top_k == 1
+
     def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
         """logits [vocab] -> a token id; `history` is the context so far (for the penalty)."""
+        logits = self._penalised(logits, history)
+        if self.greedy:
+            return int(torch.argmax(logits))
+        idx, probs = self._candidates(logits)
+        choice = torch.multinomial(probs, 1, generator=self.gen)
+        return int(idx[choice])
+
+    def verify(self, logits: torch.Tensor, history: list[int], draft: int) -> tuple[bool, int]:
+        """Speculative sampling against a drafted token (a point mass on `draft`): -> (accepted, token).
+        Greedy: accepted iff `draft` is the argmax, else the argmax. Sampling, with p the distribution `__call__`
+        samples from: accept `draft` with probability p(draft), else sample from p without `draft`,
+        renormalised; the token returned is then distributed exactly as p."""
+        logits = self._penalised(logits, history)
+        if self.greedy:
+            best = int(torch.argmax(logits))
+            return best == draft, best
+        idx, probs = self._candidates(logits)
+        hit = idx == draft
+        p_draft = float(probs[hit].sum() / probs.sum())  # probs after top-p are not renormalised
+        if p_draft > 0 and float(torch.rand((), generator=self.gen, dtype=torch.float64)) < p_draft:
+            return True, draft
+        rest = probs.masked_fill(hit, 0.0)
+        return False, int(idx[torch.multinomial(rest, 1, generator=self.gen)])
+
+    def _penalised(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
         p = self.p
         if p.repetition_penalty != 1.0 and history:
             recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
             picked = logits[recent]
             logits = logits.clone()
             logits[recent] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-        if p.temperature == 0 or p.top_k == 1:
-            return int(torch.argmax(logits))
+        return logits
+
+    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (token ids [n], unnormalised probabilities [n] in float64) after temperature, top-k and top-p."""
+        p = self.p
         if p.top_k:
             logits, idx = torch.topk(logits, min(p.top_k, logits.shape[-1]))
         else:
@@ -66,5 +98,4 @@ class Sampler:
         if p.top_p < 1.0:
             keep = torch.cumsum(probs, -1) - probs < p.top_p  # smallest prefix reaching top_p
             probs = probs * keep
-        choice = torch.multinomial(probs, 1, generator=self.gen)
-        return int(idx[choice])
+        return idx, probs
