@@ -46,6 +46,7 @@ class Draft:
 
 class Drafter(Protocol):
     name: str
+    source: str | None  # the statistics key of every draft, when known before drafting (costly drafters)
 
     def begin(self, history: list[int]) -> None:
         """An answer starts with this context (prompt ids)."""
@@ -60,6 +61,7 @@ class LookupDrafter:
     extended as the context grows, so a draft costs a few dictionary look-ups."""
 
     name = "lookup"
+    source = None  # "lookup:n", n the size of the match found
 
     def __init__(self, max_n: int = 4, min_n: int = 1):
         self.sizes = tuple(range(max_n, min_n - 1, -1))
@@ -97,6 +99,7 @@ class EdgeDrafter:
     forgotten before the verification step), so the accepted positions' edge layers need no second copy."""
 
     name = "edge"
+    source = "edge"
 
     def __init__(self, model, cache, span: tuple[int, int]):
         self.model, self.cache, self.span = model, cache, span
@@ -190,12 +193,12 @@ def best_k(alpha: float, ratio: float, limit: int) -> int:
 
 
 class Policy:
-    """How many drafted tokens each step verifies. `always`: at least one whenever a draft exists ("lookup",
-    "edge"); otherwise ("auto") none where drafting is not expected to pay, with a one-token probe every
-    `probe_every` steps that had a draft."""
+    """How many drafted tokens each step verifies: none where drafting is not expected to pay (a draft that keeps
+    missing then costs nothing), with a one-token probe every `probe_every` steps that had a draft, so the
+    acceptance estimate can recover."""
 
-    def __init__(self, cost_prior: float, k_max: int = 16, always: bool = False, probe_every: int = 16):
-        self.k_max, self.always, self.probe_every = k_max, always, probe_every
+    def __init__(self, cost_prior: float, k_max: int = 16, probe_every: int = 16):
+        self.k_max, self.probe_every = k_max, probe_every
         self.acceptance: dict[str, Acceptance] = {}
         self.cost = StepCost(cost_prior)
         self.skipped = 0  # steps with a draft not used since the last probe
@@ -205,7 +208,7 @@ class Policy:
         k = best_k(alpha, self.cost.ratio(), min(self.k_max, available))
         if k == 0 and available > 0:
             self.skipped += 1
-            if self.always or self.skipped >= self.probe_every:
+            if self.skipped >= self.probe_every:
                 self.skipped, k = 0, 1
         return k
 
@@ -298,11 +301,14 @@ class SpeculativeSteps:
         room = min(self.max_tokens - self.stats.generated_tokens, self.context_length - len(history)) - 1
         if room < 1:
             return Draft([], "none")
-        policy = self.spec.policy
-        proposal = self.spec.drafter.draft(history, min(room, policy.k_max))
+        policy, drafter = self.spec.policy, self.spec.drafter
+        limit = min(room, policy.k_max)
+        if drafter.source is not None:  # a costly drafter: decide k first, then draft only that many
+            limit = policy.choose(drafter.source, limit)
+        proposal = drafter.draft(history, limit) if limit > 0 else None
         if proposal is None:
             return Draft([], "none")
-        k = policy.choose(proposal.source, len(proposal.tokens))
+        k = policy.choose(proposal.source, len(proposal.tokens)) if drafter.source is None else len(proposal.tokens)
         return Draft(proposal.tokens[:k], proposal.source)
 
     def _verify(self, rows: torch.Tensor, draft: list[int], history: list[int]) -> tuple[int, int]:
@@ -380,8 +386,8 @@ def build(mode: str, runner: Runner, model, log=None) -> Speculation | None:
     span = getattr(runner, "span", None)
     if mode == "edge":
         if span is not None:
-            return Speculation(mode, EdgeDrafter(model, runner.cache, span), Policy(prior, always=True))
+            return Speculation(mode, EdgeDrafter(model, runner.cache, span), Policy(prior))
         say("[speculate edge: the plan runs every layer here, so there are no edge-only layers to draft with; "
             "using prompt lookup]")
-        return Speculation(mode, LookupDrafter(), Policy(prior, always=True), note="no split: prompt lookup instead")
-    return Speculation(mode, LookupDrafter(), Policy(prior, always=mode == "lookup"))
+        return Speculation(mode, LookupDrafter(), Policy(prior), note="no split: prompt lookup instead")
+    return Speculation(mode, LookupDrafter(), Policy(prior))

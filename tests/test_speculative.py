@@ -70,7 +70,7 @@ def test_k_grows_with_acceptance_and_shrinks_with_cost():
     policy.acceptance["lookup:1"] = Acceptance(accepted=0.0, rejected=50.0)
     ks = [policy.choose("lookup:1", 8) for _ in range(32)]
     assert ks.count(1) == 2 and set(ks) == {0, 1}
-    assert Policy(0.45, always=True).choose("new", 8) >= 1
+    assert Policy(0.45).choose("new", 8) == 1  # an unknown kind of draft: acceptance 1/2 until measured
 
 
 # ---------------------------------------------------------------- greedy identity on int4
@@ -195,7 +195,7 @@ def test_speculative_sampling_keeps_the_distribution_of_whole_sequences(model):
     probs = torch.softmax(table.double(), -1)
     prompt = [81, 82, 83, 84, 81, 82, 83, 84, 81]  # 'abcdabcda': lookup drafts the cycle
     runner = MarkovRunner(table)
-    spec = Speculation("lookup", LookupDrafter(), Policy(0.45, always=True))
+    spec = Speculation("lookup", LookupDrafter(), Policy(0.45))
     gen = Generator(runner, model.tokenizer, 512, speculation=spec)
     n, seen = 3000, Counter()
     for seed in range(n):
