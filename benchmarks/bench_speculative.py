@@ -168,7 +168,7 @@ def part_local(args, tasks: list[dict]) -> dict:
     warm = tasks[0]["messages"]
     alternate({n: StreamRun(model, g, warm, 8) for n, g in gens.items()}, 4)  # warm-up: kernels, caches
     results = []
-    for task in tasks:
+    for task in [t for _ in range(args.reps) for t in tasks]:
         ids = model.encode_prompt(task["messages"])
         runs = {"llama_cpp": LlamaRun(llm, ids, args.decode),
                 **{n: StreamRun(model, g, task["messages"], args.decode) for n, g in gens.items()}}
@@ -186,8 +186,9 @@ def part_local(args, tasks: list[dict]) -> dict:
             f"  llama.cpp {row['decode_tps']['llama_cpp']:6.1f} tok/s  x{row['speedup']:.2f} "
             f"(chunks x{row['speedup_median_of_chunks']:.2f})  tok/step {row['speculative'].get('tokens_per_step')}"
             f"  identical {row['identical_greedy']}")
-    return {"threads": args.threads, "decode_tokens": args.decode, "chunk": args.chunk, "tasks": results,
-            "summary": summarize(results, "speedup")}
+    return {"threads": args.threads, "decode_tokens": args.decode, "chunk": args.chunk, "reps": args.reps,
+            "tasks": results, "summary": summarize(results, "speedup"),
+            "summary_median_of_chunks": summarize(results, "speedup_median_of_chunks")}
 
 
 def summarize(rows: list[dict], key: str) -> dict:
@@ -372,6 +373,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--split-decode", type=int, default=48, help="tokens per split answer at most")
     ap.add_argument("--fp32-decode", type=int, default=48)
     ap.add_argument("--chunk", type=int, default=16, help="decode tokens per runtime per turn (alternation)")
+    ap.add_argument("--reps", type=int, default=2, help="local runs of every task")
     ap.add_argument("--rtts", default="0,10,50,100", help="emulated round-trip times, ms")
     ap.add_argument("--split-modes", default="off,auto,edge")
     ap.add_argument("--parts", default="local,split,fp32")

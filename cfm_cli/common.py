@@ -197,7 +197,7 @@ def format_split_report(r: dict) -> str:
 def format_speculative_report(r: dict, split: bool) -> str:
     rate = "n/a" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%"
     per_step = "n/a" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
-    where = " (one round trip each)" if split else ""
+    where = " (one round trip each while the center serves)" if split else ""
     return (f"[speculate {r['mode']} ({r['drafter']}) | {r['steps']} steps{where}, {per_step} tokens per step | "
             f"drafted {r['drafted']}, accepted {r['accepted']} ({rate})]")
 

@@ -67,10 +67,11 @@ def test_k_grows_with_acceptance_and_shrinks_with_cost():
     assert best_k(0.2, 0.45, 16) == 0  # drafts that miss are not verified
     assert 2 <= best_k(0.85, 0.45, 16) <= 4 < best_k(0.85, 0.05, 16)
     policy = Policy(0.45)  # "auto": no draft where it does not pay, but a one-token probe now and then
-    policy.acceptance["lookup:1"] = Acceptance(accepted=0.0, rejected=50.0)
+    policy.acceptance["lookup:1"] = Acceptance(0.3, accepted=0.0, rejected=50.0)
     ks = [policy.choose("lookup:1", 8) for _ in range(32)]
     assert ks.count(1) == 2 and set(ks) == {0, 1}
     assert Policy(0.45).choose("new", 8) == 1  # an unknown kind of draft: acceptance 1/2 until measured
+    assert Policy(0.45).choose("lookup:4", 8) > Policy(0.45).choose("lookup:1", 8)  # long matches: right more often
 
 
 # ---------------------------------------------------------------- greedy identity on int4
@@ -197,11 +198,14 @@ def test_speculative_sampling_keeps_the_distribution_of_whole_sequences(model):
     runner = MarkovRunner(table)
     spec = Speculation("lookup", LookupDrafter(), Policy(0.45))
     gen = Generator(runner, model.tokenizer, 512, speculation=spec)
-    n, seen = 3000, Counter()
+    n, seen, drafted, accepted = 3000, Counter(), 0, 0
     for seed in range(n):
         params = SamplingParams(temperature=1.0, top_k=4, top_p=1.0, max_tokens=6, seed=seed)
-        seen[tuple(c.token for c in gen.stream(prompt, params) if c.token is not None)[:3]] += 1
-    assert spec.counters.drafted > spec.counters.accepted > 0  # drafts were verified, some rejected
+        chunks = list(gen.stream(prompt, params))
+        seen[tuple(c.token for c in chunks if c.token is not None)[:3]] += 1
+        drafted += chunks[-1].stats.extra["speculative"]["drafted"]
+        accepted += chunks[-1].stats.extra["speculative"]["accepted"]
+    assert drafted > accepted > n / 2  # drafts were verified, many accepted, some rejected
     assert runner.fed > n * 3  # and several positions fed per step
     expected = {}
     for seq in ((a, b, c) for a in range(4) for b in range(4) for c in range(4)):
