@@ -324,10 +324,11 @@ def plot(result: dict, path: Path) -> None:
     local = result.get("local")
     if local:
         ax = axes[0]
-        names = [r["task"] for r in local["tasks"]]
+        names = list(dict.fromkeys(r["task"] for r in local["tasks"]))  # repetitions: the median
         x = np.arange(len(names))
         for i, (key, color) in enumerate((("llama_cpp", "#888"), ("cfm_off", "#37a"), ("cfm_auto", "#3a7"))):
-            ax.bar(x + (i - 1) * 0.27, [r["decode_tps"][key] for r in local["tasks"]], 0.27, label=key, color=color)
+            ax.bar(x + (i - 1) * 0.27, [median([r["decode_tps"][key] for r in local["tasks"] if r["task"] == n])
+                                        for n in names], 0.27, label=key, color=color)
         ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
         ax.set_title(f"local decode tok/s ({local['threads']} threads)")
         ax.legend(fontsize=8)
