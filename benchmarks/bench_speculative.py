@@ -115,14 +115,17 @@ class LlamaRun:
 
 
 def alternate(runs: dict, chunk: int) -> dict:
-    """Prefill every run, then decode `chunk` tokens of each in turn until all are done.
+    """Prefill every run, then decode `chunk` tokens of each in turn (the order rotating) until all are done.
     -> {name: {"prompt_s", "chunks": [(seconds, tokens)], "decode_tps"}}."""
     out = {}
     for name, r in runs.items():
         time.sleep(PAUSE)
         out[name] = {"prompt_s": r.prefill(), "chunks": []}
+    order = list(runs)
     while not all(r.done for r in runs.values()):
-        for name, r in runs.items():
+        order = order[1:] + order[:1]  # rotate: no runtime always follows the same one
+        for name in order:
+            r = runs[name]
             if r.done:
                 continue
             time.sleep(PAUSE)

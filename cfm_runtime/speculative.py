@@ -212,6 +212,11 @@ class Policy:
         self.cost = StepCost(cost_prior)
         self.skipped = 0  # steps with a draft not used since the last probe
 
+    def begin(self) -> None:
+        """A new answer: acceptance starts again from the priors (another prompt may copy more or less); the
+        measured step cost carries over."""
+        self.acceptance, self.skipped = {}, 0
+
     def _acceptance(self, source: str) -> Acceptance:
         return self.acceptance.setdefault(source, Acceptance(PRIOR_ACCEPTANCE.get(source, 0.5)))
 
@@ -247,8 +252,8 @@ class Counters:
 
 
 class Speculation:
-    """A generator's speculative decoding: its drafter and policy (kept across answers: what was learnt about
-    acceptance and step cost carries over), and this answer's counters."""
+    """A generator's speculative decoding: its drafter and policy (what was measured about the cost of a step carries
+    over from answer to answer), and this answer's counters."""
 
     def __init__(self, mode: str, drafter: Drafter, policy: Policy, note: str = "", split: bool = False):
         self.mode, self.drafter, self.policy, self.note, self.split = mode, drafter, policy, note, split
@@ -256,6 +261,7 @@ class Speculation:
 
     def begin(self, prompt_ids: list[int]) -> None:
         self.drafter.begin(prompt_ids)
+        self.policy.begin()
         self.counters = Counters()
 
     def steps(self, runner: Runner, sampler: Sampler, stats, cached: list[int], max_tokens: int,
