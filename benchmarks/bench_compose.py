@@ -26,7 +26,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,14 +33,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_decode import PROMPTS, LlamaCppSteps, perplexity, run_interleaved  # noqa: E402
+from benchmarks.bench_decode import PROMPTS, CfmSteps, LlamaCppSteps, perplexity, run_interleaved  # noqa: E402
 from benchmarks.common import environment, median, save  # noqa: E402
 from cfm_bench.center_service import CenterProcess  # noqa: E402
 from cfm_bench.split import EVAL_TEXTS  # noqa: E402
 from cfm_runtime import (CenterOptions, LoadOptions, RunOptions, SparseOptions, load_model)  # noqa: E402
 from cfm_runtime.bricks import Brick, BrickStore, base_info  # noqa: E402
 from cfm_runtime.bricks.lora import TARGET_KINDS, LoraPair  # noqa: E402
-from cfm_runtime.generate import torch_threads  # noqa: E402
 from cfm_runtime.memory import release_freed_memory  # noqa: E402
 from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402
 
@@ -49,32 +47,19 @@ BRICK_LAYERS = (0, 1, 24, 25, 26, 27, 28, 29)
 TARGETS = {"int4+brick": 0.85, "int4 split": 0.75}  # decode speed vs plain int4 (issue 17)
 
 
-class RunSteps:
+class RunSteps(CfmSteps):
     """A generator's runner (local or split), greedy, with the thread setup `Generator.stream` uses."""
 
     def __init__(self, model, run: RunOptions):
-        self.model, self.run = model, run
-        self.gen = None
+        super().__init__(model)
+        self.run, self.gen = run, None
 
-    def prefill(self, ids: list[int]) -> float:
+    def new_runner(self):
         if self.gen is not None:
             self.gen.close()
         self.gen = self.model.new_generator(self.run)
-        self.runner = self.gen.runner
-        self.runner.begin()
-        with torch_threads(self.runner.torch_threads()):
-            t0 = time.perf_counter()
-            logits = self.runner.forward(ids)[-1]
-            dt = time.perf_counter() - t0
-        self.tok = int(torch.argmax(logits))
-        return dt
-
-    def decode(self, n: int) -> float:
-        with torch_threads(self.runner.torch_threads()):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                self.tok = int(torch.argmax(self.runner.forward([self.tok])[-1]))
-            return time.perf_counter() - t0
+        self.gen.runner.begin()
+        return self.gen.runner
 
     def split_report(self) -> dict | None:
         return self.runner.report().get("split")
@@ -124,7 +109,7 @@ def all_logits(model, run: RunOptions, texts: dict[str, list[int]]) -> dict[str,
     for name, ids in texts.items():
         gen = model.new_generator(run)
         try:
-            out[name] = gen.runner.forward(ids, all_logits=True).numpy()
+            out[name] = gen.runner.forward(ids, all_logits=True)
         finally:
             gen.close()
     return out

@@ -82,20 +82,23 @@ class CfmSteps:
     def __init__(self, model):
         self.model = model
 
+    def new_runner(self):
+        return LocalRunner(self.model)
+
     def prefill(self, ids: list[int]) -> float:
-        self.runner = LocalRunner(self.model)
+        self.runner = self.new_runner()
         with torch_threads(self.runner.torch_threads()):
             t0 = time.perf_counter()
             logits = self.runner.forward(ids)[-1]
             dt = time.perf_counter() - t0
-        self.tok = int(torch.argmax(logits))
+        self.tok = int(np.argmax(logits))
         return dt
 
     def decode(self, n: int) -> float:
         with torch_threads(self.runner.torch_threads()):
             t0 = time.perf_counter()
             for _ in range(n):
-                self.tok = int(torch.argmax(self.runner.forward([self.tok])[-1]))
+                self.tok = int(np.argmax(self.runner.forward([self.tok])[-1]))
             return time.perf_counter() - t0
 
 
@@ -148,7 +151,7 @@ def step_logits(model, ids: list[int]) -> np.ndarray:
     """Logits of every position fed one token at a time, as decoding computes them (teacher forcing)."""
     runner = LocalRunner(model)
     with torch_threads(runner.torch_threads()):
-        return np.stack([runner.forward([i])[-1].numpy() for i in ids])
+        return np.stack([runner.forward([i])[-1] for i in ids])
 
 
 def quality(logits: dict[str, dict], ids: dict[str, list[int]]) -> dict:

@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from .sessions import Session
 
@@ -18,7 +18,7 @@ from .sessions import Session
 @dataclass
 class Job:
     session: Session
-    h: torch.Tensor  # [n, D] float32
+    h: np.ndarray  # [n, D] float32
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -32,7 +32,7 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, name="center-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, session: Session, h: torch.Tensor) -> concurrent.futures.Future:
+    def submit(self, session: Session, h: np.ndarray) -> concurrent.futures.Future:
         job = Job(session, h)
         self.jobs.put(job)
         return job.future
@@ -86,11 +86,10 @@ class Engine:
         for j, out in zip(jobs, outs):
             j.future.set_result((out, ms, len(jobs)))
 
-    @torch.inference_mode()
-    def _forward(self, jobs: list[Job]) -> tuple[list[torch.Tensor], float]:
+    def _forward(self, jobs: list[Job]) -> tuple[list[np.ndarray], float]:
         t0 = time.perf_counter()
         s = jobs[0].session
-        h = torch.stack([j.h for j in jobs])  # [B, n, D]; B > 1 only for decode steps (n == 1)
+        h = np.stack([j.h for j in jobs])  # [B, n, D]; B > 1 only for decode steps (n == 1)
         out = self.model.backend.span(h, s.start, s.end, [j.session.cache for j in jobs])
         self.batches += 1
         self.batched_steps += len(jobs)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import torch
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -55,12 +55,11 @@ class CenterServicer(pb_grpc.CenterServicer):
         self.engine = Engine(model, limits.max_batch)
         self.layer_ms = self._calibrate()
 
-    @torch.inference_mode()
     def _calibrate(self, steps: int = 4) -> float:
         """Milliseconds of one decode position through one served layer."""
         a, b = self.span
-        cache = self.model.transformer.new_cache(a, b, steps + 1)
-        h = torch.zeros(1, 1, self.hidden)
+        cache = self.model.new_cache(a, b, steps + 1)
+        h = np.zeros((1, 1, self.hidden), np.float32)
         self.model.backend.span(h, a, b, [cache])
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -71,7 +70,7 @@ class CenterServicer(pb_grpc.CenterServicer):
         c, lim, t = self.model.config, self.limits, self.table
         return pb.InfoResponse(
             model_name=c.name or "", fingerprint=self.fingerprint, span_start=self.span[0], span_end=self.span[1],
-            n_layers=c.n_layers, hidden_size=self.hidden, dtypes=list(wire.TORCH_DTYPES),
+            n_layers=c.n_layers, hidden_size=self.hidden, dtypes=list(wire.ITEMSIZE),
             layer_decode_ms=self.layer_ms, server_version=VERSION,
             limits=pb.Limits(max_sessions=lim.max_sessions, active_sessions=len(t.sessions),
                              max_kv_bytes=t.max_kv_bytes, used_kv_bytes=t.used_kv_bytes,
@@ -120,11 +119,11 @@ class CenterServicer(pb_grpc.CenterServicer):
         a, b = (req.span_start, req.span_end) if (req.span_start, req.span_end) != (0, 0) else self.span
         if not self.span[0] <= a < b <= self.span[1]:
             raise OutOfRange(f"span {a}:{b} is not inside the served span {self.span[0]}:{self.span[1]}")
-        if req.dtype not in wire.TORCH_DTYPES:
+        if req.dtype not in wire.ITEMSIZE:
             raise InvalidArgument(f"dtype {req.dtype} is not supported; use DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16")
         if req.max_positions > self.max_positions:
             raise OutOfRange(f"max_positions {req.max_positions} exceeds this center's {self.max_positions}")
-        return self.table.open(owner, self.model.transformer.new_cache, a, b, req.dtype,
+        return self.table.open(owner, self.model.new_cache, a, b, req.dtype,
                                req.max_positions or self.max_positions)
 
     @staticmethod

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
 from cfm_runtime import CenterOptions, LocalRunner
 from cfm_runtime.errors import CfmError
@@ -25,7 +24,7 @@ HOST = "127.0.0.1"
 REQUEST_BYTES, REPLY_BYTES = 12, 8  # center-only decode step: position, count, one id; token, compute ms
 
 
-def _argmax(logits: torch.Tensor) -> int:
+def _argmax(logits: np.ndarray) -> int:
     return int(logits[-1].argmax())
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from cfm_runtime.bricks import Brick, BrickError, BrickStore, apply_brick, base_info, check_base, import_adapter
 from cfm_runtime.bricks.formats import write_gguf_adapter, write_peft
-from cfm_runtime.bricks.merge import merge_bricks, parse_spec
+from cfm_runtime.bricks.merge import merge_bricks
+from cfm_runtime.options import parse_spec
 from cfm_runtime.bricks.routing import signature
 from cfm_runtime.bricks.store import check_name
 from cfm_runtime.bricks.train import TrainConfig, load_examples, mean_loss, train_lora

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from cfm_runtime import CenterOptions, LoadOptions, RunOptions, SparseOptions, load_model
-from cfm_runtime.bricks.merge import parse_spec
 from cfm_runtime.errors import CfmError
+from cfm_runtime.options import parse_spec
 from cfm_runtime.kernels import native
 
 
@@ -68,11 +68,9 @@ def load_options(args, **changes) -> LoadOptions:
 
 
 def load(args, **changes):
-    """Load the model the flags describe; says so when the native decode kernel is compiled (first run)."""
-    model = load_model(args.model, load_options(args, **changes))
-    if model.backend.name == "fused":
-        native.load(notice=lambda: notice("building the native decode kernel (first run only, about a minute)..."))
-    return model
+    """Load the model the flags describe; says so when the native kernel is compiled (where setup.py did not)."""
+    native.load(notice=notice)
+    return load_model(args.model, load_options(args, **changes))
 
 
 # ---------------------------------------------------------------- run options: bricks and a center

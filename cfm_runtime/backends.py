@@ -11,10 +11,16 @@
 `choose_backend` decides from the modules (a wrapped or replaced module means the module path);
 `cfm_runtime.runtime.Model` calls it at load time and whenever bricks or a sparse FFN change the modules.
 Both backends read and write the same `SpanCache`, so a runner may switch between them at any token.
+
+Every backend (these two and `native_backend.NativeBackend`, the torch-free one) takes and returns numpy
+arrays: hidden states [B, T, D] and logits; torch stays inside these two.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -23,8 +29,10 @@ from .kernels.fused import FusedSpan
 from .kernels.graph import ACCURACY_LEVEL
 from .kernels.quant import QuantizedHead, QuantizedLinear
 from .bricks.lora import LoRALinear
+from .kernels.blocks import BlockWeights
 from .kernels.weights import DecoderWeights, LayerWeights
 from .model import MLP, Attention, SpanCache, Transformer
+from .native_backend import native_span, native_span_head
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -84,18 +92,25 @@ class ModuleBackend:
     def __init__(self, t: Transformer):
         self.t = t
 
-    def forward(self, ids: list[int], cache: SpanCache, all_logits: bool = False) -> torch.Tensor:
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """Token embeddings [1, T, D]."""
+        with torch.inference_mode():
+            return self.t.embed(torch.tensor([ids])).numpy()
+
+    def forward(self, ids: list[int], cache: SpanCache, all_logits: bool = False) -> np.ndarray:
         """Logits [len(ids) or 1, vocab] of ids after the cached positions; appends them to `cache`."""
-        return self.span_head(self.t.embed(torch.tensor([ids])), 0, cache, all_logits)
+        return self.span_head(self.embed(ids), 0, cache, all_logits)
 
-    def span(self, h: torch.Tensor, start: int, end: int, caches: list[SpanCache]) -> torch.Tensor:
+    @torch.inference_mode()
+    def span(self, h: np.ndarray, start: int, end: int, caches: list[SpanCache]) -> np.ndarray:
         """Layers [start, end) on h [B, T, D] -> [B, T, D]; caches[i] belongs to sequence i."""
-        return self.t.forward_span(h, start, end, caches)
+        return self.t.forward_span(torch.from_numpy(np.ascontiguousarray(h)), start, end, caches).numpy()
 
-    def span_head(self, h: torch.Tensor, start: int, cache: SpanCache, all_logits: bool = False) -> torch.Tensor:
+    @torch.inference_mode()
+    def span_head(self, h: np.ndarray, start: int, cache: SpanCache, all_logits: bool = False) -> np.ndarray:
         """Layers [start, n), final norm and head on one sequence h [1, T, D] -> logits [T or 1, vocab]."""
-        h = self.span(h, start, self.t.config.n_layers, [cache])
-        return self.t.head(h if all_logits else h[:, -1:])[0]
+        x = self.t.forward_span(torch.from_numpy(np.ascontiguousarray(h)), start, self.t.config.n_layers, [cache])
+        return self.t.head(x if all_logits else x[:, -1:])[0].numpy()
 
     def torch_threads(self) -> int | None:
         return None  # torch computes: its threads are left as set
@@ -186,11 +201,12 @@ class FusedBackend:
     name = "fused"
 
     def __init__(self, t: Transformer, weights: DecoderWeights, threads: int, spin: bool = True,
-                 use_native: bool = True):
+                 blocks: Callable[[], BlockWeights] | None = None):
         self.t, self.w, self.threads, self.spin = t, weights, threads, spin
+        self.blocks = blocks  # the file's blocks for the native kernel (read on first use); None: graphs only
         self.modules = stock_modules(t)  # what the weights were read from (checked when re-choosing)
         self._spans: dict[tuple, FusedSpan] = {}
-        self._native, self._native_tried = None, not use_native
+        self._native, self._native_tried = None, blocks is None
         self.sides: dict = {}  # (layer, kind) -> (A, B): the bricks, for the native kernel
         self._graph_sides: dict = {}  # the same as graph inputs: (A^T, B^T)
 
@@ -199,16 +215,17 @@ class FusedBackend:
         self.sides = sides
         self._graph_sides = {key: (a.T.contiguous(), b.T.contiguous()) for key, (a, b) in sides.items()}
         if self._native is not None:
-            self._native.set_sides(sides)
+            self._native.set_sides({key: (a.numpy(), b.numpy()) for key, (a, b) in sides.items()})
 
     def native(self) -> native.NativeDecoder | None:
-        """The compiled decode step for these weights, or None (not buildable here, or not the int4 layout)."""
+        """The native kernel over the file's blocks, or None (not buildable here, or a layout it lacks)."""
         if not self._native_tried:
             self._native_tried = True
-            module = native.load() if native.supported(self.w) else None
-            if module is not None:
-                self._native = native.NativeDecoder(self.w, self.threads, module)
-                self._native.set_sides(self.sides)
+            lib = native.load()
+            blocks = self.blocks() if lib is not None else None
+            if native.supported(blocks):
+                self._native = native.NativeDecoder(blocks, self.threads, lib)
+                self.set_sides(self.sides)
         return self._native
 
     def _graph(self, start: int, end: int, head: bool) -> FusedSpan:
@@ -218,40 +235,47 @@ class FusedBackend:
                                          sides=bool(self.sides))
         return self._spans[key]
 
-    def forward(self, ids: list[int], cache: SpanCache, all_logits: bool = False) -> torch.Tensor:
-        """Logits [len(ids) or 1, vocab] (a fresh tensor); appends len(ids) positions to cache."""
-        return self.span_head(self.t.embed(torch.tensor([ids])), 0, cache, all_logits)
+    def embed(self, ids: list[int]) -> np.ndarray:
+        """Token embeddings [1, T, D]."""
+        if self.native() is not None:
+            return self._native.embed(ids)[None]
+        with torch.inference_mode():
+            return self.t.embed(torch.tensor([ids])).numpy()
 
-    def span(self, h: torch.Tensor, start: int, end: int, caches: list[SpanCache]) -> torch.Tensor:
+    def forward(self, ids: list[int], cache: SpanCache, all_logits: bool = False) -> np.ndarray:
+        """Logits [len(ids) or 1, vocab]; appends len(ids) positions to cache."""
+        return self.span_head(self.embed(ids), 0, cache, all_logits)
+
+    def span(self, h: np.ndarray, start: int, end: int, caches: list[SpanCache]) -> np.ndarray:
         """Layers [start, end) on h [B, T, D] -> [B, T, D] through the native kernel (one position per sequence:
         the whole batch in one call; several: each sequence's chunk in one call), else the span's graph."""
         if start == end:
             return h
         if self.native() is not None:
-            if h.shape[1] == 1:
-                return self._native.step(h[:, 0], [[c[i] for i in range(start, end)] for c in caches], start, end)[:, None]
-            return torch.stack([self._native.chunk(h[j], [c[i] for i in range(start, end)], start, end)
-                                for j, c in enumerate(caches)])
+            return native_span(self._native, h, start, end, caches)
         graph = self._graph(start, end, head=False)
-        return torch.cat([graph.forward(h[j:j + 1], [c[i] for i in range(start, end)], self._graph_sides)
-                          for j, c in enumerate(caches)])
+        with torch.inference_mode():
+            return np.concatenate([graph.forward(torch.from_numpy(np.ascontiguousarray(h[j:j + 1])),
+                                                 [c[i] for i in range(start, end)], self._graph_sides).numpy()
+                                   for j, c in enumerate(caches)])
 
-    def span_head(self, h: torch.Tensor, start: int, cache: SpanCache, all_logits: bool = False) -> torch.Tensor:
+    def span_head(self, h: np.ndarray, start: int, cache: SpanCache, all_logits: bool = False) -> np.ndarray:
         """Layers [start, n), final norm and head on one sequence h [1, T, D] -> logits [T or 1, vocab]."""
         n = self.t.config.n_layers
-        layers = [cache[i] for i in range(start, n)]
         if self.native() is not None:
-            return self._native.chunk(h[0], layers, start, n, head=h.shape[1] if all_logits else 1)
-        if start == n:
-            return self.t.head(h if all_logits else h[:, -1:])[0]
-        graph = self._graph(start, n, head=self.w.head is not None)
-        out = graph.forward(h, layers, self._graph_sides)
-        h, logits = out if graph.head else (out, None)
-        if all_logits:
-            return self.t.head(h)[0]
-        if logits is None:
-            return self.t.head(h[:, -1:])[0]
-        return logits[None].clone()
+            return native_span_head(self._native, h, start, n, cache, all_logits)
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(h))
+            if start == n:
+                return self.t.head(x if all_logits else x[:, -1:])[0].numpy()
+            graph = self._graph(start, n, head=self.w.head is not None)
+            out = graph.forward(x, [cache[i] for i in range(start, n)], self._graph_sides)
+            x, logits = out if graph.head else (out, None)
+            if all_logits:
+                return self.t.head(x)[0].numpy()
+            if logits is None:
+                return self.t.head(x[:, -1:])[0].numpy()
+            return logits[None].numpy().copy()
 
     def torch_threads(self) -> int | None:
         """1 while the fused kernels do the work: torch only samples and looks up embeddings, and its OpenMP
@@ -264,16 +288,20 @@ class FusedBackend:
         return {"backend": self.name, "decode_path": path}
 
 
-def choose_backend(t: Transformer, threads: int, previous: FusedBackend | None = None
-                   ) -> ModuleBackend | FusedBackend:
+def choose_backend(t: Transformer, threads: int, previous: FusedBackend | None = None,
+                   blocks: Callable[[], BlockWeights] | None = None) -> ModuleBackend | FusedBackend:
     """The fused backend when `t` holds the stock quantized modules (under any bricks: they become side terms),
-    reusing `previous` if it was built from these very modules; else the module backend."""
+    reusing `previous` if it was built from these very modules; else the module backend. `blocks` gives the
+    native kernel its weights (the model file's blocks)."""
     if previous is not None and stock_modules(t) == previous.modules:
         backend = previous
     else:
         w = decoder_weights(t)
         if w is None:
             return ModuleBackend(t)
-        backend = FusedBackend(t, w, threads)
+        # the kernel computes with int8 activations and the 8-bit head: a model built otherwise keeps the graphs
+        int8 = (w.head is not None and w.head_accuracy == ACCURACY_LEVEL
+                and all(x.accuracy == ACCURACY_LEVEL for x in w.layers.values()))
+        backend = FusedBackend(t, w, threads, blocks=blocks if int8 else None)
     backend.set_sides(side_terms(t))
     return backend

@@ -14,3 +14,7 @@ class ModelFileError(CfmError):
 
 class ContextOverflowError(CfmError):
     """The prompt does not fit in the model's context window."""
+
+
+class BrickError(CfmError):
+    """An adapter file or brick that cannot be used: corrupt, wrong shapes, or for another model."""

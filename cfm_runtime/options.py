@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .errors import CfmError
+from .errors import BrickError, CfmError
 
 WEIGHT_FORMATS = ("fp32", "int8", "int4")
 HEAD_FORMATS = ("fp32", "int8")
@@ -22,6 +22,17 @@ DENSITY_PLANS = ("planned", "uniform")
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
 SPECULATE_MODES = ("off", "lookup", "edge", "auto")  # cfm_runtime.speculative
 DEFAULT_DENSITY = 0.6
+
+
+def parse_spec(spec: str) -> tuple[str, float]:
+    """A brick spec 'name:0.5' -> ('name', 0.5); a bare name has weight 1."""
+    name, sep, w = spec.rpartition(":")
+    if not sep:
+        return spec, 1.0
+    try:
+        return name, float(w)
+    except ValueError:
+        raise BrickError(f"bad brick weight in {spec!r}: write NAME:WEIGHT, e.g. style:0.5") from None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
+import numpy as np
 
 
 class Runner(Protocol):
@@ -16,7 +16,7 @@ class Runner(Protocol):
 
     n_past: int
 
-    def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    def forward(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         """Feed ids after the cached ones; logits [len(ids) or 1, vocab] in float32."""
 
     def truncate(self, n: int) -> None:
@@ -30,6 +30,9 @@ class Runner(Protocol):
 
     def torch_threads(self) -> int | None:
         """Torch threads to use while generating (None: leave them as set)."""
+
+    def center_layers(self) -> frozenset[int]:
+        """The layers that run on a center (none for a local runner)."""
 
     def close(self) -> None:
         """Release what the runner holds outside this process (e.g. a center session)."""
@@ -45,24 +48,23 @@ class LocalRunner:
 
     def __init__(self, model, max_len: int | None = None, chunk: int = 512):
         self.model, self.chunk = model, chunk
-        self.cache = model.transformer.new_cache(max_len=max_len)
+        self.cache = model.new_cache(max_len=max_len)
         self._sparse_since: dict | None = None
 
     @property
     def n_past(self) -> int:
         return self.cache.offset
 
-    @torch.inference_mode()
-    def forward(self, ids: list[int], all_logits: bool = False) -> torch.Tensor:
+    def forward(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
         outs = []
         for s in range(0, len(ids), self.chunk):
             last = s + self.chunk >= len(ids)
             logits = self._run(ids[s:s + self.chunk], all_logits)
             if all_logits or last:
                 outs.append(logits)
-        return torch.cat(outs)
+        return np.concatenate(outs)
 
-    def _run(self, ids: list[int], all_logits: bool) -> torch.Tensor:
+    def _run(self, ids: list[int], all_logits: bool) -> np.ndarray:
         """One chunk after the cached positions -> logits [len(ids) or 1, vocab]."""
         return self.model.backend.forward(ids, self.cache, all_logits)
 
@@ -82,6 +84,9 @@ class LocalRunner:
 
     def torch_threads(self) -> int | None:
         return self.model.backend.torch_threads()
+
+    def center_layers(self) -> frozenset[int]:
+        return frozenset()
 
     def close(self) -> None:
         pass

@@ -13,62 +13,112 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Callable
 
-from . import sparse as sparse_ffn
+import numpy as np
+
 from . import speculative
-from .backends import ModuleBackend, FusedBackend, choose_backend, quantize_model
-from .bricks.selection import BrickSet
-from .bricks.store import BrickStore
+from .cache import SpanCache
 from .config import ModelConfig
 from .errors import CfmError
 from .generate import GenerationChunk, Generator
-from .loading import Checkpoint, load_checkpoint, resolve_model_path
+from .kernels import native
+from .kernels.blocks import BlockWeights
+from .loading import Checkpoint, block_weights, load_checkpoint, resolve_model_path
 from .memory import release_freed_memory
-from .model import Transformer
+from .native_backend import NativeBackend
 from .options import CenterOptions, LoadOptions, RunOptions, SparseOptions, refusal
 from .runners import LocalRunner, Runner
 from .sampling import SamplingParams
 from .tokenizer import GGUFTokenizer, HFTokenizer, Tokenizer
 
+if TYPE_CHECKING:  # torch and what needs it are imported only when a model needs its torch form
+    from . import sparse as sparse_ffn
+    from .backends import FusedBackend, ModuleBackend
+    from .model import Transformer
+
 
 def set_threads(threads: int | None) -> int:
-    """Use `threads` intra-op threads (default: every core this process may run on)."""
+    """Use `threads` intra-op threads (default: every core this process may run on); torch's too once loaded."""
     n = threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
     return n
 
 
 class Model:
-    """A loaded model: `.config`, `.tokenizer`, `.transformer`, `.backend`, `.logits()`, `.generate()`."""
+    """A loaded model: `.config`, `.tokenizer`, `.backend`, `.logits()`, `.generate()`, and `.transformer`, its
+    torch form (built on first use when the model was loaded lean: see `load_model`)."""
 
-    def __init__(self, transformer: Transformer, tokenizer: Tokenizer, checkpoint: Checkpoint, options: LoadOptions,
-                 threads: int):
-        self.transformer = transformer
+    def __init__(self, tokenizer: Tokenizer, checkpoint: Checkpoint, options: LoadOptions, threads: int,
+                 transformer: Transformer | None = None, backend: NativeBackend | None = None):
         self.tokenizer = tokenizer
-        self.config: ModelConfig = transformer.config
+        self.config: ModelConfig = checkpoint.config
         self.path: Path = checkpoint.path
         self.format = checkpoint.format
         self.metadata = checkpoint.metadata
         self.options = options  # resolved: the formats and features this model was loaded with
         self.threads = threads
         self.sparse: sparse_ffn.SparseEngine | None = None  # the sparse FFNs' engine, when loaded with them
-        self.backend: ModuleBackend | FusedBackend = ModuleBackend(transformer)
-        self._checkpoint = checkpoint  # reads the file's weights for fingerprints
+        self._checkpoint = checkpoint  # reads the file's weights for fingerprints and blocks
+        self._transformer = transformer
         self._fused: FusedBackend | None = None  # kept while bricks are on, reused when they come off
         self._fingerprints: dict[tuple[int, int], str] = {}
+        self.backend: NativeBackend | ModuleBackend | FusedBackend = backend
+        if backend is None:
+            self.refresh_backend()
+
+    @property
+    def transformer(self) -> Transformer:
+        """The torch modules (bricks wrap their linears, a sparse FFN replaces their FFNs). A model loaded lean
+        builds them here, once, from the file (fp32 weights quantized as `options.weights` says): the memory
+        of the torch path, taken only by a run that needs it."""
+        if self._transformer is None:
+            self._transformer = _build_transformer(load_checkpoint(self.path, progress=self.options.progress),
+                                                   self.options, self.threads)
+            release_freed_memory()
+            self.refresh_backend()
+        return self._transformer
+
+    @transformer.setter
+    def transformer(self, transformer: Transformer) -> None:
+        """Replace the torch form (e.g. by a quantized copy) and re-choose the backend for it."""
+        self._transformer = transformer
+        self.refresh_backend()
+
+    def has_torch_form(self) -> bool:
+        return self._transformer is not None
+
+    def brick_layers(self) -> set[int]:
+        """Layers the bricks on the model touch (none while it has no torch form: bricks wrap its modules)."""
+        if self._transformer is None:
+            return set()
+        from .bricks.lora import brick_layers
+
+        return set(brick_layers(self._transformer))
+
+    def new_cache(self, start: int = 0, end: int | None = None, max_len: int | None = None) -> SpanCache:
+        """An empty KV cache for layers [start, end) (every backend reads and writes the same kind)."""
+        return SpanCache(self.config, start, self.config.n_layers if end is None else end, max_len)
+
+    def _blocks(self) -> BlockWeights:
+        """The file's weights as the native kernel reads them (views of the mapped file where it can)."""
+        return block_weights(self._checkpoint)
 
     def refresh_backend(self) -> None:
         """Choose the execution backend for the modules as they are now. Called by whatever changes the
         modules (bricks, sparse FFNs) right after the change."""
-        self.backend = choose_backend(self.transformer, self.threads, self._fused)
+        from .backends import FusedBackend, choose_backend
+
+        self.backend = choose_backend(self.transformer, self.threads, self._fused, self._blocks)
         if isinstance(self.backend, FusedBackend):
             self._fused = self.backend
 
     def attach_sparse(self, pack: sparse_ffn.NeuronPack, options: SparseOptions) -> sparse_ffn.SparseEngine:
         """Replace every FFN by a sparse/offloaded one over the opened neuron `pack` (the dense FFNs are dropped:
         load the model again to get them back); re-chooses the execution backend."""
+        from . import sparse as sparse_ffn
+
         if self.sparse is not None:
             raise CfmError("this model already runs a sparse FFN; load it again to attach another")
         self.sparse = sparse_ffn.attach(self.transformer, pack, options.resolved())
@@ -99,7 +149,7 @@ class Model:
             raise CfmError("logits() needs at least one token id")
         if len(ids) > self.config.context_length:
             raise CfmError(f"{len(ids)} ids exceed the model's context of {self.config.context_length}")
-        return LocalRunner(self, max_len=len(ids)).forward(ids, all_logits=True).numpy()
+        return LocalRunner(self, max_len=len(ids)).forward(ids, all_logits=True)
 
     # ------------------------------------------------------------ generation
 
@@ -110,12 +160,17 @@ class Model:
         run.check()
         log = run.log or (lambda message: None)
         fixed = run.bricks if isinstance(run.bricks, tuple) else ()
-        bricks = BrickSet(self, BrickStore(run.brick_store), fixed, run.bricks == "auto", run.brick_threshold, log)
+
+        def brick_set():
+            from .bricks.selection import BrickSet
+            from .bricks.store import BrickStore
+
+            return BrickSet(self, BrickStore(run.brick_store), fixed, run.bricks == "auto", run.brick_threshold, log)
+
+        bricks = brick_set() if fixed or run.bricks == "auto" else BricksOnRequest(self, brick_set)
         runner = (LocalRunner(self) if run.center is None
                   else self._split_runner(run.center, bricks.layers(), log, run.speculate))
-        span = getattr(runner, "span", None)
-        if span is not None:
-            bricks.center_layers = frozenset(range(*span))
+        bricks.center_layers = runner.center_layers()
         try:
             spec = speculative.build(run.speculate, runner, self, log)
         except CfmError:
@@ -205,7 +260,7 @@ class Model:
 
     def info(self) -> dict:
         c = self.config
-        n_params = sum(t.numel() for t in self.transformer.state_dict().values())
+        n_params = self._checkpoint.n_params
         return {
             "path": str(self.path),
             "format": self.format,
@@ -221,6 +276,39 @@ class Model:
             "weights": self.options.weights,
             "backend": self.backend.name,
         }
+
+
+class BricksOnRequest:
+    """The brick selector of a run with no bricks of its own: nothing of the brick machinery (nor torch) is
+    loaded until a request asks for a brick (`cfm serve`'s `base+NAME`); then a `BrickSet` is made and kept."""
+
+    def __init__(self, model: Model, make: Callable):
+        self.model, self._make, self._set = model, make, None
+        self.center_layers: frozenset[int] = frozenset()
+
+    def _bricks(self):
+        if self._set is None:
+            self._set = self._make()
+            self._set.center_layers = self.center_layers
+        return self._set
+
+    def layers(self) -> set[int]:
+        return self._set.layers() if self._set is not None else self.model.brick_layers()
+
+    def offered(self) -> list[str]:
+        return self._bricks().offered()
+
+    def select(self, prompt_ids: list[int], requested) -> bool:
+        if requested is None and self._set is None:
+            return False
+        return self._bricks().select(prompt_ids, requested)
+
+    def report(self) -> dict:
+        return self._set.report() if self._set is not None else {}
+
+    def close(self) -> None:
+        if self._set is not None:
+            self._set.close()
 
 
 # ---------------------------------------------------------------- loading
@@ -253,40 +341,77 @@ def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Mod
     re-packs a Q4_1 GGUF exactly), `lm_head`, `threads`, `sparse` (`SparseOptions`: FFN offload to a neuron
     pack and predictor-driven sparsity, see `cfm_runtime.sparse`), `overrides` (config fields replacing the
     file's, e.g. activation="relu" for a ReLU model whose GGUF does not say so).
+
+    An int4 GGUF model with no sparse FFN and no overrides loads lean where the native kernel runs: the kernel
+    reads the file's blocks in place, torch is not imported, and the torch form (`Model.transformer`) is built
+    only if the run later needs it (bricks); the numbers are the same as the torch form's fused path.
     """
     if options is not None and keywords:
         raise CfmError(f"give load options either as LoadOptions or as keywords, not both ({', '.join(keywords)})")
     opts = (options or options_from_keywords(**keywords)).resolved()
     threads = set_threads(opts.threads)
     path = resolve_model_path(path)
-    lean = opts.sparse.ram_budget_mb is not None and path.is_file() and not opts.overrides
+    if _lean(path, opts):
+        ckpt = load_checkpoint(path, progress=opts.progress, tensors="none")
+        blocks = block_weights(ckpt)
+        if native.supported(blocks):
+            backend = NativeBackend(native.NativeDecoder(blocks, threads, native.load()), ckpt.config.n_layers)
+            return Model(_checked_tokenizer(ckpt), ckpt, opts, threads, backend=backend)
+        del blocks  # a layout the kernel lacks: the torch form below
+    offload = opts.sparse.ram_budget_mb is not None and path.is_file() and not opts.overrides
     pack = ensure_pack(path, opts.sparse.pack, threads=threads, progress=opts.progress is not False) \
         if opts.sparse.active else None
-    ckpt = load_checkpoint(path, progress=opts.progress, skip_ffn=lean, **opts.overrides)
+    ckpt = load_checkpoint(path, progress=opts.progress, tensors="no_ffn" if offload else "all", **opts.overrides)
+    tokenizer = _checked_tokenizer(ckpt)
+    model = Model(tokenizer, ckpt, opts, threads, _build_transformer(ckpt, opts, threads))
+    if pack is not None:
+        from . import sparse as sparse_ffn
+
+        opened = sparse_ffn.open_pack(pack, source_digest=sparse_ffn.source_digest(path) if offload else None,
+                                      fingerprint=None if offload else model.fingerprint())
+        release_freed_memory()
+        model.attach_sparse(opened, opts.sparse)
+    release_freed_memory()
+    return model
+
+
+def _lean(path: Path, opts: LoadOptions) -> bool:
+    """Whether the model can load without its torch form: int4 linears and the 8-bit head from a GGUF file,
+    nothing that replaces modules, and the native kernel available here."""
+    return (path.is_file() and opts.weights == "int4" and opts.lm_head == "int8" and not opts.sparse.active
+            and not opts.overrides and native.load() is not None)
+
+
+def _checked_tokenizer(ckpt: Checkpoint) -> Tokenizer:
     tokenizer = load_tokenizer(ckpt)
     if tokenizer.vocab_size > ckpt.config.vocab_size:
         raise CfmError(
             f"{ckpt.path}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only "
             f"{ckpt.config.vocab_size} rows; the tokenizer belongs to another model"
         )
+    return tokenizer
+
+
+def _build_transformer(ckpt: Checkpoint, opts: LoadOptions, threads: int) -> Transformer:
+    """The torch modules from a checkpoint's fp32 weights (which are dropped), quantized as `opts` says."""
+    import torch
+
+    from .backends import quantize_model
+    from .model import Transformer
+
+    torch.set_num_threads(threads)
     transformer = Transformer.from_weights(ckpt.config, ckpt.weights)
     ckpt.weights = {}
-    model = Model(transformer, tokenizer, ckpt, opts, threads)
     if opts.weights != "fp32":
         quantize_model(transformer, opts.weights, opts.lm_head, threads=threads)
-    if pack is not None:
-        opened = sparse_ffn.open_pack(pack, source_digest=sparse_ffn.source_digest(path) if lean else None,
-                                      fingerprint=None if lean else model.fingerprint())
-        release_freed_memory()
-        model.attach_sparse(opened, opts.sparse)
-    model.refresh_backend()
-    release_freed_memory()
-    return model
+    return transformer
 
 
 def ensure_pack(path, pack=None, *, threads: int | None = None, progress: bool = True, log=None, **build) -> Path:
     """The neuron pack folder for the model at `path`: `pack` if given, else the per-model cache entry, which
     is built (profiling the dense model on calibration text, once per model) if missing or stale."""
+    from . import sparse as sparse_ffn
+
     path = resolve_model_path(path)
     digest = sparse_ffn.source_digest(path)
     root = Path(pack) if pack else sparse_ffn.pack_dir(path, digest)
@@ -301,4 +426,4 @@ def ensure_pack(path, pack=None, *, threads: int | None = None, progress: bool =
     return root
 
 
-__all__ = ["Model", "ensure_pack", "load_model", "load_tokenizer", "options_from_keywords", "set_threads"]
+__all__ = ["BricksOnRequest", "Model", "ensure_pack", "load_model", "load_tokenizer", "options_from_keywords", "set_threads"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from .errors import CfmError
 
@@ -43,59 +43,67 @@ class SamplingParams:
 
 
 class Sampler:
+    """Picks tokens from logits as `params` say; numpy's PCG64 generator, seeded (`seed`) or from the OS."""
+
     def __init__(self, params: SamplingParams):
         self.p = params
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
-        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = np.random.Generator(np.random.PCG64(seed))
 
     @property
     def greedy(self) -> bool:
         return self.p.temperature == 0 or self.p.top_k == 1
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         """logits [vocab] -> a token id; `history` is the context so far (for the penalty)."""
         logits = self._penalised(logits, history)
         if self.greedy:
-            return int(torch.argmax(logits))
+            return int(np.argmax(logits))
         idx, probs = self._candidates(logits)
-        choice = torch.multinomial(probs, 1, generator=self.gen)
-        return int(idx[choice])
+        return int(idx[self.rng.choice(len(probs), p=probs)])
 
-    def verify(self, logits: torch.Tensor, history: list[int], draft: int) -> tuple[bool, int]:
+    def verify(self, logits: np.ndarray, history: list[int], draft: int) -> tuple[bool, int]:
         """Speculative sampling against a drafted token (a point mass on `draft`): -> (accepted, token).
         Greedy: accepted iff `draft` is the argmax, else the argmax. Sampling, with p the distribution `__call__`
         samples from: accept `draft` with probability p(draft), else sample from p without `draft`,
         renormalised; the token returned is then distributed exactly as p."""
         logits = self._penalised(logits, history)
         if self.greedy:
-            best = int(torch.argmax(logits))
+            best = int(np.argmax(logits))
             return best == draft, best
         idx, probs = self._candidates(logits)
         hit = idx == draft
-        p_draft = float(probs[hit].sum() / probs.sum())  # probs after top-p are not renormalised
-        if p_draft > 0 and float(torch.rand((), generator=self.gen, dtype=torch.float64)) < p_draft:
+        p_draft = float(probs[hit].sum())
+        if p_draft > 0 and self.rng.random() < p_draft:
             return True, draft
-        rest = probs.masked_fill(hit, 0.0)
-        return False, int(idx[torch.multinomial(rest, 1, generator=self.gen)])
+        rest = np.where(hit, 0.0, probs)
+        rest /= rest.sum()
+        return False, int(idx[self.rng.choice(len(rest), p=rest)])
 
-    def _penalised(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+    def _penalised(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         p = self.p
+        logits = np.asarray(logits, dtype=np.float32)
         if p.repetition_penalty != 1.0 and history:
-            recent = torch.tensor(sorted(set(history[-p.repeat_last_n:])), dtype=torch.long)
+            recent = np.asarray(sorted(set(history[-p.repeat_last_n:])), dtype=np.int64)
             picked = logits[recent]
-            logits = logits.clone()
-            logits[recent] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+            logits = logits.copy()
+            logits[recent] = np.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
         return logits
 
-    def _candidates(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (token ids [n], unnormalised probabilities [n] in float64) after temperature, top-k and top-p."""
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (token ids [n], probabilities [n] in float64, summing to 1) after temperature, top-k and top-p."""
         p = self.p
         if p.top_k:
-            logits, idx = torch.topk(logits, min(p.top_k, logits.shape[-1]))
+            k = min(p.top_k, logits.shape[-1])
+            idx = np.argpartition(-logits, k - 1)[:k]
+            idx = idx[np.argsort(-logits[idx], kind="stable")]
         else:
-            logits, idx = torch.sort(logits, descending=True)
-        probs = torch.softmax(logits.double() / p.temperature, -1)
+            idx = np.argsort(-logits, kind="stable")
+        z = logits[idx].astype(np.float64) / p.temperature
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
         if p.top_p < 1.0:
-            keep = torch.cumsum(probs, -1) - probs < p.top_p  # smallest prefix reaching top_p
+            keep = np.cumsum(probs) - probs < p.top_p  # smallest prefix reaching top_p
             probs = probs * keep
+            probs /= probs.sum()
         return idx, probs

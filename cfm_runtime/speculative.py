@@ -6,7 +6,7 @@ the speculative-sampling rule (`Sampler.verify`), so the output has exactly the 
 the first rejected row gives the corrected token, and a fully accepted draft gets a bonus token from the last row.
 The runner then forgets the rejected positions (`truncate`; a split runner's next step rewinds the center).
 
-On the fused int4 backend a chunk of positions gives the same bits as the same tokens fed one at a time, so greedy
+On the int4 backends (the native kernel) a chunk of positions gives the same bits as the same tokens fed one at a time, so greedy
 output is identical to plain greedy decoding, token for token. The fp32 `modules` backend computes a chunk with
 matrix-matrix products and a step with matrix-vector ones: greedy output there can differ where two tokens are
 within rounding of each other (docs/speculative.md has the measurement).
@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
+import numpy as np
 
 from .errors import CfmError
 from .options import refusal
@@ -107,18 +107,17 @@ class EdgeDrafter:
     def begin(self, history: list[int]) -> None:
         pass
 
-    @torch.inference_mode()
     def draft(self, history: list[int], k: int) -> Draft | None:
         if k < 1:
             return None
         a, b = self.span
-        backend, t = self.model.backend, self.model.transformer
+        backend = self.model.backend
         start = self.cache.offset  # the runner's n_past: every token of history but the last
         token, tokens = history[-1], []
         try:
             for _ in range(k):
-                h = backend.span(t.embed(torch.tensor([[token]])), 0, a, [self.cache])
-                token = int(torch.argmax(backend.span_head(h, b, self.cache)[-1]))
+                h = backend.span(backend.embed([token]), 0, a, [self.cache])
+                token = int(np.argmax(backend.span_head(h, b, self.cache)[-1]))
                 tokens.append(token)
         finally:
             self.cache.truncate(start)
@@ -331,7 +330,7 @@ class SpeculativeSteps:
         k = policy.choose(proposal.source, len(proposal.tokens)) if drafter.source is None else len(proposal.tokens)
         return Draft(proposal.tokens[:k], proposal.source)
 
-    def _verify(self, rows: torch.Tensor, draft: list[int], history: list[int]) -> tuple[int, int]:
+    def _verify(self, rows: np.ndarray, draft: list[int], history: list[int]) -> tuple[int, int]:
         """rows [len(draft) + 1, vocab] -> (drafted tokens accepted, the token after them)."""
         context = list(history)
         for i, x in enumerate(draft):
@@ -378,23 +377,28 @@ def estimate(mode: str) -> Estimate | None:
 # timed (measured on 2 cores, 1 thread, a 217-token context; docs/speculative.md): the native int4 kernel computes
 # every position's dot products (~0.45 each); fp32 matrix products read the weights once for all (~0.1-0.2); a
 # split step is dominated by the round trip and the center's share of the compute.
-COST_PRIOR = {"fused": 0.45, "modules": 0.2, "split": 0.1}
+COST_PRIOR = {"native": 0.45, "fused": 0.45, "modules": 0.2, "split": 0.1}
+
+# Backends whose chunk of positions computes exactly as the same positions fed one at a time (the native kernel).
+EXACT_CHUNKS = ("native", "fused")
 
 
-def cost_prior(runner: Runner, model) -> float:
-    return COST_PRIOR["split"] if getattr(runner, "span", None) is not None else COST_PRIOR.get(model.backend.name, 0.45)
+def center_span(runner: Runner) -> tuple[int, int] | None:
+    """The layers [a, b) a split runner sends to a center, or None (every layer here)."""
+    layers = runner.center_layers()
+    return (min(layers), max(layers) + 1) if layers else None
 
 
 def build(mode: str, runner: Runner, model, log=None) -> Speculation | None:
     """The speculation for `mode` over this runner (None: plain decoding).
 
-    "auto" is prompt lookup on the fused int4 backend, where a chunk of positions computes exactly as single steps
-    (greedy output unchanged); it is off on the fp32 `modules` backend, whose chunks round differently. "edge"
-    drafts with the layers a split runner keeps on this device; when the planner chose local-only it falls back to
-    prompt lookup, saying so. A sparse FFN or offload would compute every neuron for several positions at once,
-    which is what it exists to avoid: "auto" is off there and the explicit modes are refused."""
+    "auto" is prompt lookup on the int4 backends (`native`, `fused`), where a chunk of positions computes exactly as
+    single steps (greedy output unchanged); it is off on the fp32 `modules` backend, whose chunks round differently.
+    "edge" drafts with the layers a split runner keeps on this device; when the planner chose local-only it falls
+    back to prompt lookup, saying so. A sparse FFN or offload would compute every neuron for several positions at
+    once, which is what it exists to avoid: "auto" is off there and the explicit modes are refused."""
     say = log or (lambda message: None)
-    if mode == "off" or (mode == "auto" and model.sparse is None and model.backend.name != "fused"):
+    if mode == "off" or (mode == "auto" and model.sparse is None and model.backend.name not in EXACT_CHUNKS):
         return None
     if model.sparse is not None:
         if mode == "auto":
@@ -402,8 +406,8 @@ def build(mode: str, runner: Runner, model, log=None) -> Speculation | None:
         raise CfmError(refusal(f"speculate={mode!r} (--speculate)", "a sparse FFN or offload",
                                "verifying several positions at once computes every FFN neuron (reading the cold ones "
                                "from flash); use --speculate off or auto"))
-    prior = cost_prior(runner, model)
-    span = getattr(runner, "span", None)
+    span = center_span(runner)
+    prior = COST_PRIOR["split"] if span is not None else COST_PRIOR.get(model.backend.name, 0.45)
     if mode == "edge":
         if span is not None:
             return Speculation(mode, EdgeDrafter(model, runner.cache, span), Policy(prior), split=True)

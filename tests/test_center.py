@@ -4,6 +4,7 @@ import time
 
 import grpc
 import pytest
+import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -79,10 +80,11 @@ def test_good_session_matches_local_span(channel, model):
     t = model.transformer
     cache = t.new_cache(2, 28)
     ref = t.forward_span(h[None], 2, 28, [cache])[0]
-    got = torch.cat([wire.decode(r.result.hidden, hidden_size=D, dtype=F32, max_rows=8) for r in out[1:3]])
+    got = torch.from_numpy(np.concatenate([wire.decode(r.result.hidden, hidden_size=D, dtype=F32, max_rows=8)
+                                           for r in out[1:3]]))
     torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-4)
     cache.truncate(2)
-    rewound = wire.decode(out[3].result.hidden, hidden_size=D, dtype=F32, max_rows=8)
+    rewound = torch.from_numpy(wire.decode(out[3].result.hidden, hidden_size=D, dtype=F32, max_rows=8))
     torch.testing.assert_close(rewound, t.forward_span(h[None, 2:3], 2, 28, [cache])[0], atol=1e-3, rtol=1e-4)
 
 
@@ -234,12 +236,12 @@ def test_engine_batches_decode_steps_with_different_offsets(model):
             t.forward_span(prefix[None], 2, 28, [c1])
             t.forward_span(prefix[None], 2, 28, [c2])
             refs.append(t.forward_span(new[None], 2, 28, [c2])[0])
-            jobs.append(Job(Session(str(i), "", 2, 28, F32, 64, c1), new))
+            jobs.append(Job(Session(str(i), "", 2, 28, F32, 64, c1), new.numpy()))
         engine._run(jobs)
         for job, ref in zip(jobs, refs):
             out, ms, batch = job.future.result(timeout=60)
             assert batch == 3
-            torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)
+            torch.testing.assert_close(torch.from_numpy(out), ref, atol=1e-3, rtol=1e-4)
         assert engine.batches == 1 and engine.batched_steps == 3
     finally:
         engine.stop()
@@ -250,11 +252,11 @@ def test_wire_fp16_scales_massive_activations():
     h[1, 7] = 200_000.0  # beyond float16's range: the row gets a power-of-two scale
     t = wire.encode(h, pb.DTYPE_FLOAT16)
     assert len(t.data) == 4 * D * 2 and t.row_scales[1] > 1 and t.row_scales[0] == 1
-    back = wire.decode(t, hidden_size=D, dtype=pb.DTYPE_FLOAT16, max_rows=4)
+    back = torch.from_numpy(wire.decode(t, hidden_size=D, dtype=pb.DTYPE_FLOAT16, max_rows=4))
     assert torch.isfinite(back).all()
     torch.testing.assert_close(back, h, rtol=1e-3, atol=2e-3)
     exact = wire.decode(wire.encode(h, F32), hidden_size=D, dtype=F32, max_rows=4)
-    assert torch.equal(exact, h)
+    assert torch.equal(torch.from_numpy(exact), h)
 
 
 def test_tokens_from_file_and_env(tmp_path, monkeypatch):

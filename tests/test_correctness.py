@@ -57,8 +57,8 @@ def test_decode_with_kv_cache_matches_prefill(model, eval_ids):
     ids = eval_ids["math"][:60]
     full = model.logits(ids)
     runner = LocalRunner(model, chunk=7)
-    chunked = runner.forward(ids[:40], all_logits=True).numpy()
-    steps = np.stack([runner.forward([i])[-1].numpy() for i in ids[40:]])
+    chunked = runner.forward(ids[:40], all_logits=True)
+    steps = np.stack([runner.forward([i])[-1] for i in ids[40:]])
     np.testing.assert_allclose(chunked, full[:40], atol=1e-3)
     np.testing.assert_allclose(steps, full[40:], atol=1e-3)
 

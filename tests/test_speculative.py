@@ -5,6 +5,7 @@ max_tokens, end-of-generation tokens, streamed text and statistics behave as wit
 import math
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,8 +29,8 @@ CHAT = [{"role": "user", "content": "Give me three tips for sleeping better."}]
 
 @pytest.fixture(scope="module")
 def int4(model_path):
-    m = load_model(model_path)  # the default: int4 on the fused backend, where a chunk equals single steps
-    assert m.backend.native() is not None, native.failure()
+    m = load_model(model_path)  # the default: int4 on the native backend (no torch), a chunk equals single steps
+    assert m.backend.name == "native", native.failure()
     return m
 
 
@@ -109,28 +110,65 @@ def test_stop_strings_max_tokens_and_cache_reuse_as_without_speculation(int4, pl
     assert stats.cached_tokens > 60 and tokens(warm) == tokens(run(int4, turn, "off", max_tokens=12)[0])
 
 
-@pytest.mark.slow
-def test_split_verifies_on_the_center_and_edge_drafts(int4, model_path, plain):
-    """A real center (int4, its own model) on 127.0.0.1; fp32 on the wire is exact."""
+@pytest.fixture(scope="module")
+def center(model_path):
+    """A real center (int4, a model of its own) serving 2:28 on 127.0.0.1, port 0."""
     from center.server import CenterServer
 
-    center = CenterServer(load_model(model_path), span=(2, 28)).start()
-    try:
-        local = tokens(plain["rewrite"][0])
-        for mode in ("lookup", "edge"):
-            gen = int4.new_generator(RunOptions(center=CenterOptions(center.address, (2, 28)), speculate=mode))
-            try:
-                chunks, stats = run(int4, REWRITE, None, generator=gen)
-            finally:
-                gen.close()
-            assert tokens(chunks) == local, mode
-            split = stats.extra["split"]
-            assert split["positions_local"] == 0 and split["fallbacks"] == []
-            r = stats.extra["speculative"]
-            assert r["drafter"] == mode and r["drafted"] > 0 and r["tokens_per_step"] >= 1.0
-            assert split["positions_center"] == stats.prompt_tokens + stats.decode_steps + r["drafted"]
-    finally:
-        center.stop()
+    server = CenterServer(load_model(model_path), span=(2, 28)).start()
+    yield server
+    server.stop()
+
+
+def test_split_verifies_on_the_center_and_edge_drafts(int4, center, plain):
+    """fp32 on the wire is exact: the split's greedy answer is the local one, with either drafter."""
+    local = tokens(plain["rewrite"][0])
+    for mode in ("lookup", "edge"):
+        gen = int4.new_generator(RunOptions(center=CenterOptions(center.address, (2, 28)), speculate=mode))
+        try:
+            chunks, stats = run(int4, REWRITE, None, generator=gen)
+        finally:
+            gen.close()
+        assert tokens(chunks) == local, mode
+        split = stats.extra["split"]
+        assert split["positions_local"] == 0 and split["fallbacks"] == []
+        r = stats.extra["speculative"]
+        assert r["drafter"] == mode and r["drafted"] > 0 and r["tokens_per_step"] >= 1.0
+        assert r["tokens_per_round_trip"] == r["tokens_per_step"]
+        assert split["positions_center"] == stats.prompt_tokens + stats.decode_steps + r["drafted"]
+        if mode == "lookup":
+            assert r["tokens_per_step"] > 1.5  # several tokens per round trip
+
+
+def test_split_with_a_brick_on_gives_the_local_answer(model, model_path, center, tmp_path):
+    """A brick on layer 0 (the edge's): int4 with the brick as a side term, split and speculative, against the
+    same brick locally without speculation."""
+    from cfm_runtime.bricks import Brick, BrickStore, base_info
+    from cfm_runtime.bricks.lora import LoraPair
+
+    g = torch.Generator().manual_seed(0)
+    pairs = {}
+    for kind in ("self_attn.q_proj", "mlp.down_proj"):
+        lin = model.transformer.get_submodule(f"layers.0.{kind}")
+        pairs[f"layers.0.{kind}"] = LoraPair(torch.randn(4, lin.in_features, generator=g) * 0.05,
+                                             torch.randn(lin.out_features, 4, generator=g) * 0.05, 2.0)
+    store = BrickStore(tmp_path)
+    store.save(Brick("b0", pairs, base_info(model)))
+    m = load_model(model_path)
+    answers = {}
+    for name, run_options in (
+            ("local", RunOptions(bricks=(("b0", 1.0),), brick_store=tmp_path, speculate="off")),
+            ("split", RunOptions(center=CenterOptions(center.address, (2, 28)), bricks=(("b0", 1.0),),
+                                 brick_store=tmp_path, speculate="lookup"))):
+        gen = m.new_generator(run_options)
+        try:
+            chunks, stats = run(m, REWRITE, None, generator=gen, max_tokens=24)
+        finally:
+            gen.close()
+        assert stats.extra["backend"] == "fused", stats.extra  # the fast path under the brick
+        answers[name] = tokens(chunks)
+    assert stats.extra["speculative"]["accepted"] > 0 and stats.extra["split"]["positions_local"] == 0
+    assert answers["split"] == answers["local"]
 
 
 # ---------------------------------------------------------------- sampling keeps the distribution
@@ -138,12 +176,13 @@ def test_split_verifies_on_the_center_and_edge_drafts(int4, model_path, plain):
 
 def test_verify_rule_samples_the_target_distribution_exactly():
     """Accept a drafted x with probability p(x), else sample p without x: the result is distributed as p."""
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.7, 0.2, -1.0])
+    logits = np.array([2.0, 1.5, 1.0, 0.7, 0.2, -1.0], np.float32)
     params = SamplingParams(temperature=0.9, top_k=5, top_p=0.97, repetition_penalty=1.3, seed=0)
     history = [1, 4]
     sampler = Sampler(params)
     idx, probs = sampler._candidates(sampler._penalised(logits, history))
-    p = torch.zeros(6, dtype=torch.float64).index_add_(0, idx, probs / probs.sum())
+    p = np.zeros(6)
+    p[idx] = probs
     n = 12000
     for draft in (0, 3, 5):  # the most likely token, a likely one, one outside top-k
         counts = Counter(sampler.verify(logits, history, draft)[1] for _ in range(n))
@@ -157,7 +196,7 @@ class MarkovRunner:
 
     IDS = (81, 82, 83, 84)
 
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, table: np.ndarray):
         self.table, self.ids = table, []
         self.fed = 0
 
@@ -168,7 +207,7 @@ class MarkovRunner:
     def forward(self, ids, all_logits=False):
         self.ids += ids
         self.fed += len(ids)
-        rows = torch.full((len(ids), 85), -math.inf)
+        rows = np.full((len(ids), 85), -np.inf, np.float32)
         for j, t in enumerate(ids):
             rows[j, list(self.IDS)] = self.table[self.IDS.index(t)]
         return rows if all_logits else rows[-1:]
@@ -192,8 +231,8 @@ class MarkovRunner:
 def test_speculative_sampling_keeps_the_distribution_of_whole_sequences(model):
     """Thousands of seeded answers of a bigram model through the real generator with lookup drafts (accepted and
     rejected), against the exact distribution of their first three tokens: a chi-square test."""
-    table = torch.tensor([[0.2, 2.0, 0.1, 0.5], [0.3, 0.1, 2.2, 0.4], [0.5, 0.4, 0.1, 1.9], [1.8, 0.6, 0.3, 0.1]])
-    probs = torch.softmax(table.double(), -1)
+    table = np.array([[0.2, 2.0, 0.1, 0.5], [0.3, 0.1, 2.2, 0.4], [0.5, 0.4, 0.1, 1.9], [1.8, 0.6, 0.3, 0.1]])
+    probs = np.exp(table) / np.exp(table).sum(-1, keepdims=True)
     prompt = [81, 82, 83, 84, 81, 82, 83, 84, 81]  # 'abcdabcda': lookup drafts the cycle
     runner = MarkovRunner(table)
     spec = Speculation("lookup", LookupDrafter(), Policy(0.45))

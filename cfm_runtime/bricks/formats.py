@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..errors import CfmError
+from ..errors import BrickError, CfmError
 from .lora import TARGET_KINDS, LoraPair
 
 PEFT_CONFIG = "adapter_config.json"
@@ -31,10 +31,6 @@ _GGUF_KIND = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj"}
 _KIND_GGUF = {v: k for k, v in _GGUF_KIND.items()}
-
-
-class BrickError(CfmError):
-    """An adapter file or brick that cannot be used: corrupt, wrong shapes, or for another model."""
 
 
 def raise_problems(what: str, problems: list[str]) -> None:

@@ -17,17 +17,6 @@ from .lora import LoraPair
 from .store import Brick
 
 
-def parse_spec(spec: str) -> tuple[str, float]:
-    """'name:0.5' -> ('name', 0.5); a bare name has weight 1."""
-    name, sep, w = spec.rpartition(":")
-    if not sep:
-        return spec, 1.0
-    try:
-        return name, float(w)
-    except ValueError:
-        raise BrickError(f"bad brick weight in {spec!r}: write NAME:WEIGHT, e.g. style:0.5") from None
-
-
 def check_compatible(bricks: list[Brick], weights: list[float]) -> None:
     problems = []
     if len(bricks) < 2:

@@ -13,7 +13,6 @@ from typing import Callable
 from ..errors import CfmError
 from .apply import apply_brick, check_base, remove_brick
 from .formats import validate
-from .lora import brick_layers
 from .routing import DEFAULT_THRESHOLD, route
 from .store import Brick, BrickStore
 
@@ -53,7 +52,7 @@ class BrickSet:
 
     def layers(self) -> set[int]:
         """Layers the run's bricks touch: those on the model, and with auto routing every routable brick's."""
-        mine = set(brick_layers(self.model.transformer))
+        mine = self.model.brick_layers()
         return mine | {layer for m in self.metas for layer in m.get("layers", [])}
 
     def offered(self) -> list[str]:

@@ -131,7 +131,7 @@ class FusedSpan:
     @torch.inference_mode()
     def forward(self, h: torch.Tensor, caches, sides: dict | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """h [1, T, D] after the cached positions -> [1, T, D] (and logits [vocab] of the last position if
-        built with head=True); `caches` are the span's per-layer KV caches (`model.KVCache`: `k`, `v`
+        built with head=True); `caches` are the span's per-layer KV caches (`cache.KVCache`: `k`, `v`
         [Hkv, capacity, hd], `offset`, `reserve`); appends T positions to them. `sides`: with a graph built
         with sides, {(layer, kind): (A^T [in, r], B^T [r, out])} (missing: rank 0)."""
         t = h.shape[1]
@@ -150,7 +150,7 @@ class FusedSpan:
         return (out, self._logits[0]) if self.head else out
 
     def _binding(self, caches, sides: dict) -> "object":
-        ptrs = tuple((kv.k.data_ptr(), kv.v.data_ptr(), kv.k.shape[1]) for kv in caches)
+        ptrs = tuple((kv.k_ptr, kv.v_ptr, kv.capacity) for kv in caches)
         key = (ptrs, id(sides))
         if self._bound is not None and self._bound[1] == key:
             return self._bound[0]
@@ -160,7 +160,7 @@ class FusedSpan:
             self._logits = torch.empty(1, self.w.vocab_size)
             bind_tensor(binding, "logits", self._logits, output=True)
         for i, kv in zip(range(self.start, self.end), caches):
-            k, v = kv.k[None], kv.v[None]  # [1, Hkv, cap, hd]: the buffer is both past and present
+            k, v = torch.from_numpy(kv.k)[None], torch.from_numpy(kv.v)[None]  # [1, Hkv, cap, hd]: past and present
             bind_tensor(binding, f"past_k_{i}", k)
             bind_tensor(binding, f"past_v_{i}", v)
             bind_tensor(binding, f"present_k_{i}", k, output=True)

@@ -1,143 +1,158 @@
-"""The native decode step: one token through a whole int4 decoder in one C++ call (`q4_decode.cpp`).
+"""The native kernel (`cfm_kernel.cpp`): decode steps and prompt chunks of an int4 model in one C call each.
 
-The onnxruntime graph (`fused.py`) cannot read Q4_1 blocks in one op: `MatMulNBits` has only integer
-zero points, so each linear needs a separate offset term (block sums and a Gemm), ~3 ms of a ~16 ms step
-on the embedded model. This kernel reads the same packed weights (`packing`, scheme "mid": 4-bit codes,
-fp32 scale and offset per block of 32) with the offset inside the row loop, as llama.cpp's Q4_1 x Q8 dot
-product does, with int8 activations per block (AVX2 integer dot products) and OpenMP threads over rows.
+It reads the weights as GGUF blocks in place (Q4_1 linears, a Q8_0 head and embedding: `BlockWeights`), so a
+GGUF file's own mapped pages are the model in memory; every position, of a prompt chunk or of a decode step,
+goes through the same arithmetic (a chunk gives the same bits as the same tokens one at a time). A plain C
+ABI through ctypes: no torch is needed to load or run it.
 
-It is compiled on first use with torch's C++ extension loader (g++, -O3 -march=native; ~1 minute, cached
-under ~/.cache/torch_extensions). Where that fails (no compiler, no AVX2/FMA) `load()` returns None
-and decoding stays on the onnxruntime graph; `CFM_NATIVE=0` turns it off. Used for single-token steps
-(`cfm_runtime.backends` decides when); prompts go through the graph. Both write the same rotated keys
-and values into the same caches.
+The library is compiled at install time by setup.py (`build.compile_kernel`, -O3 -march=native -fopenmp);
+where that did not happen, `load()` compiles it once into the user cache (a few seconds) and says so through
+`notice`. Without a compiler, without AVX2/FMA/F16C, or with `CFM_NATIVE=0`, `load()` returns None (the
+reason in `failure()`) and callers take another path.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import os
 import threading
 import warnings
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from .graph import ACCURACY_LEVEL
-from .packing import concat
-from .weights import DecoderWeights
+from . import build
+from .blocks import BlockWeights
 
-SOURCE = Path(__file__).with_name("q4_decode.cpp")
-# the build is cached under this name: a digest of the source keeps builds of other versions apart
-NAME = "cfm_q4_decode_" + hashlib.blake2b(SOURCE.read_bytes(), digest_size=4).hexdigest()
+SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of a layer's linears
 _lock = threading.Lock()
-_module: object | None = None
+_lib: ctypes.CDLL | None = None
 _failure: str | None = None
+_P = ctypes.c_void_p
 
 
-def load(notice=None):
-    """The compiled extension, or None (the reason is in `failure()`). `notice()` is called first when it
-    has to be compiled (not in torch's extension cache yet), so a CLI can say why it waits."""
-    global _module, _failure
+def cache_dir() -> Path:
+    base = os.environ.get("CFM_HOME") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / ("kernels" if os.environ.get("CFM_HOME") else "cfm/kernels")
+
+
+def load(notice=None) -> ctypes.CDLL | None:
+    """The kernel library, or None (the reason is in `failure()`). `notice(message)` is called before a build."""
+    global _lib, _failure
     with _lock:
-        if _module is not None or _failure is not None:
-            return _module
+        if _lib is not None or _failure is not None:
+            return _lib
         if os.environ.get("CFM_NATIVE", "1") == "0":
             _failure = "turned off by CFM_NATIVE=0"
             return None
+        installed = Path(__file__).with_name(build.library_name())
         try:
-            from torch.utils import cpp_extension
-
-            src = SOURCE
-            if notice is not None and not any(Path(cpp_extension.get_default_build_root()).glob(f"*/{NAME}/{NAME}*.so")):
-                notice()
-            mod = cpp_extension.load(name=NAME, sources=[str(src)], verbose=False,
-                                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                     extra_ldflags=["-fopenmp"])
-            if not mod.available():
-                _failure = "this CPU has no AVX2/FMA (the native kernel's instructions)"
-                return None
-            _module = mod
-        except Exception as e:  # no compiler, headers or ninja: the onnxruntime graph remains
-            first_line = (str(e).splitlines() or [""])[0][:200]
-            _failure = f"could not build the native kernel: {type(e).__name__}: {first_line}"
-            warnings.warn(_failure + "; decoding on the onnxruntime graph", stacklevel=2)
-        return _module
+            if installed.is_file():
+                path = installed
+            else:
+                if notice is not None and not (cache_dir() / build.library_name()).is_file():
+                    notice("compiling the native kernel (once, a few seconds)...")
+                path = build.compile_kernel(cache_dir())
+            # the kernel's OpenMP workers sleep between parallel regions: spinning ones lose their core to any
+            # other runnable thread on a busy 2-core machine (230 ms per step vs 13 ms sleeping, measured under
+            # load). Read once, when the kernel's OpenMP runtime starts; a value the user set is kept.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            lib = _bind(ctypes.CDLL(str(path)))
+        except (OSError, RuntimeError) as e:
+            _failure = f"the native kernel could not be built or loaded: {e}"
+            warnings.warn(_failure + "; running on the slower onnxruntime path", stacklevel=2)
+            return None
+        if not lib.cfm_available():
+            _failure = "this CPU or build has no AVX2/FMA/F16C (the native kernel's instructions)"
+            return None
+        _lib = lib
+        return _lib
 
 
 def failure() -> str | None:
     return _failure
 
 
-def supported(w: DecoderWeights) -> bool:
-    """Whether the kernel implements this decoder: every layer "mid"-packed 4-bit projections without biases,
-    an 8-bit symmetric head, int8 activations (accuracy level 4; a model built with fp32 activations keeps the
-    graph), SiLU, adjacent-pair rotary."""
-    if w.activation != "silu" or not w.interleaved_rope or w.head is None or w.final_norm is None:
-        return False
-    if w.head.bits != 8 or w.head.zero_points is not None or w.head.mins is not None or w.head_accuracy != ACCURACY_LEVEL:
-        return False
-    for layer in w.layers.values():
-        if layer.qkv_bias is not None or layer.accuracy != ACCURACY_LEVEL:
-            return False
-        for q in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down):
-            if q.bits != 4 or q.zero_points is not None or q.mins is None:
-                return False
-    return len(w.layers) > 0
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i, f = ctypes.c_int, ctypes.c_float
+    lib.cfm_available.restype = i
+    lib.cfm_new.restype = _P
+    lib.cfm_new.argtypes = [i, i, i, i, i, i, i, i, f, i, _P, _P]
+    lib.cfm_free.argtypes = [_P]
+    lib.cfm_set_layer.argtypes = [_P, i] + [_P] * 9
+    lib.cfm_set_head.argtypes = [_P, _P, _P, _P]
+    lib.cfm_set_side.restype = i
+    lib.cfm_set_side.argtypes = [_P, i, i, i, _P, _P]
+    lib.cfm_embed.argtypes = [_P, i, _P, _P]
+    lib.cfm_forward.restype = i
+    lib.cfm_forward.argtypes = [_P, i, _P, _P, i, i, _P, _P, _P, i, _P]
+    return lib
 
 
-SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of a layer's linears
+def supported(w: BlockWeights | None) -> bool:
+    """Whether the kernel implements this decoder (SiLU, adjacent-pair rotary, no attention biases)."""
+    return w is not None and w.activation == "silu" and w.interleaved_rope and not w.qkv_bias
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
 
 
 class NativeDecoder:
-    """Decode steps (one position per sequence, any batch) of a span of the int4 decoder `w` (every layer and the
-    head are loaded; a call picks the span) through the compiled kernel, with optional low-rank side terms."""
+    """A decoder over `BlockWeights` (held: the kernel reads their memory) with optional low-rank side terms."""
 
-    def __init__(self, w: DecoderWeights, threads: int, module):
-        layers = []
-        for i in range(len(w.layers)):
-            layer = w.layers[i]
-            parts = [layer.ln1.detach(), layer.ln2.detach()]
-            for p in (concat([layer.q, layer.k, layer.v]), layer.o, concat([layer.gate, layer.up]), layer.down):
-                parts += [torch.from_numpy(p.codes), torch.from_numpy(p.scales),
-                          torch.from_numpy(p.mins.T.copy())]  # offsets row-major [n, k/32]
-            layers.append(parts)
-        self.n_layers = len(layers)
-        self.decoder = module.Q4Decoder(layers, w.final_norm.detach(), torch.from_numpy(w.head.codes),
-                                        torch.from_numpy(w.head.scales), w.cos.contiguous(), w.sin.contiguous(),
-                                        w.n_heads, w.n_kv_heads, w.head_dim, float(w.eps), threads)
+    def __init__(self, w: BlockWeights, threads: int, lib: ctypes.CDLL):
+        self.w, self.lib = w, lib
+        self.d, self.vocab = w.d_model, w.vocab_size
+        self.ptr = lib.cfm_new(len(w.layers), w.d_model, w.n_heads, w.n_kv_heads, w.head_dim, w.d_ff, w.vocab_size,
+                               w.context_length, w.eps, threads, _ptr(w.cos), _ptr(w.sin))
+        for i, layer in enumerate(w.layers):
+            lib.cfm_set_layer(self.ptr, i, *(_ptr(a) for a in (layer.ln1, layer.ln2, layer.q, layer.k, layer.v,
+                                                                layer.o, layer.gate, layer.up, layer.down)))
+        lib.cfm_set_head(self.ptr, _ptr(w.final_norm), _ptr(w.head), _ptr(w.embed))
         self._sides: set[tuple[int, str]] = set()
 
+    def __del__(self):
+        if getattr(self, "ptr", None):
+            self.lib.cfm_free(self.ptr)
+            self.ptr = None
+
     def set_sides(self, sides: dict) -> None:
-        """Low-rank side terms {(layer, kind): (A [r, in], B [out, r])} replacing the previous ones."""
-        empty = torch.empty(0)
+        """Low-rank side terms {(layer, kind): (A [r, in], B [out, r])} replacing the previous ones (copied)."""
         for layer, kind in self._sides - set(sides):
-            self.decoder.set_side(layer, SIDE_KINDS.index(kind), empty, empty)
+            self.lib.cfm_set_side(self.ptr, layer, SIDE_KINDS.index(kind), 0, None, None)
         for (layer, kind), (a, b) in sides.items():
-            self.decoder.set_side(layer, SIDE_KINDS.index(kind), a, b)
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            b = np.ascontiguousarray(b, dtype=np.float32)
+            self.lib.cfm_set_side(self.ptr, layer, SIDE_KINDS.index(kind), a.shape[0], _ptr(a), _ptr(b))
         self._sides = set(sides)
 
-    @torch.inference_mode()
-    def step(self, x: torch.Tensor, caches: list, first: int, last: int, head: bool = False) -> torch.Tensor:
-        """One position per sequence: x [B, d] entering layer `first`; caches[i]: sequence i's per-layer KV caches
-        (`model.KVCache`) of layers [first, last), each at its next position. -> [B, d] leaving layer last - 1, or
+    def embed(self, ids) -> np.ndarray:
+        """Token embeddings [n, d] from the Q8_0 embedding rows."""
+        tokens = np.ascontiguousarray(ids, dtype=np.int64)
+        out = np.empty((len(tokens), self.d), dtype=np.float32)
+        self.lib.cfm_embed(self.ptr, len(tokens), _ptr(tokens), _ptr(out))
+        return out
+
+    def step(self, x: np.ndarray, caches: list, first: int, last: int, head: bool = False) -> np.ndarray:
+        """One position per sequence: x [B, d] entering layer `first`; caches[i]: sequence i's KV caches
+        (`cache.KVCache`) of layers [first, last), each at its next position. -> [B, d] leaving layer last - 1, or
         with `head` the logits [B, vocab]; appends the position to every cache."""
-        pos = [c[0].offset for c in caches] if last > first else [0] * x.shape[0]
+        pos = [c[0].offset for c in caches] if last > first else [0] * len(x)
         for seq, p in zip(caches, pos):
             for kv in seq:
                 kv.reserve(p + 1)
-        out = self._run(x, pos, [seq for seq in caches], first, last, x.shape[0] if head else 0)
+        out = self._run(x, pos, caches, first, last, len(x) if head else 0)
         for seq, p in zip(caches, pos):
             for kv in seq:
                 kv.offset = p + 1
         return out
 
-    @torch.inference_mode()
-    def chunk(self, x: torch.Tensor, layers: list, first: int, last: int, head: int = 0) -> torch.Tensor:
+    def chunk(self, x: np.ndarray, layers: list, first: int, last: int, head: int = 0) -> np.ndarray:
         """T positions of one sequence: x [T, d] after the cached ones; `layers`: its KV caches of [first, last).
         Computed exactly as T single steps would be. -> [T, d], or with head = n > 0 the logits [n, vocab] of
         the last n positions; appends the T positions to the caches."""
-        t = x.shape[0]
+        t = len(x)
         start = layers[0].offset if layers else 0
         for kv in layers:
             kv.reserve(start + t)
@@ -146,6 +161,16 @@ class NativeDecoder:
             kv.offset = start + t
         return out
 
-    def _run(self, x: torch.Tensor, pos: list[int], caches: list, first: int, last: int, head: int) -> torch.Tensor:
-        return self.decoder.forward(x.float().contiguous(), pos, first, last, [[kv.k for kv in seq] for seq in caches],
-                                    [[kv.v for kv in seq] for seq in caches], head)
+    def _run(self, x: np.ndarray, pos: list[int], caches: list, first: int, last: int, head: int) -> np.ndarray:
+        h = np.array(x, dtype=np.float32, order="C")  # the kernel updates it in place
+        rows = len(pos)
+        positions = np.asarray(pos, dtype=np.int64)
+        ks = (ctypes.c_void_p * max(1, rows * (last - first)))(*[kv.k_ptr for seq in caches for kv in seq])
+        vs = (ctypes.c_void_p * max(1, rows * (last - first)))(*[kv.v_ptr for seq in caches for kv in seq])
+        caps = np.asarray([seq[0].capacity if seq else 0 for seq in caches], dtype=np.int32)
+        logits = np.empty((head, self.vocab), dtype=np.float32) if head else None
+        status = self.lib.cfm_forward(self.ptr, rows, _ptr(h), _ptr(positions), first, last, ks, vs, _ptr(caps), head,
+                                      _ptr(logits) if head else None)
+        if status != 0:
+            raise RuntimeError("the native kernel was built without its instructions")
+        return logits if head else h

@@ -151,3 +151,4 @@ def concat(parts: list[Packed]) -> Packed:
     zps = None if a.zero_points is None else np.concatenate([p.zero_points for p in parts])
     return Packed(a.bits, a.block, sum(p.n for p in parts), a.k, np.concatenate([p.codes for p in parts]),
                   np.concatenate([p.scales for p in parts]), zps, mins)
+

@@ -1,7 +1,7 @@
-"""The weights a fused kernel reads: plain tensors and packed blocks, no modules.
+"""The weights the onnxruntime graphs (`fused`) read: plain tensors and MatMulNBits blocks, no modules.
 
-The model side (`cfm_runtime.backends`) fills these from its modules; the kernels (`fused`, `native`)
-know nothing of `nn.Module`s, spans or bricks.
+The model side (`cfm_runtime.backends`) fills these from its modules; the native kernel reads `blocks`
+(the file's GGUF blocks) instead. The kernels know nothing of modules, spans or bricks.
 """
 
 from __future__ import annotations
@@ -49,3 +49,4 @@ class DecoderWeights:
     final_norm: torch.Tensor | None = None  # [d]; with `head`, the model's last norm and LM head
     head: Packed | None = None  # [vocab, d]
     head_accuracy: int = 4
+

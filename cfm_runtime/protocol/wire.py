@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-import torch
+import numpy as np
 
 from .errors import InvalidArgument
 from .proto import pb
 
-TORCH_DTYPES = {pb.DTYPE_FLOAT32: torch.float32, pb.DTYPE_FLOAT16: torch.float16, pb.DTYPE_BFLOAT16: torch.bfloat16}
+ITEMSIZE = {pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
 BY_NAME = {"fp32": pb.DTYPE_FLOAT32, "fp16": pb.DTYPE_FLOAT16, "bf16": pb.DTYPE_BFLOAT16}
 FP16_ROW_MAX = 2.0 ** 15  # rows are scaled by powers of two to stay below this (fp16 max is 65504)
 
@@ -25,24 +25,29 @@ def parse_dtype(name: str) -> int:
 
 
 def bytes_per_position(hidden_size: int, dtype: int) -> int:
-    return hidden_size * TORCH_DTYPES[dtype].itemsize
+    return hidden_size * ITEMSIZE[dtype]
 
 
-def encode(h: torch.Tensor, dtype: int) -> pb.Tensor:
+def encode(h: np.ndarray, dtype: int) -> pb.Tensor:
     """h [n, D] float32 -> Tensor in `dtype`; fp16 rows beyond its range get power-of-two scales."""
+    h = np.asarray(h, dtype=np.float32)
     scales = []
     if dtype == pb.DTYPE_FLOAT16:
-        row_max = h.abs().amax(dim=1)
+        row_max = np.abs(h).max(axis=1)
         if bool((row_max > FP16_ROW_MAX).any()):
-            exp = torch.ceil(torch.log2(row_max / FP16_ROW_MAX)).clamp(min=0)
-            factor = torch.exp2(exp)  # exact: scaling by 2^k adds no rounding
-            h, scales = h / factor[:, None], factor.tolist()
-    data = h.to(TORCH_DTYPES[dtype]).contiguous()
-    raw = data.view(torch.int16) if dtype == pb.DTYPE_BFLOAT16 else data
-    return pb.Tensor(dtype=dtype, shape=list(h.shape), data=raw.numpy().tobytes(), row_scales=scales)
+            factor = np.exp2(np.maximum(np.ceil(np.log2(row_max / FP16_ROW_MAX)), 0)).astype(np.float32)
+            h, scales = h / factor[:, None], factor.tolist()  # exact: scaling by 2^k adds no rounding
+    if dtype == pb.DTYPE_FLOAT16:
+        raw = h.astype(np.float16)
+    elif dtype == pb.DTYPE_BFLOAT16:
+        bits = np.ascontiguousarray(h).view(np.uint32)
+        raw = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+    else:
+        raw = h
+    return pb.Tensor(dtype=dtype, shape=list(h.shape), data=np.ascontiguousarray(raw).tobytes(), row_scales=scales)
 
 
-def decode(t: pb.Tensor, *, hidden_size: int, dtype: int, max_rows: int) -> torch.Tensor:
+def decode(t: pb.Tensor, *, hidden_size: int, dtype: int, max_rows: int) -> np.ndarray:
     """Tensor -> float32 [n, hidden_size], or InvalidArgument saying what is wrong with it."""
     if t.dtype != dtype:
         raise InvalidArgument(f"hidden states are {dtype_name(t.dtype)} but the session uses {dtype_name(dtype)}; "
@@ -57,18 +62,21 @@ def decode(t: pb.Tensor, *, hidden_size: int, dtype: int, max_rows: int) -> torc
     if not 1 <= n <= max_rows:
         raise InvalidArgument(f"a step carries n={n} positions; it must be 1..{max_rows} "
                               "(send long prefills in chunks of max_step_positions)")
-    size = TORCH_DTYPES[dtype].itemsize
+    size = ITEMSIZE[dtype]
     if len(t.data) != n * d * size:
         raise InvalidArgument(f"data has {len(t.data)} bytes but shape {shape} of {dtype_name(dtype)} "
                               f"needs {n * d * size}")
-    raw = torch.frombuffer(bytearray(t.data), dtype=torch.int16 if dtype == pb.DTYPE_BFLOAT16 else TORCH_DTYPES[dtype])
-    h = (raw.view(torch.bfloat16) if dtype == pb.DTYPE_BFLOAT16 else raw).view(n, d).float()
+    if dtype == pb.DTYPE_BFLOAT16:
+        h = (np.frombuffer(t.data, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        h = np.frombuffer(t.data, dtype=np.float16 if dtype == pb.DTYPE_FLOAT16 else np.float32).astype(np.float32)
+    h = h.reshape(n, d)
     if t.row_scales:
         if len(t.row_scales) != n or not all(math.isfinite(s) and s > 0 for s in t.row_scales):
             raise InvalidArgument(f"row_scales must hold {n} finite positive factors, got {len(t.row_scales)}")
-        h = h * torch.tensor(list(t.row_scales))[:, None]
-    if not bool(torch.isfinite(h).all()):
-        bad = int((~torch.isfinite(h)).any(dim=1).nonzero()[0])
+        h = h * np.asarray(list(t.row_scales), dtype=np.float32)[:, None]
+    if not bool(np.isfinite(h).all()):
+        bad = int(np.flatnonzero((~np.isfinite(h)).any(axis=1))[0])
         raise InvalidArgument(f"hidden states hold NaN or infinity (first at row {bad}); "
                               "the edge's computation diverged or the data is corrupt")
     return h

@@ -7,7 +7,7 @@ import threading
 import time
 
 import grpc
-import torch
+import numpy as np
 
 from ..errors import CfmError
 from ..protocol import wire
@@ -107,7 +107,7 @@ class SessionStream:
             raise r
         return r
 
-    def step(self, position: int, h: torch.Tensor) -> pb.StepResult:
+    def step(self, position: int, h: np.ndarray) -> pb.StepResult:
         """h [n, D] float32 at `position` -> the StepResult (decode `hidden` with center.wire)."""
         self.requests.put(pb.SessionRequest(step=pb.Step(position=position, hidden=wire.encode(h, self.dtype))))
         r = self._next(self.timeout + 0.02 * h.shape[0])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import CfmError
@@ -29,9 +30,9 @@ def center_frozen(model, center: CenterOptions, start: int, log: Callable[[str],
     def run(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():
             runner.truncate(0)
-            h = backend.span(model.transformer.embed(torch.tensor([ids])), 0, a, [runner.cache])
+            h = backend.span(backend.embed(ids), 0, a, [runner.cache])
             h = runner.middle(h[0], 0)[None]
-            return backend.span(h, b, start, [runner.cache]).clone()
+            return torch.from_numpy(np.array(backend.span(h, b, start, [runner.cache]), np.float32))
 
     if log is not None:
         log(f"[split training: layers {a}:{b} on the center {center.address}, forward only]")

@@ -15,7 +15,6 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-import torch
 
 from ..protocol import wire
 from ..speculative import Estimate
@@ -62,12 +61,11 @@ class Plan:
                 f"vs {self.local_only_ms:.1f} local-only ({link})")
 
 
-@torch.inference_mode()
 def local_speed(model, repeats: int = 3) -> tuple[float, float]:
     """(ms per decode position per layer, ms for embedding + head) on this machine, on the model's backend."""
-    t, n, backend = model.transformer, model.config.n_layers, model.backend
-    cache = t.new_cache(max_len=2 * repeats + 2)
-    h = t.embed(torch.tensor([[1]]))
+    n, backend = model.config.n_layers, model.backend
+    cache = model.new_cache(max_len=2 * repeats + 2)
+    h = backend.embed([1])
     backend.span(h, 0, n, [cache])
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -75,7 +73,7 @@ def local_speed(model, repeats: int = 3) -> tuple[float, float]:
     layer = (time.perf_counter() - t0) * 1000 / repeats / n
     t0 = time.perf_counter()
     for _ in range(repeats):
-        backend.span_head(t.embed(torch.tensor([[1]])), n, cache)
+        backend.span_head(backend.embed([1]), n, cache)
     return layer, (time.perf_counter() - t0) * 1000 / repeats
 
 

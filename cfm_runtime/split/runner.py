@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from ..errors import CfmError
 from ..options import CenterOptions
@@ -67,11 +67,10 @@ class SplitRunner(LocalRunner):
 
     def __init__(self, model, center: CenterOptions, split: tuple[int, int] | None = None, chunk: int = 512):
         super().__init__(model, chunk=chunk)
-        self.t = model.transformer
         self.address, self.opts = center.address, center
         self.dtype = wire.parse_dtype(center.wire)
         self.n_layers, self.d = model.config.n_layers, model.config.d_model
-        self.sent = torch.empty(0, self.d)  # hidden states entering layer a, as the center decoded them
+        self.sent = np.empty((0, self.d), np.float32)  # hidden states entering layer a, as the center decoded them
         self.n = 0
         self.stream = None
         self.client: CenterClient | None = None
@@ -93,12 +92,12 @@ class SplitRunner(LocalRunner):
     def n_past(self) -> int:
         return self.n
 
-    def _run(self, ids: list[int], all_logits: bool) -> torch.Tensor:
+    def _run(self, ids: list[int], all_logits: bool) -> np.ndarray:
         a, b = self.span
         backend = self.model.backend
         if self.answer_start is None:
             self.answer_start = self.n
-        h = backend.span(self.t.embed(torch.tensor([ids])), 0, a, [self.cache])
+        h = backend.span(backend.embed(ids), 0, a, [self.cache])
         h = self.middle(h[0], self.n)[None]
         self.n += len(ids)
         return backend.span_head(h, b, self.cache, all_logits)
@@ -118,7 +117,7 @@ class SplitRunner(LocalRunner):
 
     # ------------------------------------------------------------ the middle span
 
-    def middle(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+    def middle(self, h: np.ndarray, pos: int) -> np.ndarray:
         """h [T, D] entering layer a at position pos -> [T, D] leaving layer b - 1."""
         x = wire.decode(wire.encode(h, self.dtype), hidden_size=self.d, dtype=self.dtype, max_rows=h.shape[0])
         self._remember(x, pos)
@@ -139,15 +138,15 @@ class SplitRunner(LocalRunner):
         self.log.record(pos, pos + len(x), "local")
         return out
 
-    def _remember(self, x: torch.Tensor, pos: int) -> None:
+    def _remember(self, x: np.ndarray, pos: int) -> None:
         end = pos + x.shape[0]
         if end > self.sent.shape[0]:
-            grown = torch.empty(max(end, 2 * self.sent.shape[0], 256), self.d)
+            grown = np.empty((max(end, 2 * self.sent.shape[0], 256), self.d), np.float32)
             grown[:pos] = self.sent[:pos]
             self.sent = grown
         self.sent[pos:end] = x
 
-    def _remote(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+    def _remote(self, x: np.ndarray, pos: int) -> np.ndarray:
         outs = []
         for s in range(0, x.shape[0], self.max_step):
             t0 = time.perf_counter()
@@ -158,9 +157,9 @@ class SplitRunner(LocalRunner):
             self.log.batch_sum += r.batch_size
             outs.append(self._decode(r.hidden, min(self.max_step, x.shape[0] - s)))
             self.remote_valid = self.stream.n_past
-        return torch.cat(outs)
+        return np.concatenate(outs)
 
-    def _decode(self, t: pb.Tensor, rows: int) -> torch.Tensor:
+    def _decode(self, t: pb.Tensor, rows: int) -> np.ndarray:
         """The center's answer, validated like any input: a broken center means fallback, never garbage."""
         try:
             y = wire.decode(t, hidden_size=self.d, dtype=self.dtype, max_rows=rows)
@@ -170,7 +169,7 @@ class SplitRunner(LocalRunner):
             raise CenterFailure("BAD_RESPONSE", f"the center answered {y.shape[0]} positions for {rows}")
         return y
 
-    def _local(self, pos: int, stop: int) -> torch.Tensor:
+    def _local(self, pos: int, stop: int) -> np.ndarray:
         """Layers [a, b) here: replay the sent states this cache has not seen, then the new [pos, stop)."""
         a, b = self.span
         assert self.cache[a].offset <= pos, "truncate() keeps every layer at or below n_past"
@@ -183,7 +182,7 @@ class SplitRunner(LocalRunner):
             y = self.model.backend.span(self.sent[s:e][None], a, b, [self.cache])[0]
             if e > pos:
                 outs.append(y[max(0, pos - s):])
-        return torch.cat(outs)
+        return np.concatenate(outs)
 
     # ------------------------------------------------------------ failure and reconnection
 
@@ -277,6 +276,9 @@ class SplitRunner(LocalRunner):
             raise CfmError(f"split {a}:{b}: need 0 < A < B <= {self.n_layers}")
         if info is not None and not info.span_start <= a < b <= info.span_end:
             raise CfmError(f"split {a}:{b} is not inside the center's span {info.span_start}:{info.span_end}")
+
+    def center_layers(self) -> frozenset[int]:
+        return frozenset(range(*self.span))
 
     def close(self) -> None:
         """Close the center session (freeing its KV cache there) and the channel."""
