@@ -98,7 +98,7 @@ def predictions(model, run: RunOptions, ids: list[int]) -> tuple[np.ndarray, dic
         runner.begin()
         out = [runner.forward(ids[:PREFILL])[-1]]
         out += [runner.forward([t])[-1] for t in ids[PREFILL:PREFILL + STEPS - 1]]
-        return torch.stack(out).numpy(), runner.report()
+        return np.stack(out), runner.report()
     finally:
         gen.close()
 
