@@ -34,8 +34,12 @@ def int4(model_path):
     return m
 
 
+GENERATORS = {}  # (model, mode) -> a generator: a repeated prompt is then computed once (cached == cold: exact)
+
+
 def run(model, messages, speculate, generator=None, **sampling):
-    gen = generator or model.new_generator(RunOptions(speculate=speculate))
+    gen = generator or GENERATORS.setdefault((id(model), speculate),
+                                             model.new_generator(RunOptions(speculate=speculate)))
     chunks = list(model.stream(messages, generator=gen, **({"temperature": 0, "max_tokens": 32} | sampling)))
     return chunks, chunks[-1].stats
 
