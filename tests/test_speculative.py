@@ -284,6 +284,8 @@ def test_options_are_checked_with_the_fix_and_the_cli_flag_maps_to_them():
         RunOptions(speculate="edge").check()
     assert run_options(build_parser().parse_args(["generate", "-p", "x", "--speculate", "lookup"])).speculate == "lookup"
     assert run_options(build_parser().parse_args(["serve"])).speculate == "auto" == RunOptions().speculate
+    assert run_options(build_parser().parse_args(["chat", "--speculate", "off"])).speculate == "off"
+    assert run_options(build_parser().parse_args(["serve", "--speculate", "edge"])).speculate == "edge"
 
 
 def test_auto_is_off_where_chunks_round_differently(model):
