@@ -364,7 +364,7 @@ class Estimate:
 
 # Measured by benchmarks/bench_speculative.py (benchmarks/results/speculative.json, "planner_prior"): prompt
 # lookup over the tasks run, drafting-friendly and open chat together, in split runs at 50 ms RTT.
-PLANNER_PRIOR = {"lookup": Estimate(1.6, 2.5, 0.45), "auto": Estimate(1.6, 2.5, 0.45)}
+PLANNER_PRIOR = {"lookup": Estimate(1.5, 2.3, 0.45), "auto": Estimate(1.5, 2.3, 0.45)}
 
 
 def estimate(mode: str) -> Estimate | None:
