@@ -30,7 +30,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_decode import PROMPTS, CfmSteps, LlamaCppSteps, perplexity, run_interleaved  # noqa: E402
@@ -39,7 +38,7 @@ from cfm_bench.center_service import CenterProcess  # noqa: E402
 from cfm_bench.split import EVAL_TEXTS  # noqa: E402
 from cfm_runtime import (CenterOptions, LoadOptions, RunOptions, SparseOptions, load_model)  # noqa: E402
 from cfm_runtime.bricks import Brick, BrickStore, base_info  # noqa: E402
-from cfm_runtime.bricks.lora import TARGET_KINDS, LoraPair  # noqa: E402
+from cfm_runtime.bricks.lora import random_pairs  # noqa: E402
 from cfm_runtime.memory import release_freed_memory  # noqa: E402
 from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402
 
@@ -70,14 +69,7 @@ class RunSteps(CfmSteps):
 
 
 def make_brick(model, store: BrickStore) -> None:
-    g = torch.Generator().manual_seed(0)
-    pairs = {}
-    for i in BRICK_LAYERS:
-        for kind in TARGET_KINDS:
-            lin = model.transformer.get_submodule(f"layers.{i}.{kind}")
-            pairs[f"layers.{i}.{kind}"] = LoraPair(torch.randn(8, lin.in_features, generator=g) * 0.05,
-                                                   torch.randn(lin.out_features, 8, generator=g) * 0.05, 2.0)
-    store.save(Brick("bench8", pairs, base_info(model)))
+    store.save(Brick("bench8", random_pairs(model.transformer, BRICK_LAYERS), base_info(model)))
 
 
 def configs(address: str, store: BrickStore) -> dict[str, tuple[LoadOptions, RunOptions]]:

@@ -234,7 +234,8 @@ def roundtrip(h: torch.Tensor, wire_name: str) -> torch.Tensor:
         scale = h.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
         return (h / scale).round().clamp(-127, 127) * scale
     dtype = wire.parse_dtype(wire_name)
-    return wire.decode(wire.encode(h, dtype), hidden_size=h.shape[1], dtype=dtype, max_rows=h.shape[0])
+    back = wire.decode(wire.encode(h.numpy(), dtype), hidden_size=h.shape[1], dtype=dtype, max_rows=h.shape[0])
+    return torch.from_numpy(back)
 
 
 def eval_texts(model, max_tokens: int) -> list[list[int]]:

@@ -1,4 +1,5 @@
-"""`cfm bench split` and `cfm link`: the split benchmark and the link emulator (`cfm_bench`)."""
+"""`cfm bench split`, `cfm bench privacy` and `cfm link`: the split and privacy benchmarks and the link emulator
+(`cfm_bench`)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rate", default=None, metavar="MBIT,..", help="bandwidth grid in Mbit/s (default 1,10,100)")
     p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per run (default 16)")
     p.set_defaults(func=cmd_bench_split)
+    add_privacy_parser(bsub)
 
 
 def _numbers(text: str, flag: str) -> tuple:
@@ -47,26 +49,87 @@ def settings_from_args(args):
         changes["rtts_ms"] = _numbers(args.rtt, "--rtt")
     if args.rate:
         changes["rates_mbit"] = _numbers(args.rate, "--rate")
-    for name in ("edge_threads", "center_threads", "decode_tokens"):
+    changes |= _counts(args, ("edge_threads", "center_threads", "decode_tokens"))
+    return replace(s, **changes)
+
+
+def _counts(args, names: tuple[str, ...]) -> dict:
+    """The given flags among `names`, each checked >= 1."""
+    out = {}
+    for name in names:
         value = getattr(args, name)
         if value is not None:
             if value < 1:
                 raise CfmError(f"--{name.replace('_', '-')} must be >= 1")
-            changes[name] = value
-    return replace(s, **changes)
+            out[name] = value
+    return out
+
+
+def _out_dir(args) -> Path:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CfmError(f"--out {out} is a file; give a folder")
+    return out
 
 
 def cmd_bench_split(args) -> int:
     s = settings_from_args(args)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CfmError(f"--out {out} is a file; give a folder")
+    out = _out_dir(args)
     from cfm_bench.split import run
 
     result = run(s, out, args.model)
     sm = result["summary"]
     print(json.dumps(sm, indent=1))
     print(f"wrote {out / 'split.json'} and {', '.join(result['plots'])} in {result['environment']['elapsed_s']} s")
+    return 0
+
+
+def add_privacy_parser(bsub) -> None:
+    p = bsub.add_parser("privacy", help="what a center could recover from a split run's hidden states, and what "
+                                        "private edge defences cost")
+    p.add_argument("--quick", action="store_true", help="6 texts, split 2:28, one noise level (a few minutes)")
+    p.add_argument("--budget", action="store_true", help="the grid of benchmarks/results/privacy.json: every split, "
+                                                         "defences at 2:28, fewer texts (~30 min on 2 cores)")
+    p.add_argument("--package-data", action="store_true",
+                   help="also write the summary the planner quotes (cfm_runtime/data/privacy.json)")
+    p.add_argument("--out", default="privacy-bench", help="folder for privacy.json and privacy.png (default privacy-bench)")
+    p.add_argument("--model", "-m", default=None, help="GGUF file or Hugging Face folder (default: the embedded model)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: every core)")
+    p.add_argument("--per-kind", type=int, default=None, help="held-out texts per kind: chat, code, personal (default 12)")
+    p.add_argument("--noise", default=None, metavar="S,S,..", help="noise levels relative to each row's norm (default 0.1,0.3,1)")
+    p.add_argument("--brick-steps", type=int, default=None, help="training steps of the private brick (default 80; 0: none)")
+    p.set_defaults(func=cmd_bench_privacy)
+
+
+def privacy_settings_from_args(args):
+    from cfm_bench.privacy import BUDGET, QUICK, Settings  # the benchmark tooling: imported when a benchmark runs
+
+    if args.quick and args.budget:
+        raise CfmError("--quick and --budget are two grids: give one")
+    s = QUICK if args.quick else BUDGET if args.budget else Settings()
+    changes = {}
+    if args.noise is not None:
+        changes["noises"] = _numbers(args.noise, "--noise") if args.noise else ()
+    changes |= _counts(args, ("threads", "per_kind"))
+    if args.brick_steps is not None:
+        if args.brick_steps < 0:
+            raise CfmError("--brick-steps must be >= 0 (0: no trained brick)")
+        changes["trained_brick"] = args.brick_steps > 0
+        if args.brick_steps:
+            changes["brick"] = replace(s.brick, steps=args.brick_steps)
+    return replace(s, **changes)
+
+
+def cmd_bench_privacy(args) -> int:
+    s = privacy_settings_from_args(args)
+    out = _out_dir(args)
+    from cfm_bench.privacy import run, write_package_data
+
+    result = run(s, out, args.model)
+    print(json.dumps(result["summary"], indent=1))
+    if args.package_data:
+        print(f"wrote {write_package_data(result)}")
+    print(f"wrote {out / 'privacy.json'} and {', '.join(result['plots'])} in {result['environment']['elapsed_s']} s")
     return 0
 
 

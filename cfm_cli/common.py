@@ -116,6 +116,9 @@ def add_center_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     g.add_argument("--center-tls-ca", default=None, metavar="PEM", help="connect with TLS trusting this CA file")
     g.add_argument("--center-timeout", type=float, default=10.0,
                    help="seconds to wait for the center per step before finishing locally (default 10)")
+    g.add_argument("--min-edge-layers", type=int, default=1, metavar="N",
+                   help="privacy floor: the planner keeps at least N layers here before the center (default 1; "
+                        "measured recovery in docs/privacy.md)")
 
 
 def parse_split(text: str) -> tuple[int, int] | str:
@@ -137,7 +140,7 @@ def center_options(args) -> CenterOptions | None:
             raise CfmError(f"--center-tls-ca {args.center_tls_ca} does not exist")
         ca = Path(args.center_tls_ca).read_bytes()
     return CenterOptions(args.center, parse_split(args.split), wire=args.wire, timeout=args.center_timeout,
-                         tls=args.center_tls, tls_ca=ca,
+                         tls=args.center_tls, tls_ca=ca, min_edge_layers=args.min_edge_layers,
                          token=args.center_token or os.environ.get("CFM_CENTER_TOKEN") or None)
 
 
@@ -189,7 +192,7 @@ def format_split_report(r: dict) -> str:
             f"positions center {r['positions_center']} local {r['positions_local']} ({segs}) | "
             f"round trip {r['round_trip_ms']} ms, center compute {r['center_compute_ms']} ms, "
             f"batch {r['center_batch_mean']} | reconnects {r['reconnects']}, replays {r.get('replays', 0)}"
-            + (f" | FALLBACK {falls}" if falls else "") + "]")
+            + (f" | FALLBACK {falls}" if falls else "") + "]" + (f"\n[{r['privacy']}]" if r.get("privacy") else ""))
 
 
 def format_speculative_report(r: dict, split: bool) -> str:

@@ -1,4 +1,5 @@
-"""`cfm plan`: measure the link to a center and both sides' speed, and propose a split (or local-only)."""
+"""`cfm plan`: measure the link to a center and both sides' speed, and propose a split (or local-only) that keeps
+the privacy floor (`--min-edge-layers`), saying what the center could recover at that split (docs/privacy.md)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def cmd_plan(args) -> int:
     model = load(args)
     client = CenterClient(center.address, center.token, center.tls_ca, center.tls, center.timeout)
     try:
-        p = plan(model, client, center.wire, spec=estimate(args.speculate))
+        p = plan(model, client, center.wire, center.min_edge_layers, spec=estimate(args.speculate))
     except CenterFailure as e:
         raise CfmError(f"cannot reach the center at {center.address}: {e}") from None
     finally:

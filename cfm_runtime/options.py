@@ -120,9 +120,17 @@ class CenterOptions:
     tls_ca: bytes | None = None  # PEM of a CA to trust (implies TLS)
     timeout: float = 10.0  # seconds to wait for one step before finishing locally
     reconnect_interval: float = 5.0  # seconds between reconnection attempts while running locally
+    min_edge_layers: int = 1  # privacy floor: layers the planner keeps on this device before the center
 
     def check(self) -> None:
         problems = []
+        floor = self.min_edge_layers
+        if not isinstance(floor, int) or isinstance(floor, bool) or floor < 1:
+            problems.append(f"the privacy floor (--min-edge-layers) must be an integer >= 1, got {floor!r}")
+        elif isinstance(self.split, tuple) and len(self.split) == 2 and self.split[0] < floor:
+            problems.append(f"split (--split) {self.split[0]}:{self.split[1]} keeps {self.split[0]} layers on this device "
+                            f"before the center, under the privacy floor (--min-edge-layers) {floor}; start the "
+                            f"center's layers at {floor} or later, or use --split auto")
         host, sep, port = self.address.rpartition(":")
         if not sep or not host or not port.isdigit():
             problems.append(f"center address (--center) {self.address!r}: write it as HOST:PORT, e.g. 127.0.0.1:50051")

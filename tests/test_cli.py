@@ -76,11 +76,11 @@ def test_flags_become_the_library_options():
     args = build_parser().parse_args([
         "generate", "--prompt", "hi", "--threads", "1", "--weights", "fp32", "--ram-budget", "48", "--sparse",
         "--density", "0.5", "--predictor", "lowrank", "--bricks", "a:0.5,b", "--center", "h:1", "--split", "2:20",
-        "--wire", "fp16", "--center-timeout", "3"])
+        "--wire", "fp16", "--center-timeout", "3", "--min-edge-layers", "2"])
     assert load_options(args) == LoadOptions(threads=1, weights="fp32", sparse=SparseOptions(
         ram_budget_mb=48, sparse=True, density=0.5, predictor="lowrank"))
     run = run_options(args)
-    assert run.center == CenterOptions("h:1", (2, 20), wire="fp16", timeout=3.0)
+    assert run.center == CenterOptions("h:1", (2, 20), wire="fp16", timeout=3.0, min_edge_layers=2)
     assert run.bricks == (("a", 0.5), ("b", 1.0))
     assert RunOptions(center=run.center, bricks="auto").bricks == "auto"
     defaults = build_parser().parse_args(["generate", "--prompt", "hi"])

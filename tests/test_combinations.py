@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from cfm_runtime import CenterOptions, LoadOptions, LocalRunner, RunOptions, SparseOptions, load_model
+from cfm_runtime import CenterOptions, LoadOptions, RunOptions, SparseOptions, load_model
 from cfm_runtime.bricks import Brick, BrickStore, apply_brick, base_info
-from cfm_runtime.bricks.lora import TARGET_KINDS, LoraPair
+from cfm_runtime.bricks.lora import random_pairs
 from cfm_runtime.errors import CfmError
 
 pytestmark = pytest.mark.slow
@@ -61,15 +60,8 @@ def test_every_pair_is_described():
 @pytest.fixture(scope="module")
 def store(model, tmp_path_factory):
     """A brick store with one brick on all seven linears of the layers the edge keeps in a 2:28 split."""
-    g = torch.Generator().manual_seed(0)
-    pairs = {}
-    for i in BRICK_LAYERS:
-        for kind in TARGET_KINDS:
-            lin = model.transformer.get_submodule(f"layers.{i}.{kind}")
-            pairs[f"layers.{i}.{kind}"] = LoraPair(torch.randn(8, lin.in_features, generator=g) * 0.05,
-                                                   torch.randn(lin.out_features, 8, generator=g) * 0.05, 2.0)
     s = BrickStore(tmp_path_factory.mktemp("bricks"))
-    s.save(Brick("all7", pairs, base_info(model)))
+    s.save(Brick("all7", random_pairs(model.transformer, BRICK_LAYERS), base_info(model)))
     return s
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -71,24 +74,61 @@ def reference(model):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def serve_center():
-    """A local Ray of 2 CPUs with the center app (2 replicas of 1 thread) behind Serve's gRPC proxy."""
+@contextmanager
+def local_ray(tmp: Path):
+    """A local Ray of 2 CPUs whose head is started by `ray start` in a process of its own. Started by `ray.init`
+    from this process late in the suite (which by then holds gRPC threads of earlier tests' servers and
+    clients: "skipping fork() handlers"), the head's raylet never registered and `ray.init` timed out."""
     import ray
 
-    from center.ray_serve import deploy, shutdown
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    env = pytest.MonkeyPatch()
+    env.setenv("RAY_AUTH_MODE", "disabled")  # a test cluster: neither the head nor this driver uses a token
+    log = open(tmp / "ray_head.log", "w")
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                             f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false",
+                             "--disable-usage-stats"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        port = _free_port()
-        # fp32 replicas: their answers are compared token for token with a center on the fp32 session model
-        deploy({"replicas": 2, "layers": SPAN, "threads": 1, "max_sessions": 16, "weights": "fp32"}, grpc_port=port)
-        yield f"127.0.0.1:{port}"
-    finally:
+        deadline = time.monotonic() + 120
+        while True:
+            assert head.poll() is None, (tmp / "ray_head.log").read_text()[-4000:]
+            try:
+                ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+                break
+            except (ConnectionError, RuntimeError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
         try:
-            shutdown()
+            yield
         finally:
             ray.shutdown()
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        log.close()
+        env.undo()
+
+
+@pytest.fixture(scope="module")
+def serve_center(tmp_path_factory):
+    """The center app (2 replicas of 1 thread) behind Serve's gRPC proxy, on a local Ray of 2 CPUs."""
+    from center.ray_serve import deploy, shutdown
+
+    with local_ray(tmp_path_factory.mktemp("ray")):
+        try:
+            port = _free_port()
+            # fp32 replicas: their answers are compared token for token with a center on the fp32 session model
+            deploy({"replicas": 2, "layers": SPAN, "threads": 1, "max_sessions": 16, "weights": "fp32"},
+                   grpc_port=port)
+            yield f"127.0.0.1:{port}"
+        finally:
+            shutdown()
 
 
 def replica_reports(min_positions: int = 0, timeout: float = 20.0) -> list[dict]:

@@ -182,6 +182,20 @@ def brick_layers(transformer: nn.Module) -> set[int]:
     return layers
 
 
+def random_pairs(transformer: nn.Module, layers, kinds=TARGET_KINDS, rank: int = 8, std: float = 0.05,
+                 scale: float = 2.0, seed: int = 0) -> dict[str, LoraPair]:
+    """Gaussian low-rank updates (a and b of standard deviation `std`) on the `kinds` of linears of `layers`,
+    reproducible from `seed`: a stand-in personal brick for tests and benchmarks."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for i in layers:
+        for kind in kinds:
+            lin = transformer.get_submodule(f"layers.{i}.{kind}")
+            pairs[f"layers.{i}.{kind}"] = LoraPair(torch.randn(rank, lin.in_features, generator=g) * std,
+                                                   torch.randn(lin.out_features, rank, generator=g) * std, scale)
+    return pairs
+
+
 def fuse_bricks(transformer: nn.Module) -> list[str]:
     """Fold every active brick into the base nn.Linear weights and unwrap; returns the fused brick names."""
     names = sorted(n for n, w in attached(transformer).items() if w)

@@ -4,18 +4,22 @@ Per decode token: local layers x local layer time + embeddings/head, plus for a 
 trip (RTT + hidden states up and down at the measured bandwidth) and the center's layers at the
 center's measured layer time. With speculative decoding (`cfm_runtime.speculative.Estimate`) a step
 feeds several positions (compute and bytes grow with them, the round trip does not) and yields several
-tokens, so the per-token cost of a step is divided by its tokens. The plan is the split (or local-only) with the lowest prediction,
-keeping at least `min_edge_layers` layers on the edge at the front (hidden states of the first layers
-are easy to invert into text; see FACTS.md).
+tokens, so the per-token cost of a step is divided by its tokens. The plan is the split (or local-only) with
+the lowest prediction, keeping at least `min_edge_layers` layers on the edge before the center (a privacy
+floor). Every plan says what a center could recover from the hidden states at its split, from the measured
+table in cfm_runtime/data/privacy.json (docs/privacy.md).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from importlib import resources
 
-
+from ..errors import CfmError
 from ..protocol import wire
 from ..speculative import Estimate
 
@@ -35,18 +39,65 @@ class Measurements:
     bytes_per_position: int
 
 
+PRIVACY_DATA = "privacy.json"  # in cfm_runtime/data: written by `python benchmarks/bench_privacy.py --budget`
+
+
+@functools.cache
+def privacy_table() -> dict:
+    """The measured summary (docs/privacy.md): `by_edge_layers` maps edge layers before the center (the same
+    number after it) to the undefended recovery rates of the user's prompt tokens and the answer's; `target_met`
+    and `best_within_perplexity_budget` the defences' verdict. Empty if the file is missing."""
+    try:
+        text = resources.files("cfm_runtime").joinpath("data", PRIVACY_DATA).read_text()
+    except FileNotFoundError:
+        return {}
+    return json.loads(text)
+
+
+def privacy_note(split: tuple[int, int] | None, table: dict | None = None) -> str:
+    """What a center that knows the public weights could recover at `split` in principle, from the measured
+    table (the nearest measured split with no more edge layers: an over-estimate where between)."""
+    if split is None:
+        return "privacy: local-only, no hidden state leaves this device"
+    table = privacy_table() if table is None else table
+    a = split[0]
+    rows = {int(k): v for k, v in table.get("by_edge_layers", {}).items()}
+    k = max((k for k in rows if k <= a), default=None)
+    layers = f"{a} edge layer{'s' if a != 1 else ''} before the center"
+    if k is None:
+        return (f"privacy: with {layers}, the hidden states sent to the center reveal text; no measurement for this "
+                f"split (docs/privacy.md, python benchmarks/bench_privacy.py --budget)")
+    r = rows[k]
+    note = (f"privacy: with {layers}, a center that knows the public weights could recover about "
+            f"{_pct(r.get('prompt_exact_search'))} of the prompt's tokens (exact search; a learned inverter "
+            f"{_pct(r.get('prompt_inverter'))}) and {_pct(r.get('answer_logit_lens'))} of the answer's (logit lens), "
+            f"measured with {k} edge layers at each end on {table.get('model', 'the embedded model')} (docs/privacy.md)")
+    best = table.get("best_within_perplexity_budget")
+    if table.get("target_met") is False and best:
+        note += (f"; no measured configuration (more edge layers, noise, private bricks) keeps both under 10% within "
+                 f"+3% perplexity (best trade-off: {best['name']}, worst attack {_pct(best['worst_recovery'])} at "
+                 f"{best['perplexity_change']:+.1%} perplexity): for privacy from the center, run local-only")
+    return note
+
+
+def _pct(x) -> str:
+    return "?" if x is None else f"{x:.0%}"
+
+
 @dataclass
 class Plan:
     split: tuple[int, int] | None  # None: local-only
     predicted_ms: float
     local_only_ms: float
     measurements: Measurements
+    min_edge_layers: int = 1  # the privacy floor the plan kept
     speculation: Estimate | None = None  # what the prediction assumed about speculative decoding
 
     def to_dict(self) -> dict:
         return {"split": list(self.split) if self.split else None, "predicted_ms_per_token": round(self.predicted_ms, 2),
-                "local_only_ms_per_token": round(self.local_only_ms, 2),
-                "speculation": asdict(self.speculation) if self.speculation else None, **asdict(self.measurements)}
+                "local_only_ms_per_token": round(self.local_only_ms, 2), "min_edge_layers": self.min_edge_layers,
+                "speculation": asdict(self.speculation) if self.speculation else None,
+                "privacy": privacy_note(self.split), **asdict(self.measurements)}
 
     def describe(self) -> str:
         m = self.measurements
@@ -54,11 +105,14 @@ class Plan:
                 f"layer {m.local_layer_ms:.2f} ms here, {m.center_layer_ms:.2f} ms on the center")
         if self.speculation is not None:
             link += f"; speculative, {self.speculation.tokens_per_step:g} tokens per step"
+        floor = f", at least {self.min_edge_layers} edge layers before the center" if self.min_edge_layers > 1 else ""
         if self.split is None:
-            return f"plan: local-only, {self.local_only_ms:.1f} ms/token predicted ({link})"
-        a, b = self.split
-        return (f"plan: edge 0:{a} + {b}:{m.n_layers}, center {a}:{b}: {self.predicted_ms:.1f} ms/token predicted "
-                f"vs {self.local_only_ms:.1f} local-only ({link})")
+            head = f"plan: local-only, {self.local_only_ms:.1f} ms/token predicted ({link}{floor})"
+        else:
+            a, b = self.split
+            head = (f"plan: edge 0:{a} + {b}:{m.n_layers}, center {a}:{b}: {self.predicted_ms:.1f} ms/token predicted "
+                    f"vs {self.local_only_ms:.1f} local-only ({link}{floor})")
+        return f"{head}\n{privacy_note(self.split)}"
 
 
 def local_speed(model, repeats: int = 3) -> tuple[float, float]:
@@ -105,17 +159,25 @@ def predict(m: Measurements, split: tuple[int, int] | None, spec: Estimate | Non
 
 
 def choose(m: Measurements, min_edge_layers: int = 1, spec: Estimate | None = None) -> Plan:
-    """The split inside the center's span (or local-only) with the lowest predicted latency."""
+    """The split inside the center's span (or local-only) with the lowest predicted latency, keeping at least
+    `min_edge_layers` layers on the edge before the center (none left inside the span: local-only)."""
+    check_floor(min_edge_layers)
     s0, s1 = m.span
     candidates = [(a, b) for a in range(max(s0, min_edge_layers), s1) for b in range(a + 1, s1 + 1)]
     local = predict(m, None, spec)
     best = min(candidates, key=lambda c: predict(m, c, spec), default=None)
     if best is None or predict(m, best, spec) >= local:
-        return Plan(None, local, local, m, spec)
-    return Plan(best, predict(m, best, spec), local, m, spec)
+        return Plan(None, local, local, m, min_edge_layers, spec)
+    return Plan(best, predict(m, best, spec), local, m, min_edge_layers, spec)
+
+
+def check_floor(min_edge_layers: int) -> None:
+    if not isinstance(min_edge_layers, int) or isinstance(min_edge_layers, bool) or min_edge_layers < 1:
+        raise CfmError(f"the privacy floor (--min-edge-layers) must be an integer >= 1, got {min_edge_layers!r}")
 
 
 def plan(model, client: CenterClient, wire_dtype: str = "fp32", min_edge_layers: int = 1,
          spec: Estimate | None = None) -> Plan:
-    """Measure the link and both sides, choose a split; `spec`: what to assume about speculative decoding."""
+    """Measure the link and both sides, and choose a split (or local-only) with the privacy floor kept;
+    `spec`: what to assume about speculative decoding."""
     return choose(measure(model, client, wire.parse_dtype(wire_dtype)), min_edge_layers, spec)

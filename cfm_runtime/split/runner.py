@@ -22,6 +22,7 @@ from ..protocol.proto import pb
 from ..protocol.spans import default_span
 from ..runners import LocalRunner
 from .client import CenterClient, CenterFailure
+from .planner import privacy_note
 
 
 # The server went away (not a refusal, not a hang that would cost another timeout): reconnect at
@@ -308,4 +309,5 @@ class SplitRunner(LocalRunner):
             "round_trip_ms": round(self.log.round_trip_ms / n, 2),
             "center_compute_ms": round(self.log.center_ms / n, 2),
             "center_batch_mean": round(self.log.batch_sum / n, 2),
+            "privacy": privacy_note(self.span),  # what the center could recover in principle (docs/privacy.md)
         }
