@@ -64,21 +64,12 @@ class Sampler:
 
     def verify(self, logits: np.ndarray, history: list[int], draft: int) -> tuple[bool, int]:
         """Speculative sampling against a drafted token (a point mass on `draft`): -> (accepted, token).
-        Greedy: accepted iff `draft` is the argmax, else the argmax. Sampling, with p the distribution `__call__`
-        samples from: accept `draft` with probability p(draft), else sample from p without `draft`,
-        renormalised; the token returned is then distributed exactly as p."""
-        logits = self._penalised(logits, history)
-        if self.greedy:
-            best = int(np.argmax(logits))
-            return best == draft, best
-        idx, probs = self._candidates(logits)
-        hit = idx == draft
-        p_draft = float(probs[hit].sum())
-        if p_draft > 0 and self.rng.random() < p_draft:
-            return True, draft
-        rest = np.where(hit, 0.0, probs)
-        rest /= rest.sum()
-        return False, int(idx[self.rng.choice(len(rest), p=rest)])
+        The token is drawn as `__call__` draws it (one draw of the generator) and the draft is accepted iff they
+        are equal: accepted with probability p(draft), else a token from p without the draft, renormalised,
+        which is the speculative-sampling rule for a point-mass draft. Every generated token takes one draw
+        whether it was drafted or not, so a seed gives the same text with and without speculation."""
+        token = self(logits, history)
+        return token == draft, token
 
     def _penalised(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         p = self.p

@@ -2,7 +2,8 @@
 
 One verification step feeds the last sampled token and k drafted tokens (`runner.forward(ids, all_logits=True)`),
 gets k + 1 rows of logits, and walks them: row i is sampled (or compared, when greedy) against draft token i with
-the speculative-sampling rule (`Sampler.verify`), so the output has exactly the distribution of plain decoding;
+the speculative-sampling rule (`Sampler.verify`: one draw per token, accepted iff it is the draft), so the
+output has exactly the distribution of plain decoding, and a seed gives the text of plain decoding;
 the first rejected row gives the corrected token, and a fully accepted draft gets a bonus token from the last row.
 The runner then forgets the rejected positions (`truncate`; a split runner's next step rewinds the center).
 
