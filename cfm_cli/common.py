@@ -90,7 +90,16 @@ def parse_bricks(text: str | None) -> tuple[tuple[str, float], ...] | str | None
     return tuple(parse_spec(s.strip()) for s in text.split(",") if s.strip())
 
 
+def add_speculate_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--speculate", choices=("off", "lookup", "edge", "auto"), default="auto",
+                   help="verify drafted tokens several per step (greedy output unchanged): 'lookup' drafts from "
+                        "n-gram matches in the prompt and answer, 'edge' from this device's layers of a split, "
+                        "'auto' (default) drafts by lookup where it is measured to pay, 'off' decodes one token "
+                        "per step")
+
+
 def add_center_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    add_speculate_arg(p)
     g = p.add_argument_group("split with a center")
     g.add_argument("--center", required=required, default=None, metavar="HOST:PORT",
                    help="run the middle layers on this center; falls back to local layers if it fails")
@@ -138,7 +147,8 @@ def center_options(args) -> CenterOptions | None:
 def run_options(args) -> RunOptions:
     """The bricks and center flags as RunOptions; the library's notices go to standard error."""
     return RunOptions(center=center_options(args), bricks=parse_bricks(getattr(args, "bricks", None)),
-                      brick_threshold=getattr(args, "brick_threshold", None), log=notice)
+                      brick_threshold=getattr(args, "brick_threshold", None), log=notice,
+                      speculate=getattr(args, "speculate", "auto"))
 
 
 # ---------------------------------------------------------------- sampling
@@ -171,6 +181,8 @@ def print_stats(stats) -> None:
         print(format_split_report(stats.extra["split"]), file=sys.stderr)
     if "sparse" in stats.extra:
         print(format_sparse_report(stats.extra["sparse"]), file=sys.stderr)
+    if "speculative" in stats.extra:
+        print(format_speculative_report(stats.extra["speculative"], "split" in stats.extra), file=sys.stderr)
 
 
 def format_split_report(r: dict) -> str:
@@ -181,6 +193,14 @@ def format_split_report(r: dict) -> str:
             f"round trip {r['round_trip_ms']} ms, center compute {r['center_compute_ms']} ms, "
             f"batch {r['center_batch_mean']} | reconnects {r['reconnects']}, replays {r.get('replays', 0)}"
             + (f" | FALLBACK {falls}" if falls else "") + "]" + (f"\n[{r['privacy']}]" if r.get("privacy") else ""))
+
+
+def format_speculative_report(r: dict, split: bool) -> str:
+    rate = "n/a" if r["acceptance_rate"] is None else f"{100 * r['acceptance_rate']:.0f}%"
+    per_step = "n/a" if r["tokens_per_step"] is None else f"{r['tokens_per_step']:.2f}"
+    where = " (one round trip each while the center serves)" if split else ""
+    return (f"[speculate {r['mode']} ({r['drafter']}) | {r['steps']} steps{where}, {per_step} tokens per step | "
+            f"drafted {r['drafted']}, accepted {r['accepted']} ({rate})]")
 
 
 def format_sparse_report(r: dict) -> str:

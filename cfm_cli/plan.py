@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
 
 def cmd_plan(args) -> int:
     from cfm_runtime.split.client import CenterClient, CenterFailure  # grpc: imported when a center is used
+    from cfm_runtime.speculative import estimate
     from cfm_runtime.split.planner import plan
 
     center = center_options(args)
@@ -27,7 +28,7 @@ def cmd_plan(args) -> int:
     model = load(args)
     client = CenterClient(center.address, center.token, center.tls_ca, center.tls, center.timeout)
     try:
-        p = plan(model, client, center.wire, center.min_edge_layers)
+        p = plan(model, client, center.wire, center.min_edge_layers, spec=estimate(args.speculate))
     except CenterFailure as e:
         raise CfmError(f"cannot reach the center at {center.address}: {e}") from None
     finally:

@@ -9,10 +9,11 @@ from typing import Iterator, Protocol
 
 import numpy as np
 
-from .errors import ContextOverflowError, CfmError, NonFiniteError
+from .errors import ContextOverflowError, CfmError
 from .memory import peak_rss_mb, rss_parts_mb
 from .runners import Runner
 from .sampling import Sampler, SamplingParams
+from .speculative import Speculation
 from .tokenizer import Tokenizer
 
 
@@ -39,7 +40,8 @@ class GenerationStats:
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0
-    decode_steps: int = 0
+    decode_steps: int = 0  # runner steps while decoding (a speculative step verifies several positions)
+    decode_tokens: int = 0  # tokens those steps produced (without speculation: one per step)
     finish_reason: str | None = None
     extra: dict = field(default_factory=dict)  # telemetry: the runner's report() (backend, split, sparse), bricks
 
@@ -50,7 +52,7 @@ class GenerationStats:
 
     @property
     def decode_tps(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -94,14 +96,6 @@ class StopMatcher:
         return out
 
 
-def check_finite(logits: np.ndarray, position: int) -> None:
-    """Refuse NaN or infinite logits [vocab]: sampling them would end the answer with a silent "stop"."""
-    if not np.isfinite(logits).all():
-        raise NonFiniteError(f"the model computed NaN or infinite logits at position {position}, so no token can be "
-                             "chosen; a brick or weights with values too large for the model cause this: remove "
-                             "the brick (cfm brick list) or check the model file")
-
-
 class BrickSelector(Protocol):
     """Puts the bricks an answer needs on the model before its prompt runs (`cfm_runtime.bricks.BrickSet`)."""
 
@@ -116,13 +110,31 @@ class BrickSelector(Protocol):
         """Take off the bricks the selector put on."""
 
 
+class PlainSteps:
+    """Decode steps without speculation: `step(token, history)` feeds the token, samples the next one."""
+
+    def __init__(self, runner: Runner, sampler: Sampler, stats: GenerationStats, cached: list[int]):
+        self.runner, self.sampler, self.stats, self.cached = runner, sampler, stats, cached
+
+    def step(self, token: int, history: list[int]) -> int:
+        t0 = time.perf_counter()
+        logits = self.runner.forward([token])[-1]
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.decode_steps += 1
+        self.stats.decode_tokens += 1
+        self.cached.append(token)
+        return self.sampler(logits, history)
+
+
 class Generator:
-    """Owns a runner and the ids in its cache; a new prompt reuses the longest cached prefix."""
+    """Owns a runner and the ids in its cache; a new prompt reuses the longest cached prefix. With `speculation`,
+    decode steps verify drafted tokens (`cfm_runtime.speculative`)."""
 
     def __init__(self, runner: Runner, tokenizer: Tokenizer, context_length: int,
-                 bricks: BrickSelector | None = None):
+                 bricks: BrickSelector | None = None, speculation: Speculation | None = None):
         self.runner, self.tokenizer, self.context_length = runner, tokenizer, context_length
         self.bricks = bricks
+        self.speculation = speculation
         self.tokens: list[int] = []
 
     def reset(self) -> None:
@@ -173,6 +185,8 @@ class Generator:
                 chunk.stats.extra.update(self.runner.report())
                 if self.bricks is not None:
                     chunk.stats.extra.update(self.bricks.report())
+                if self.speculation is not None:
+                    chunk.stats.extra["speculative"] = self.speculation.report()
                 yield chunk
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationChunk]:
@@ -180,9 +194,9 @@ class Generator:
         sampler, streamer, stopper = Sampler(params), self.tokenizer.streamer(), StopMatcher(params.stop)
         logits = self._prefill(prompt_ids, stats)
         history = list(prompt_ids)
+        steps = self._steps(sampler, stats, params, prompt_ids)
+        token = sampler(logits, history)
         while True:
-            check_finite(logits, len(history))
-            token = sampler(logits, history)
             if token in self.tokenizer.eog_ids:
                 stats.finish_reason = "stop"
                 break
@@ -199,14 +213,17 @@ class Generator:
             if stats.generated_tokens >= params.max_tokens or len(history) >= self.context_length:
                 stats.finish_reason = "length"
                 break
-            t0 = time.perf_counter()
-            logits = self.runner.forward([token])[-1]
-            stats.decode_seconds += time.perf_counter() - t0
-            stats.decode_steps += 1
-            self.tokens.append(token)
+            token = steps.step(token, history)
         if not stopper.stopped:
             tail, _ = stopper.push(streamer.flush())
             tail += stopper.flush()
             if tail:
                 yield GenerationChunk(tail, None, stats)
         yield GenerationChunk("", None, stats)  # the last chunk carries the final stats
+
+    def _steps(self, sampler: Sampler, stats: GenerationStats, params: SamplingParams, prompt_ids: list[int]):
+        """The decode steps of this answer: plain, or speculative (drafts verified several at a time)."""
+        if self.speculation is None:
+            return PlainSteps(self.runner, sampler, stats, self.tokens)
+        self.speculation.begin(prompt_ids)
+        return self.speculation.steps(self.runner, sampler, stats, self.tokens, params.max_tokens, self.context_length)

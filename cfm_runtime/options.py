@@ -20,6 +20,7 @@ SPARSE_STRATEGIES = ("dense", "oracle", "predictor")
 PREDICTORS = ("int4", "lowrank")
 DENSITY_PLANS = ("planned", "uniform")
 WIRE_DTYPES = ("fp32", "fp16", "bf16")
+SPECULATE_MODES = ("off", "lookup", "edge", "auto")  # cfm_runtime.speculative
 DEFAULT_DENSITY = 0.6
 
 
@@ -151,6 +152,7 @@ class RunOptions:
     brick_threshold: float | None = None  # with bricks="auto": lowest routing score that selects a brick
     brick_store: str | Path | None = None  # the brick store's folder (default: $CFM_HOME/bricks, ...)
     log: Callable[[str], None] | None = None  # where user-facing notices go (the CLI: standard error)
+    speculate: str = "auto"  # "off" | "lookup" | "edge" | "auto": drafted tokens verified several per step
 
     def check(self) -> None:
         if self.center is not None:
@@ -160,6 +162,12 @@ class RunOptions:
             problems.append(f"bricks {self.bricks!r}: give ((name, weight), ...) or 'auto'")
         if self.brick_threshold is not None and self.bricks != "auto":
             problems.append("a brick threshold goes with bricks='auto' (--bricks auto)")
+        if self.speculate not in SPECULATE_MODES:
+            problems.append(f"speculate (--speculate) {self.speculate!r} is unknown; choose one of "
+                            f"{', '.join(SPECULATE_MODES)}")
+        elif self.speculate == "edge" and self.center is None:
+            problems.append("speculate='edge' drafts with the layers this device keeps in a split run; give a center "
+                            "(--center HOST:PORT) or use 'lookup' or 'auto'")
         _raise(problems)
 
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from . import speculative
 from .cache import SpanCache
 from .config import ModelConfig
 from .errors import CfmError
@@ -167,11 +168,17 @@ class Model:
             return BrickSet(self, BrickStore(run.brick_store), fixed, run.bricks == "auto", run.brick_threshold, log)
 
         bricks = brick_set() if fixed or run.bricks == "auto" else BricksOnRequest(self, brick_set)
-        runner = LocalRunner(self) if run.center is None else self._split_runner(run.center, bricks.layers(), log)
+        runner = (LocalRunner(self) if run.center is None
+                  else self._split_runner(run.center, bricks.layers(), log, run.speculate))
         bricks.center_layers = runner.center_layers()
-        return Generator(runner, self.tokenizer, self.config.context_length, bricks)
+        try:
+            spec = speculative.build(run.speculate, runner, self, log)
+        except CfmError:
+            runner.close()
+            raise
+        return Generator(runner, self.tokenizer, self.config.context_length, bricks, spec)
 
-    def _split_runner(self, center: CenterOptions, brick_layers: set[int], log) -> Runner:
+    def _split_runner(self, center: CenterOptions, brick_layers: set[int], log, speculate: str = "off") -> Runner:
         """The split runner for `center`, with the planner's split for "auto", and the center's layers kept
         clear of the layers bricks touch (bricks never leave this device)."""
         from .split.client import CenterClient, CenterFailure  # grpc: imported only by split runs
@@ -182,7 +189,7 @@ class Model:
         if split == "auto":
             client = CenterClient(center.address, center.token, center.tls_ca, center.tls, center.timeout)
             try:
-                p = plan(self, client, center.wire, center.min_edge_layers)
+                p = plan(self, client, center.wire, center.min_edge_layers, spec=speculative.estimate(speculate))
             except CenterFailure as e:
                 log(f"[split: center {center.address} unreachable ({e}); running locally, will reconnect]")
                 split = None

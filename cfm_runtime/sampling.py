@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import CfmError
+from .errors import CfmError, NonFiniteError
 
 
 @dataclass
@@ -42,6 +42,13 @@ class SamplingParams:
             raise CfmError("; ".join(problems))
 
 
+def check_finite(logits: np.ndarray, position: int) -> None:
+    if not np.isfinite(logits).all():
+        raise NonFiniteError(f"the model computed NaN or infinite logits at position {position}, so no token can be "
+                             "chosen; a brick or weights with values too large for the model cause this: remove "
+                             "the brick (cfm brick list) or check the model file")
+
+
 class Sampler:
     """Picks tokens from logits as `params` say; numpy's PCG64 generator, seeded (`seed`) or from the OS."""
 
@@ -50,8 +57,30 @@ class Sampler:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.rng = np.random.Generator(np.random.PCG64(seed))
 
+    @property
+    def greedy(self) -> bool:
+        return self.p.temperature == 0 or self.p.top_k == 1
+
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
-        """logits [vocab] -> a token id; `history` is the context so far (for the penalty)."""
+        """logits [vocab] -> a token id; `history` is the context so far (for the penalty). NaN or infinite
+        logits are refused (`NonFiniteError`): a token drawn from them would end the answer as a silent "stop"."""
+        check_finite(logits, len(history))
+        logits = self._penalised(logits, history)
+        if self.greedy:
+            return int(np.argmax(logits))
+        idx, probs = self._candidates(logits)
+        return int(idx[self.rng.choice(len(probs), p=probs)])
+
+    def verify(self, logits: np.ndarray, history: list[int], draft: int) -> tuple[bool, int]:
+        """Speculative sampling against a drafted token (a point mass on `draft`): -> (accepted, token).
+        The token is drawn as `__call__` draws it (one draw of the generator) and the draft is accepted iff they
+        are equal: accepted with probability p(draft), else a token from p without the draft, renormalised,
+        which is the speculative-sampling rule for a point-mass draft. Every generated token takes one draw
+        whether it was drafted or not, so a seed gives the same text with and without speculation."""
+        token = self(logits, history)
+        return token == draft, token
+
+    def _penalised(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         p = self.p
         logits = np.asarray(logits, dtype=np.float32)
         if p.repetition_penalty != 1.0 and history:
@@ -59,8 +88,11 @@ class Sampler:
             picked = logits[recent]
             logits = logits.copy()
             logits[recent] = np.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
-        if p.temperature == 0 or p.top_k == 1:
-            return int(np.argmax(logits))
+        return logits
+
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (token ids [n], probabilities [n] in float64, summing to 1) after temperature, top-k and top-p."""
+        p = self.p
         if p.top_k:
             k = min(p.top_k, logits.shape[-1])
             idx = np.argpartition(-logits, k - 1)[:k]
@@ -74,4 +106,4 @@ class Sampler:
             keep = np.cumsum(probs) - probs < p.top_p  # smallest prefix reaching top_p
             probs = probs * keep
             probs /= probs.sum()
-        return int(idx[self.rng.choice(len(probs), p=probs)])
+        return idx, probs

@@ -38,6 +38,7 @@ def test_a_default_run_imports_no_torch_and_answers_as_the_torch_form(model_path
     assert child["backend"] == "native" and not child["torch"] and not child["onnxruntime"]
     stats = child["stats"]
     assert stats["rss_file_mb"] > 0 and stats["rss_anon_mb"] > 0 and stats["backend"] == "native"
+    assert stats["speculative"]["mode"] == "auto"  # speculation (prompt lookup) runs on the lean path too
 
     torch_form = load_model(model_path)
     torch_form.transformer  # built on first use: the quantized modules, then the fused backend over them

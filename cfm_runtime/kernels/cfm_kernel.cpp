@@ -17,7 +17,8 @@
 //   sum_b d_b sx_b (sum_i q_i qx_i - 8 sum_i qx_i) + (m_b + 8 d_b) S_b,   S_b the exact fp32 block sum,
 // so the activation's rounding error is weighted by q - 8 (centred, errors cancel) instead of q in 0..15: the
 // uncentred form measured 2-3x the per-layer error (and 96.1% vs 98.7% top-1 agreement with fp32). The integer
-// dot products are AVX2 `vpmaddubsw` (4-bit codes unsigned x int8: no saturation) and `vpmaddwd`.
+// dot products are AVX2 `vpmaddubsw` (4-bit codes unsigned x int8: no saturation) and `vpmaddwd`, or VNNI's
+// `vpdpbusd` where the CPU has it (the same integers).
 // Optional low-rank side terms y += B (A x) in fp32 on any of a layer's seven linears (LoRA bricks, unfused).
 
 #include <algorithm>
@@ -115,63 +116,100 @@ struct Linear {
 };
 
 #if CFM_NATIVE
+// Per int32 lane: acc + sum of the lane's 4 byte products (unsigned u x signed s). VNNI's vpdpbusd sums the same
+// byte groups as vpmaddubsw + vpmaddwd, and neither saturates here (|u| <= 127 on every path): the same integers.
+inline __m256i dot4(__m256i acc, __m256i u, __m256i s) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u, s);
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, u, s);
+#else
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+#endif
+}
+
+// One Q4_1 row dotted with NT activations; NT is a compile-time size so the accumulators stay in registers. Every
+// (row, activation) pair goes through the same operations in the same order whatever NT is: a chunk of positions
+// gives the bits of single steps.
+template <int NT>
+inline void row_tile_q41(const uint8_t* row, int kb, const Act* acts, float* const* y, int r, bool add) {
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 acc[NT];
+  float off[NT];
+  for (int j = 0; j < NT; ++j) {
+    acc[j] = _mm256_setzero_ps();
+    off[j] = 0.f;
+  }
+  for (int b = 0; b < kb; ++b) {
+    const uint8_t* blk = row + b * kQ41;
+    const float d = f16(blk), m = f16(blk + 2);
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+    const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      const Act& a = acts[j];
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * kBlock));
+      // 8 lanes, one block: each lane carries -8 * qsum / 8 so that their sum is sum(q qx) - 8 sum(qx)
+      const __m256i dot = dot4(_mm256_set1_epi32(-a.qsum[b]), codes, q);
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * a.sx[b]), acc[j]);
+      off[j] += (m + 8.f * d) * a.sums[b];
+    }
+  }
+  for (int j = 0; j < NT; ++j) y[j][r] = (add ? y[j][r] : 0.f) + hsum(acc[j]) + off[j];
+}
+
 // y[j][r] (+)= Q4_1 row r times activation j, for every j; each row's codes are unpacked once per tile.
 void gemv_q41(const Linear& l, const std::vector<Act>& acts, float* const* y, bool add, int threads) {
   const int kb = l.k / kBlock, nb = static_cast<int>(acts.size());
-  const __m128i low = _mm_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int r = 0; r < l.n; ++r) {
     const uint8_t* row = l.row(r);
-    for (int t0 = 0; t0 < nb; t0 += kTile) {
-      const int nt = std::min(kTile, nb - t0);
-      __m256 acc[kTile];
-      float off[kTile];
-      for (int j = 0; j < nt; ++j) {
-        acc[j] = _mm256_setzero_ps();
-        off[j] = 0.f;
-      }
-      for (int b = 0; b < kb; ++b) {
-        const uint8_t* blk = row + b * kQ41;
-        const float d = f16(blk), m = f16(blk + 2);
-        const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-        const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
-        for (int j = 0; j < nt; ++j) {
-          const Act& a = acts[t0 + j];
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * kBlock));
-          // 8 lanes, one block: each lane carries -8 * qsum / 8 so that their sum is sum(q qx) - 8 sum(qx)
-          const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(codes, q), ones),
-                                               _mm256_set1_epi32(a.qsum[b]));
-          acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * a.sx[b]), acc[j]);
-          off[j] += (m + 8.f * d) * a.sums[b];
-        }
-      }
-      for (int j = 0; j < nt; ++j) {
-        float* yj = y[t0 + j];
-        yj[r] = (add ? yj[r] : 0.f) + hsum(acc[j]) + off[j];
-      }
+    int t0 = 0;
+    for (; t0 + kTile <= nb; t0 += kTile) row_tile_q41<kTile>(row, kb, &acts[t0], y + t0, r, add);
+    switch (nb - t0) {  // the last tile, 1-3 activations
+      case 3: row_tile_q41<3>(row, kb, &acts[t0], y + t0, r, add); break;
+      case 2: row_tile_q41<2>(row, kb, &acts[t0], y + t0, r, add); break;
+      case 1: row_tile_q41<1>(row, kb, &acts[t0], y + t0, r, add); break;
+      default: break;
     }
   }
 }
 
-// y[j][r] = Q8_0 row r times activation j (signed x signed bytes: |w| times sign(w) q, as llama.cpp does).
+// One Q8_0 row dotted with NT activations, each block's bytes loaded once (signed x signed bytes: |w| times
+// sign(w) q, as llama.cpp does).
+template <int NT>
+inline void row_tile_q80(const uint8_t* row, int kb, const Act* acts, float* const* y, int r) {
+  __m256 acc[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = _mm256_setzero_ps();
+  for (int b = 0; b < kb; ++b) {
+    const uint8_t* blk = row + b * kQ80;
+    const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    const __m256i aw = _mm256_sign_epi8(wq, wq);
+    const float d = f16(blk);
+#pragma GCC unroll 4
+    for (int j = 0; j < NT; ++j) {
+      const Act& a = acts[j];
+      const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * kBlock));
+      const __m256i dot = dot4(_mm256_setzero_si256(), aw, _mm256_sign_epi8(q, wq));
+      acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * a.sx[b]), acc[j]);
+    }
+  }
+  for (int j = 0; j < NT; ++j) y[j][r] = hsum(acc[j]);
+}
+
+// y[j][r] = Q8_0 row r times activation j, in tiles of activations as gemv_q41.
 void gemv_q80(const uint8_t* w, int n, int k, const std::vector<Act>& acts, float* const* y, int threads) {
   const int kb = k / kBlock, nb = static_cast<int>(acts.size());
-  const __m256i ones = _mm256_set1_epi16(1);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int r = 0; r < n; ++r) {
     const uint8_t* row = w + static_cast<size_t>(r) * kb * kQ80;
-    for (int j = 0; j < nb; ++j) {
-      const Act& a = acts[j];
-      __m256 acc = _mm256_setzero_ps();
-      for (int b = 0; b < kb; ++b) {
-        const uint8_t* blk = row + b * kQ80;
-        const __m256i wq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.q.data() + b * kBlock));
-        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(q, wq)), ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(f16(blk) * a.sx[b]), acc);
-      }
-      y[j][r] = hsum(acc);
+    int t0 = 0;
+    for (; t0 + kTile <= nb; t0 += kTile) row_tile_q80<kTile>(row, kb, &acts[t0], y + t0, r);
+    switch (nb - t0) {
+      case 3: row_tile_q80<3>(row, kb, &acts[t0], y + t0, r); break;
+      case 2: row_tile_q80<2>(row, kb, &acts[t0], y + t0, r); break;
+      case 1: row_tile_q80<1>(row, kb, &acts[t0], y + t0, r); break;
+      default: break;
     }
   }
 }

@@ -2,10 +2,12 @@
 
 Per decode token: local layers x local layer time + embeddings/head, plus for a split one round
 trip (RTT + hidden states up and down at the measured bandwidth) and the center's layers at the
-center's measured layer time. The plan is the split (or local-only) with the lowest prediction,
-keeping at least `min_edge_layers` layers on the edge before the center (a privacy floor). Every plan
-says what a center could recover from the hidden states at its split, from the measured table in
-cfm_runtime/data/privacy.json (docs/privacy.md).
+center's measured layer time. With speculative decoding (`cfm_runtime.speculative.Estimate`) a step
+feeds several positions (compute and bytes grow with them, the round trip does not) and yields several
+tokens, so the per-token cost of a step is divided by its tokens. The plan is the split (or local-only) with
+the lowest prediction, keeping at least `min_edge_layers` layers on the edge before the center (a privacy
+floor). Every plan says what a center could recover from the hidden states at its split, from the measured
+table in cfm_runtime/data/privacy.json (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from importlib import resources
 
 from ..errors import CfmError
 from ..protocol import wire
+from ..speculative import Estimate
 
 from .client import CenterClient
 
@@ -88,16 +91,20 @@ class Plan:
     local_only_ms: float
     measurements: Measurements
     min_edge_layers: int = 1  # the privacy floor the plan kept
+    speculation: Estimate | None = None  # what the prediction assumed about speculative decoding
 
     def to_dict(self) -> dict:
         return {"split": list(self.split) if self.split else None, "predicted_ms_per_token": round(self.predicted_ms, 2),
                 "local_only_ms_per_token": round(self.local_only_ms, 2), "min_edge_layers": self.min_edge_layers,
+                "speculation": asdict(self.speculation) if self.speculation else None,
                 "privacy": privacy_note(self.split), **asdict(self.measurements)}
 
     def describe(self) -> str:
         m = self.measurements
         link = (f"RTT {m.rtt_ms:.2f} ms, up {m.up_mbps:.0f} MB/s, down {m.down_mbps:.0f} MB/s; "
                 f"layer {m.local_layer_ms:.2f} ms here, {m.center_layer_ms:.2f} ms on the center")
+        if self.speculation is not None:
+            link += f"; speculative, {self.speculation.tokens_per_step:g} tokens per step"
         floor = f", at least {self.min_edge_layers} edge layers before the center" if self.min_edge_layers > 1 else ""
         if self.split is None:
             head = f"plan: local-only, {self.local_only_ms:.1f} ms/token predicted ({link}{floor})"
@@ -138,27 +145,30 @@ def measure(model, client: CenterClient, dtype: int, probes: int = 5, probe_byte
         bytes_per_position=wire.bytes_per_position(info.hidden_size, dtype))
 
 
-def predict(m: Measurements, split: tuple[int, int] | None) -> float:
-    """Predicted milliseconds per decode token."""
+def predict(m: Measurements, split: tuple[int, int] | None, spec: Estimate | None = None) -> float:
+    """Predicted milliseconds per decode token (with `spec`: per token of a speculative step)."""
+    positions = spec.positions_per_step if spec else 1.0
+    compute = 1.0 + (spec.cost_per_position * (positions - 1) if spec else 0.0)  # a step of several positions
+    tokens = spec.tokens_per_step if spec else 1.0
     if split is None:
-        return m.local_layer_ms * m.n_layers + m.local_head_ms
+        return (m.local_layer_ms * m.n_layers + m.local_head_ms) * compute / tokens
     a, b = split
     transfer = m.bytes_per_position / 1e3 * (1 / m.up_mbps + 1 / m.down_mbps)  # MB/s -> bytes per ms
-    return (m.local_layer_ms * (a + m.n_layers - b) + m.local_head_ms + m.rtt_ms + transfer
-            + m.center_layer_ms * (b - a))
+    return ((m.local_layer_ms * (a + m.n_layers - b) + m.local_head_ms + m.center_layer_ms * (b - a)) * compute
+            + m.rtt_ms + transfer * positions) / tokens
 
 
-def choose(m: Measurements, min_edge_layers: int = 1) -> Plan:
+def choose(m: Measurements, min_edge_layers: int = 1, spec: Estimate | None = None) -> Plan:
     """The split inside the center's span (or local-only) with the lowest predicted latency, keeping at least
     `min_edge_layers` layers on the edge before the center (none left inside the span: local-only)."""
     check_floor(min_edge_layers)
     s0, s1 = m.span
     candidates = [(a, b) for a in range(max(s0, min_edge_layers), s1) for b in range(a + 1, s1 + 1)]
-    local = predict(m, None)
-    best = min(candidates, key=lambda c: predict(m, c), default=None)
-    if best is None or predict(m, best) >= local:
-        return Plan(None, local, local, m, min_edge_layers)
-    return Plan(best, predict(m, best), local, m, min_edge_layers)
+    local = predict(m, None, spec)
+    best = min(candidates, key=lambda c: predict(m, c, spec), default=None)
+    if best is None or predict(m, best, spec) >= local:
+        return Plan(None, local, local, m, min_edge_layers, spec)
+    return Plan(best, predict(m, best, spec), local, m, min_edge_layers, spec)
 
 
 def check_floor(min_edge_layers: int) -> None:
@@ -166,6 +176,8 @@ def check_floor(min_edge_layers: int) -> None:
         raise CfmError(f"the privacy floor (--min-edge-layers) must be an integer >= 1, got {min_edge_layers!r}")
 
 
-def plan(model, client: CenterClient, wire_dtype: str = "fp32", min_edge_layers: int = 1) -> Plan:
-    """Measure the link and both sides, and choose a split (or local-only) with the privacy floor kept."""
-    return choose(measure(model, client, wire.parse_dtype(wire_dtype)), min_edge_layers)
+def plan(model, client: CenterClient, wire_dtype: str = "fp32", min_edge_layers: int = 1,
+         spec: Estimate | None = None) -> Plan:
+    """Measure the link and both sides, and choose a split (or local-only) with the privacy floor kept;
+    `spec`: what to assume about speculative decoding."""
+    return choose(measure(model, client, wire.parse_dtype(wire_dtype)), min_edge_layers, spec)
