@@ -11,14 +11,9 @@ import math
 import sys
 from pathlib import Path
 
-from cfm_runtime.bricks import Brick, BrickError, BrickStore, apply_brick, base_info, check_base, import_adapter
-from cfm_runtime.bricks.formats import write_gguf_adapter, write_peft
-from cfm_runtime.bricks.merge import merge_bricks
+from cfm_runtime.bricks.config import TrainConfig
+from cfm_runtime.errors import BrickError, CfmError
 from cfm_runtime.options import parse_spec
-from cfm_runtime.bricks.routing import signature
-from cfm_runtime.bricks.store import check_name
-from cfm_runtime.bricks.train import TrainConfig, load_examples, mean_loss, train_lora
-from cfm_runtime.errors import CfmError
 
 from .common import add_center_args, add_model_args, center_options, load, notice
 
@@ -96,7 +91,9 @@ def _train_defaults():
 # ------------------------------------------------------------------ store commands
 
 
-def _store() -> BrickStore:
+def _store():
+    from cfm_runtime.bricks.store import BrickStore
+
     return BrickStore()
 
 
@@ -136,12 +133,17 @@ def cmd_show(args) -> int:
 
 
 def _signature(model, path) -> dict:
+    from cfm_runtime.bricks.routing import signature
+    from cfm_runtime.bricks.train import load_examples
+
     examples = load_examples(path, model.tokenizer)
     sig, layer = signature(model, [e.ids for e in examples])
     return {"signature": sig, "signature_layer": layer}
 
 
 def cmd_add(args) -> int:
+    from cfm_runtime.bricks.apply import import_adapter
+
     store = _store()
     if store.exists(args.name) and not args.force:
         raise BrickError(f"a brick named {args.name!r} exists already; choose another --name or pass --force")
@@ -161,6 +163,9 @@ def cmd_remove(args) -> int:
 
 
 def cmd_merge(args) -> int:
+    from cfm_runtime.bricks.merge import merge_bricks
+    from cfm_runtime.bricks.store import check_name
+
     store = _store()
     check_name(args.name)
     if store.exists(args.name) and not args.force:
@@ -174,6 +179,9 @@ def cmd_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from cfm_runtime.bricks.apply import check_base
+    from cfm_runtime.bricks.formats import write_gguf_adapter, write_peft
+
     if not args.gguf and not args.peft:
         raise CfmError("give --gguf FILE and/or --peft DIR")
     brick = _store().load(args.name)
@@ -192,6 +200,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from cfm_runtime.bricks.apply import apply_brick, base_info
+    from cfm_runtime.bricks.routing import signature
+    from cfm_runtime.bricks.store import Brick, check_name
+    from cfm_runtime.bricks.train import load_examples, mean_loss, train_lora
+
     store = _store()
     check_name(args.name)
     if store.exists(args.name) and not (args.force or args.resume):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from cfm_runtime import LoadOptions, load_model
 from cfm_runtime.loading import resolve_model_path
-from cfm_runtime.sparse import build_pack, pack_dir, source_digest
 
 
 def add_parser(sub) -> None:
@@ -31,6 +30,8 @@ def _interrupt(signum, frame):
 
 
 def cmd_profile(args) -> int:
+    from cfm_runtime.sparse import build_pack, pack_dir, source_digest  # torch: only for this command
+
     signal.signal(signal.SIGTERM, _interrupt)
     path = resolve_model_path(args.model)
     digest = source_digest(path)

@@ -10,7 +10,7 @@ _WHERE = {
     "CenterOptions": "options", "LoadOptions": "options", "RunOptions": "options", "SparseOptions": "options",
     "CfmError": "errors", "ContextOverflowError": "errors", "ModelFileError": "errors",
     "GenerationChunk": "generate", "GenerationStats": "generate", "Generator": "generate",
-    "KVCache": "model", "SpanCache": "model", "Transformer": "model",
+    "KVCache": "cache", "SpanCache": "cache", "Transformer": "model",
     "LocalRunner": "runners", "Runner": "runners",
     "Model": "runtime", "load_model": "runtime",
     "ModelConfig": "config", "SamplingParams": "sampling", "default_model_path": "loading",

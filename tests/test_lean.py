@@ -67,3 +67,21 @@ def test_lean_logits_equal_the_fused_native_path_and_stay_close_to_llama_cpp(mod
     fp32 = model.logits(ids)  # the fp32 reference
     assert np.abs(lean - ref).max() <= 2 * np.abs(ref - fp32).max()
     assert np.mean(lean.argmax(-1) == ref.argmax(-1)) >= 0.9
+
+
+CLI_CHILD = """
+import sys
+from cfm_cli.main import main
+code = main(["generate", "--model", sys.argv[1], "--chat", "--prompt", "Name a colour.", "--max-tokens", "4",
+             "--temperature", "0"])
+print("heavy:", sorted(m for m in ("torch", "onnxruntime", "fastapi", "grpc") if m in sys.modules), code)
+"""
+
+
+def test_cfm_generate_imports_no_torch(model_path):
+    """The command a user runs (`cfm generate`, its parser holding every subcommand's options) stays lean too:
+    subcommands import their machinery (bricks, packs, servers) when they run, not when the parser is built."""
+    out = subprocess.run([sys.executable, "-c", CLI_CHILD, str(model_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "heavy: [] 0", out.stdout[-2000:]

@@ -5,16 +5,29 @@
     store.save(brick)
     apply_brick(model, store.load("style"), weight=1.0)               # wraps, does not patch
     remove_brick(model, "style")
+
+The names below are imported on first use: `cfm_runtime.bricks.config` (and the CLI's parser through it) must
+not pay for torch.
 """
 
-from __future__ import annotations
+from importlib import import_module
 
-from .apply import apply_brick, base_info, check_base, import_adapter, remove_brick
-from .formats import BrickError
-from .lora import LoRALinear, LoraPair, attached, brick_layers, fuse_bricks, set_weight
-from .store import Brick, BrickStore
+_WHERE = {
+    "apply_brick": "apply", "base_info": "apply", "check_base": "apply", "import_adapter": "apply",
+    "remove_brick": "apply", "BrickError": "formats",
+    "LoRALinear": "lora", "LoraPair": "lora", "attached": "lora", "brick_layers": "lora", "fuse_bricks": "lora",
+    "set_weight": "lora", "Brick": "store", "BrickStore": "store",
+}
+__all__ = sorted(_WHERE)
 
-__all__ = [
-    "Brick", "BrickError", "BrickStore", "LoRALinear", "LoraPair", "apply_brick", "attached", "base_info",
-    "brick_layers", "check_base", "fuse_bricks", "import_adapter", "remove_brick", "set_weight",
-]
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'cfm_runtime.bricks' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

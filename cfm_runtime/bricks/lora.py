@@ -17,9 +17,7 @@ from torch import nn
 
 from ..errors import CfmError
 
-# Linear modules of a Llama block that bricks may target, by their HF names inside a layer.
-TARGET_KINDS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+from .config import TARGET_KINDS  # noqa: F401 (re-exported: callers name it from here)
 
 
 @dataclass
