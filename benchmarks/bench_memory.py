@@ -63,17 +63,16 @@ print(json.dumps({"text": "".join(pieces), "tokens": n, "decode_tps": (n - 1) / 
 """
 
 CFM = STATUS + """
-import json, sys
-from cfm_runtime import RunOptions, load_model
-from cfm_runtime.sampling import SamplingParams
-model = load_model(sys.argv[1], weights=sys.argv[4], threads=2)
-gen = model.new_generator(RunOptions())
-ids = model.encode_prompt([{"role": "user", "content": sys.argv[2]}])
-chunks = list(gen.stream(ids, SamplingParams(max_tokens=int(sys.argv[3]), temperature=0)))
-stats = chunks[-1].stats
-print(json.dumps({"text": "".join(c.text for c in chunks), "tokens": stats.generated_tokens,
-                  "decode_tps": stats.decode_tps, "backend": stats.extra.get("backend"),
-                  "torch_imported": "torch" in sys.modules, **status()}))
+import contextlib, io, json, sys
+from cfm_cli.main import main
+out = io.StringIO()
+with contextlib.redirect_stdout(out):  # `cfm generate` as a user runs it, its JSON answer captured
+    code = main(["generate", "--model", sys.argv[1], "--chat", "--prompt", sys.argv[2], "--max-tokens", sys.argv[3],
+                 "--weights", sys.argv[4], "--threads", "2", "--temperature", "0", "--json"])
+answer = json.loads(out.getvalue())
+print(json.dumps({"text": answer["text"], "tokens": answer["generated_tokens"], "decode_tps": answer["decode_tps"],
+                  "backend": answer.get("backend"), "torch_imported": "torch" in sys.modules, "exit": code,
+                  **status()}))
 """
 
 

@@ -284,7 +284,7 @@ class FusedBackend:
         return 1
 
     def report(self) -> dict:
-        path = "native" if self._native is not None else f"graph ({native.failure() or 'native kernel not used'})"
+        path = "native" if self.native() is not None else f"graph ({native.failure() or 'a layout the kernel lacks'})"
         return {"backend": self.name, "decode_path": path}
 
 

@@ -53,10 +53,14 @@ def load(notice=None) -> ctypes.CDLL | None:
                 if notice is not None and not (cache_dir() / build.library_name()).is_file():
                     notice("compiling the native kernel (once, a few seconds)...")
                 path = build.compile_kernel(cache_dir())
-            # the kernel's OpenMP workers sleep between parallel regions: spinning ones lose their core to any
-            # other runnable thread on a busy 2-core machine (230 ms per step vs 13 ms sleeping, measured under
-            # load). Read once, when the kernel's OpenMP runtime starts; a value the user set is kept.
+            # the kernel's OpenMP workers spin briefly (GOMP_SPINCOUNT iterations, some microseconds) at the
+            # end of a parallel region, then sleep. Spinning without end loses the core to any other runnable
+            # thread on a busy 2-core machine (230 ms per step vs 13 ms sleeping, measured under load); sleeping
+            # at once pays a wake-up per region, ~60 regions a token (a quiet 2-core machine: 95 tok/s with
+            # no spin, 245-265 with 2,000-10,000). Read once, when the kernel's OpenMP runtime starts; values
+            # the user set are kept.
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            os.environ.setdefault("GOMP_SPINCOUNT", "10000")
             lib = _bind(ctypes.CDLL(str(path)))
         except (OSError, RuntimeError) as e:
             _failure = f"the native kernel could not be built or loaded: {e}"
