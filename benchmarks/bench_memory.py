@@ -2,8 +2,9 @@
 
 1. Peak memory: a default `cfm generate` (int4, the lean native path) and llama-cpp-python (n_ctx 512 and 2048)
    each in a fresh process, alternating, a greedy chat answer of --tokens tokens; per run the peak resident set
-   (VmHWM, loading included) and, at the end, its parts: RssAnon (heap, caches: not reclaimable) and RssFile
-   (mapped pages of the model file: reclaimable, re-read on demand).
+   (VmHWM, loading included) and, at the end of the answer, its parts: RssAnon (heap, caches: not reclaimable)
+   and RssFile (mapped pages of the model file: reclaimable, re-read on demand); for cfm, as the answer's own
+   stats report them (the command unmaps the model before it exits).
 2. Caps (--caps, needs a writable cgroup v1 memory hierarchy, i.e. root): the same two runs in a fresh memory
    cgroup per run, page cache counted, the model file evicted from the page cache before each run
    (posix_fadvise DONTNEED; a page stays charged to the cgroup that first read it). Decode tok/s, completion or
@@ -72,7 +73,7 @@ with contextlib.redirect_stdout(out):  # `cfm generate` as a user runs it, its J
 answer = json.loads(out.getvalue())
 print(json.dumps({"text": answer["text"], "tokens": answer["generated_tokens"], "decode_tps": answer["decode_tps"],
                   "backend": answer.get("backend"), "torch_imported": "torch" in sys.modules, "exit": code,
-                  **status()}))
+                  **status(), "rss_anon_mb": answer["rss_anon_mb"], "rss_file_mb": answer["rss_file_mb"]}))
 """
 
 
