@@ -43,7 +43,8 @@ class SamplingParams:
 
 
 def check_finite(logits: np.ndarray, position: int) -> None:
-    if not np.isfinite(logits).all():
+    """NaN or +inf anywhere, or no finite logit at all; -inf alone masks a token out and is allowed."""
+    if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
         raise NonFiniteError(f"the model computed NaN or infinite logits at position {position}, so no token can be "
                              "chosen; a brick or weights with values too large for the model cause this: remove "
                              "the brick (cfm brick list) or check the model file")
@@ -62,8 +63,8 @@ class Sampler:
         return self.p.temperature == 0 or self.p.top_k == 1
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
-        """logits [vocab] -> a token id; `history` is the context so far (for the penalty). NaN or infinite
-        logits are refused (`NonFiniteError`): a token drawn from them would end the answer as a silent "stop"."""
+        """logits [vocab] -> a token id; `history` is the context so far (for the penalty). NaN or +inf logits
+        are refused (`NonFiniteError`): a token drawn from them would end the answer as a silent "stop"."""
         check_finite(logits, len(history))
         logits = self._penalised(logits, history)
         if self.greedy:
