@@ -4,7 +4,7 @@ The names below are imported on first use, so that a process that needs one part
 proxy, the options in a CLI parser) does not pay for the rest (torch, onnxruntime).
 """
 
-from importlib import import_module
+from ._lazy import lazy_names
 
 _WHERE = {
     "CenterOptions": "options", "LoadOptions": "options", "RunOptions": "options", "SparseOptions": "options",
@@ -17,14 +17,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'cfm_runtime' has no attribute {name!r}")
-    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)

@@ -10,7 +10,7 @@ The names below are imported on first use: `cfm_runtime.bricks.config` (and the 
 not pay for torch.
 """
 
-from importlib import import_module
+from .._lazy import lazy_names
 
 _WHERE = {
     "apply_brick": "apply", "base_info": "apply", "check_base": "apply", "import_adapter": "apply",
@@ -20,14 +20,4 @@ _WHERE = {
 }
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'cfm_runtime.bricks' has no attribute {name!r}")
-    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _WHERE)
