@@ -2,6 +2,9 @@
 
 Bricks live only on this device (the store in $CFM_HOME/bricks or ~/.local/share/cfm/bricks); `--bricks`
 on generate, chat and serve puts them on (`cfm_runtime.RunOptions.bricks`).
+
+Each command imports the brick machinery (torch) when it runs: every `cfm` command builds this parser,
+`cfm generate` included, and that must not load torch.
 """
 
 from __future__ import annotations
@@ -225,7 +228,7 @@ def cmd_train(args) -> int:
                                        log=notice)
     checkpoint = store.root / ".train" / args.name / "checkpoint.pt"
     if checkpoint.is_file() and not args.resume:
-        print(f"(a checkpoint of an earlier run exists; starting over — pass --resume to continue it)",
+        print("(a checkpoint of an earlier run exists; starting over — pass --resume to continue it)",
               file=sys.stderr)
     before = mean_loss(model, examples)
     try:

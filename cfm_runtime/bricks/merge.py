@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .formats import BrickError, raise_problems
+from .formats import raise_problems
 from .lora import LoraPair
 from .store import Brick
 
