@@ -43,8 +43,9 @@ class SamplingParams:
 
 
 def check_finite(logits: np.ndarray, position: int) -> None:
-    """NaN or +inf anywhere, or no finite logit at all; -inf alone masks a token out and is allowed."""
-    if np.isnan(logits).any() or np.isposinf(logits).any() or not np.isfinite(logits).any():
+    """NaN or +inf anywhere, or no finite logit at all; -inf alone masks a token out and is allowed. One
+    reduction decides: the maximum is NaN with any NaN, +inf with any +inf, -inf when every logit is -inf."""
+    if not np.isfinite(np.max(logits)):
         raise NonFiniteError(f"the model computed NaN or infinite logits at position {position}, so no token can be "
                              "chosen; a brick or weights with values too large for the model cause this: remove "
                              "the brick (cfm brick list) or check the model file")
