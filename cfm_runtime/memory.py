@@ -24,11 +24,7 @@ def peak_rss_mb() -> float:
 
 def rss_high_water_mb() -> float:
     """Peak RSS of this process image (VmHWM; unlike ru_maxrss it excludes a forking parent's pages)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return rss_parts_mb().get("hwm", 0.0)
 
 
 def rss_parts_mb() -> dict[str, float]:
