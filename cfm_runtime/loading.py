@@ -24,7 +24,7 @@ import numpy as np
 from .config import GGUF_ARCHITECTURES, HF_MODEL_TYPES, ModelConfig
 from .errors import ModelFileError
 from .gguf_file import GGUFTensor, read_gguf
-from .kernels.blocks import BlockLayer, BlockWeights, q4_1_blocks, q8_0_blocks
+from .kernels.blocks import BlockLayer, BlockWeights
 
 if TYPE_CHECKING:
     import torch
@@ -512,4 +512,7 @@ def _gguf_blocks(t: GGUFTensor):
 
 
 def _pack(kind: str, w: np.ndarray) -> np.ndarray:
-    return q4_1_blocks(w) if kind == "Q4_1" else q8_0_blocks(w)
+    """w [n, k] -> GGUF blocks of `kind` ("Q4_1" or "Q8_0") [n, k / 32 * block bytes], as llama.cpp quantizes."""
+    from gguf import GGMLQuantizationType, quants
+
+    return quants.quantize(np.asarray(w, dtype=np.float32), GGMLQuantizationType[kind])
