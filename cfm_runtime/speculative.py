@@ -399,7 +399,7 @@ def build(mode: str, runner: Runner, model, log=None) -> Speculation | None:
     back to prompt lookup, saying so. A sparse FFN or offload would compute every neuron for several positions at
     once, which is what it exists to avoid: "auto" is off there and the explicit modes are refused."""
     say = log or (lambda message: None)
-    if mode == "off" or (mode == "auto" and model.sparse is None and model.backend.name not in EXACT_CHUNKS):
+    if mode == "off":
         return None
     if model.sparse is not None:
         if mode == "auto":
@@ -407,6 +407,8 @@ def build(mode: str, runner: Runner, model, log=None) -> Speculation | None:
         raise CfmError(refusal(f"speculate={mode!r} (--speculate)", "a sparse FFN or offload",
                                "verifying several positions at once computes every FFN neuron (reading the cold ones "
                                "from flash); use --speculate off or auto"))
+    if mode == "auto" and model.backend.name not in EXACT_CHUNKS:
+        return None
     span = center_span(runner)
     prior = COST_PRIOR["split"] if span is not None else COST_PRIOR.get(model.backend.name, 0.45)
     if mode == "edge":
