@@ -12,7 +12,8 @@ import numpy as np
 from .errors import ContextOverflowError, CfmError
 from .memory import peak_rss_mb, rss_parts_mb
 from .runners import Runner
-from .sampling import Sampler, SamplingParams
+from .grammar import GrammarMatcher
+from .sampling import Sampler, SamplingParams, TokenLogprob, log_softmax, token_logprob
 from .speculative import Speculation
 from .tokenizer import Tokenizer
 
@@ -68,6 +69,8 @@ class GenerationChunk:
     text: str
     token: int | None
     stats: GenerationStats
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # the tokens of this chunk (params.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk: the prompt's tokens from the second on
 
 
 class StopMatcher:
@@ -110,6 +113,9 @@ class BrickSelector(Protocol):
         """Take off the bricks the selector put on."""
 
 
+SCORE_CHUNK = 64  # prompt positions per forward when their log-probabilities are asked for (64 x vocab floats)
+
+
 class PlainSteps:
     """Decode steps without speculation: `step(token, history)` feeds the token, samples the next one."""
 
@@ -148,18 +154,31 @@ class Generator:
         if self.bricks is not None:
             self.bricks.close()
 
-    def _prefill(self, ids: list[int], stats: GenerationStats) -> np.ndarray:
+    def _prefill(self, ids: list[int], stats: GenerationStats, scores: list[TokenLogprob] | None = None,
+                 top: int = 0) -> np.ndarray:
+        """Runs the prompt (its longest cached prefix reused) -> the last position's logits. `scores`: a list to
+        fill with the log-probabilities of ids[1:] (with `top` alternatives each); then the whole prompt runs,
+        a chunk of positions at a time, since no cached position has its logits."""
         common = 0
         for a, b in zip(self.tokens, ids):
             if a != b:
                 break
             common += 1
         common = min(common, len(ids) - 1, self.runner.n_past)  # the last id is always fed: we need its logits
+        if scores is not None:
+            common = 0
         self.runner.truncate(common)
         self.tokens = ids[:common]
         stats.cached_tokens = common
         t0 = time.perf_counter()
-        logits = self.runner.forward(ids[common:])[-1]
+        if scores is None:
+            logits = self.runner.forward(ids[common:])[-1]
+        else:
+            for a in range(0, len(ids), SCORE_CHUNK):
+                rows = self.runner.forward(ids[a:a + SCORE_CHUNK], all_logits=True)
+                for i, row in enumerate(log_softmax(rows)[:len(ids) - 1 - a], start=a + 1):
+                    scores.append(token_logprob(row, ids[i], top))
+                logits = rows[-1]
         stats.prompt_seconds = time.perf_counter() - t0
         self.tokens = list(ids)
         return logits
@@ -175,6 +194,7 @@ class Generator:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context holds {self.context_length}; "
                 "shorten the prompt (or start a new chat)"
             )
+        params.check_vocab(self.tokenizer.vocab_size)
         if bricks is not None and self.bricks is None:
             raise CfmError("this generator was made without bricks; ask for them in its run options")
         if self.bricks is not None and self.bricks.select(prompt_ids, bricks):
@@ -191,9 +211,17 @@ class Generator:
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationChunk]:
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        sampler, streamer, stopper = Sampler(params), self.tokenizer.streamer(), StopMatcher(params.stop)
-        logits = self._prefill(prompt_ids, stats)
+        sampler = Sampler(params, self._matcher(params))
+        streamer, stopper = self.tokenizer.streamer(), StopMatcher(params.stop)
+        scores = [] if params.prompt_logprobs else None
+        logits = self._prefill(prompt_ids, stats, scores, params.logprobs or 0)
+        first = dict(prompt_logprobs=scores)  # goes with the first chunk
         history = list(prompt_ids)
+        pending: list[TokenLogprob] = []  # log-probabilities of tokens whose text is not out yet
+        if params.max_tokens == 0:  # scoring the prompt only
+            stats.finish_reason = "length"
+            yield GenerationChunk("", None, stats, **first)
+            return
         steps = self._steps(sampler, stats, params, prompt_ids)
         token = sampler(logits, history)
         while True:
@@ -202,14 +230,15 @@ class Generator:
                 break
             history.append(token)
             stats.generated_tokens += 1
+            if sampler.drawn:  # the k-th token taken is the k-th drawn
+                pending.append(sampler.drawn[stats.generated_tokens - 1])
             text, hit = stopper.push(streamer.push(token))
+            if text:
+                yield GenerationChunk(text, token, stats, pending, **first)
+                pending, first = [], {}
             if hit:
                 stats.finish_reason = "stop"
-                if text:
-                    yield GenerationChunk(text, token, stats)
                 break
-            if text:
-                yield GenerationChunk(text, token, stats)
             if stats.generated_tokens >= params.max_tokens or len(history) >= self.context_length:
                 stats.finish_reason = "length"
                 break
@@ -218,8 +247,15 @@ class Generator:
             tail, _ = stopper.push(streamer.flush())
             tail += stopper.flush()
             if tail:
-                yield GenerationChunk(tail, None, stats)
-        yield GenerationChunk("", None, stats)  # the last chunk carries the final stats
+                yield GenerationChunk(tail, None, stats, pending, **first)
+                pending, first = [], {}
+        yield GenerationChunk("", None, stats, pending, **first)  # the last chunk carries the final stats
+
+    def _matcher(self, params: SamplingParams) -> GrammarMatcher | None:
+        if params.grammar is None:
+            return None
+        tok = self.tokenizer
+        return GrammarMatcher(params.grammar, tok.grammar_tokenizer(), tok.vocab_size, tok.eog_ids)
 
     def _steps(self, sampler: Sampler, stats: GenerationStats, params: SamplingParams, prompt_ids: list[int]):
         """The decode steps of this answer: plain, or speculative (drafts verified several at a time)."""

@@ -1,13 +1,23 @@
-"""Next-token sampling: greedy, temperature, top-k, top-p, repetition penalty, seeded."""
+"""Next-token sampling: greedy, temperature, top-k, top-p; repetition, presence and frequency penalties, logit
+bias; a grammar's mask; log-probabilities of the tokens drawn; seeded.
+
+The order, for every token drawn: the model's logits; the repetition penalty (llama.cpp's, over the last
+`repeat_last_n` tokens of the context); presence and frequency penalties (OpenAI's, over the tokens this
+answer drew); `logit_bias`. Log-probabilities are the log-softmax of these logits, the distribution before
+temperature, top-k/top-p and the grammar. Then the grammar's mask, then greedy choice or a draw."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import CfmError, NonFiniteError
+
+if TYPE_CHECKING:
+    from .grammar import Grammar, GrammarMatcher
 
 
 @dataclass
@@ -22,14 +32,21 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token this answer already drew
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time this answer drew the token
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
+    logprobs: int | None = None  # None: none; n >= 0: each drawn token's log-probability and the n likeliest
+    prompt_logprobs: bool = False  # also the prompt's tokens' log-probabilities (completions' `echo`); max_tokens may be 0
+    grammar: Grammar | None = None  # the answer's text must be a sentence of it (cfm_runtime.grammar)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
         problems = []
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            problems.append(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        least = 0 if self.prompt_logprobs else 1  # scoring a prompt alone generates nothing
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < least:
+            problems.append(f"max_tokens must be an integer >= {least}, got {self.max_tokens!r}")
         if not self.temperature >= 0:
             problems.append(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -38,8 +55,49 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not self.repetition_penalty > 0:
             problems.append(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be between -2 and 2, got {getattr(self, name)!r}")
+        self.logit_bias = dict(self.logit_bias or {})
+        off = {k: v for k, v in self.logit_bias.items() if not -100 <= v <= 100}
+        if off:
+            problems.append(f"logit_bias values must be between -100 and 100, got {off}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20):
+            problems.append(f"logprobs must be an integer from 0 to 20 (alternatives per token), got {self.logprobs!r}")
         if problems:
             raise CfmError("; ".join(problems))
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Token ids in logit_bias must be in the vocabulary."""
+        bad = [k for k in self.logit_bias if not (isinstance(k, int) and 0 <= k < vocab_size)]
+        if bad:
+            raise CfmError(f"logit_bias names token ids {bad[:5]} outside the vocabulary (0..{vocab_size - 1})")
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability and the `top` likeliest tokens at its position, as (token id, logprob)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 log-probabilities of float32 logits [..., vocab]."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def token_logprob(logprobs: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """The entry of `token` in one position's log-probabilities [vocab], with the `top` likeliest tokens."""
+    best = []
+    if top:
+        idx = np.argpartition(-logprobs, top - 1)[:top]
+        idx = idx[np.argsort(-logprobs[idx], kind="stable")]
+        best = [(int(i), float(logprobs[i])) for i in idx]
+    return TokenLogprob(int(token), float(logprobs[token]), best)
 
 
 def check_finite(logits: np.ndarray, position: int) -> None:
@@ -52,12 +110,23 @@ def check_finite(logits: np.ndarray, position: int) -> None:
 
 
 class Sampler:
-    """Picks tokens from logits as `params` say; numpy's PCG64 generator, seeded (`seed`) or from the OS."""
+    """Picks tokens from logits as `params` say; numpy's PCG64 generator, seeded (`seed`) or from the OS.
 
-    def __init__(self, params: SamplingParams):
+    One sampler serves one answer, and every token it draws is taken, in order (speculative verification
+    included: a rejected draft's position is drawn once, and that token is taken); so it counts the answer's
+    tokens for the presence and frequency penalties itself, and `drawn` lists their log-probabilities when
+    `params.logprobs` asks for them. `grammar`: the answer's matcher (`cfm_runtime.grammar`)."""
+
+    def __init__(self, params: SamplingParams, grammar: GrammarMatcher | None = None):
         self.p = params
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.grammar = grammar
+        self.counts: dict[int, int] = {}  # token -> times drawn in this answer
+        self.drawn: list[TokenLogprob] = []  # with params.logprobs: one entry per token drawn, in order
+        bias = params.logit_bias
+        self._bias = (np.fromiter(bias, dtype=np.int64, count=len(bias)),
+                      np.fromiter(bias.values(), dtype=np.float32, count=len(bias))) if bias else None
 
     @property
     def greedy(self) -> bool:
@@ -68,10 +137,18 @@ class Sampler:
         are refused (`NonFiniteError`): a token drawn from them would end the answer as a silent "stop"."""
         check_finite(logits, len(history))
         logits = self._penalised(logits, history)
+        masked = logits if self.grammar is None else self.grammar.mask(logits)
         if self.greedy:
-            return int(np.argmax(logits))
-        idx, probs = self._candidates(logits)
-        return int(idx[self.rng.choice(len(probs), p=probs)])
+            token = int(np.argmax(masked))
+        else:
+            idx, probs = self._candidates(masked)
+            token = int(idx[self.rng.choice(len(probs), p=probs)])
+        if self.grammar is not None:
+            self.grammar.consume(token)
+        if self.p.logprobs is not None:
+            self.drawn.append(token_logprob(log_softmax(logits), token, self.p.logprobs))
+        self.counts[token] = self.counts.get(token, 0) + 1
+        return token
 
     def verify(self, logits: np.ndarray, history: list[int], draft: int) -> tuple[bool, int]:
         """Speculative sampling against a drafted token (a point mass on `draft`): -> (accepted, token).
@@ -83,13 +160,24 @@ class Sampler:
         return token == draft, token
 
     def _penalised(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
+        """The logits after the penalties and the bias (a copy when any applies: the runner's array is kept)."""
         p = self.p
         logits = np.asarray(logits, dtype=np.float32)
-        if p.repetition_penalty != 1.0 and history:
+        repeat = p.repetition_penalty != 1.0 and history
+        counted = (p.presence_penalty or p.frequency_penalty) and self.counts
+        if not (repeat or counted or self._bias is not None):
+            return logits
+        logits = logits.copy()
+        if repeat:
             recent = np.asarray(sorted(set(history[-p.repeat_last_n:])), dtype=np.int64)
             picked = logits[recent]
-            logits = logits.copy()
             logits[recent] = np.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if counted:
+            ids = np.fromiter(self.counts, dtype=np.int64, count=len(self.counts))
+            n = np.fromiter(self.counts.values(), dtype=np.float32, count=len(self.counts))
+            logits[ids] -= np.float32(p.frequency_penalty) * n + np.float32(p.presence_penalty)
+        if self._bias is not None:
+            logits[self._bias[0]] += self._bias[1]
         return logits
 
     def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -74,6 +74,7 @@ class Tokenizer:
     bos_text: str
     eos_text: str
     vocab_size: int
+    _lltokenizer = None  # llguidance's form of this vocabulary, built by grammar_tokenizer()
 
     def encode(self, text: str, add_special: bool = True) -> list[int]:
         raise NotImplementedError
@@ -89,6 +90,15 @@ class Tokenizer:
 
     def streamer(self) -> "TextStreamer":
         return TextStreamer(self)
+
+    def grammar_tokenizer(self):
+        """This vocabulary for llguidance (`cfm_runtime.grammar`): built on first use (about a second), kept."""
+        if self._lltokenizer is None:
+            self._lltokenizer = self._make_lltokenizer()
+        return self._lltokenizer
+
+    def _make_lltokenizer(self):
+        raise NotImplementedError
 
 
 class TextStreamer:
@@ -124,6 +134,11 @@ class GGUFTokenizer(Tokenizer):
         self.eos_text = self.token_bytes(self.eos_id, special=True).decode("utf-8", "replace") if self.eos_id is not None else ""
         self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
         self.chat_template = metadata.get("tokenizer.chat_template")
+
+    def _make_lltokenizer(self):
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        return lltokenizer_from_vocab(self._llama._model.vocab, eos_token=sorted(self.eog_ids))
 
     def _special(self, value) -> int | None:
         return int(value) if value is not None and 0 <= int(value) < self.vocab_size else None
@@ -194,6 +209,11 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def _make_lltokenizer(self):
+        import llguidance
+
+        return llguidance.LLTokenizer(self._tok.to_str(), n_vocab=self.vocab_size, eos_token=sorted(self.eog_ids))
 
     def token_bytes(self, token_id: int) -> bytes:
         b = self._bytes_cache.get(token_id)
