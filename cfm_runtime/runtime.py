@@ -127,13 +127,14 @@ class Model:
 
     # ------------------------------------------------------------ prompts and logits
 
-    def encode_prompt(self, prompt) -> list[int]:
-        """A string is tokenized as is; a list of {"role", "content"} is rendered with the chat template."""
+    def encode_prompt(self, prompt, tools: list[dict] | None = None) -> list[int]:
+        """A string is tokenized as is; a list of {"role", "content"} is rendered with the chat template (and
+        `tools`, for a template that describes them: `cfm_runtime.tools`)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise CfmError("the prompt is empty; give some text to continue or a chat message")
             return self.tokenizer.encode(prompt)
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt))
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(prompt, tools=tools))
 
     def check_ids(self, ids) -> list[int]:
         ids = [int(i) for i in ids]

@@ -35,7 +35,8 @@ def quiet_stderr():
         os.close(devnull)
 
 
-def render_chat_template(template: str | None, messages, bos: str, eos: str, add_generation_prompt: bool = True) -> str:
+def render_chat_template(template: str | None, messages, bos: str, eos: str, add_generation_prompt: bool = True,
+                         tools: list[dict] | None = None) -> str:
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -49,8 +50,9 @@ def render_chat_template(template: str | None, messages, bos: str, eos: str, add
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     try:
+        extra = {"tools": tools} if tools else {}
         return env.from_string(template).render(
-            messages=messages, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt
+            messages=messages, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt, **extra
         )
     except TemplateError as e:
         raise CfmError(f"the model's chat template rejected the messages: {e}") from e
@@ -85,8 +87,15 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return render_chat_template(self.chat_template, messages, self.bos_text, self.eos_text, add_generation_prompt)
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI function tools, for a template that describes them itself (`template_takes_tools`)."""
+        return render_chat_template(self.chat_template, messages, self.bos_text, self.eos_text, add_generation_prompt,
+                                    tools)
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """The chat template reads a `tools` variable (it describes tools in its own words)."""
+        return bool(self.chat_template) and "tools" in self.chat_template
 
     def streamer(self) -> "TextStreamer":
         return TextStreamer(self)
