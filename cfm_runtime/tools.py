@@ -164,7 +164,7 @@ def _not_starting_with(prefix: str) -> str:
 
 
 def call_grammar(tools: list[Tool], mode: str, name: str | None = None, parallel: bool = True,
-                 answer: Grammar | None = None, answer_schema: dict | None = None) -> Grammar:
+                 answer_schema: dict | None = None) -> Grammar:
     """The grammar of an answer under `tool_choice` `mode` ("auto", "required" or "function": calls to `name`
     only). `parallel`: several calls may follow one another. With "auto" the answer is calls or text that does
     not start like a call; `answer_schema`, if given, holds that text to a JSON schema (`response_format`)."""

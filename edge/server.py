@@ -20,12 +20,10 @@ import concurrent.futures
 import json
 import logging
 import time
-import uuid
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Awaitable, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -36,72 +34,16 @@ from cfm_runtime.sampling import SamplingParams
 
 from .admission import Admission, QueueFull
 from .guard import LOOPBACK_NAMES, Guard
+from .openai_api import (Answer, ApiError, ChatRequest, CompletionRequest, Prepared, parse_request, prepare_chat,
+                         prepare_completion)
 
 log = logging.getLogger("cfm.serve")
-MAX_SEED = 2**63 - 1
 CLOSE = {"Connection": "close"}  # after a 413: the server reads no more of the body
 MAX_BODY_BYTES = 2**20  # default request body limit; a context of prompt text is ~660 KB at most
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
 class ClientGone(Exception):
     """The client closed its connection before the answer was ready."""
-
-
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)  # not in OpenAI's API; llama.cpp's server accepts it too
-    repetition_penalty: float = Field(default=1.0, gt=0)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: dict | None = None
-    n: int = 1
-
-
-class ChatRequest(_Request):
-    messages: list[dict[str, Any]]
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str]
-
-
-def _message_text(content) -> str:
-    """OpenAI content is a string or a list of parts; text parts are joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for p in content:
-            if not isinstance(p, dict) or p.get("type") != "text":
-                raise ApiError(400, "only text content parts are supported", param="messages")
-            parts.append(str(p.get("text", "")))
-        return "".join(parts)
-    if content is None:
-        return ""
-    raise ApiError(400, f"message content must be a string or a list of text parts, got {type(content).__name__}",
-                   param="messages")
 
 
 def model_id(model) -> str:
@@ -206,25 +148,8 @@ class _ClosingStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-def _sampling(req: _Request, model) -> SamplingParams:
-    if req.n != 1:
-        raise ApiError(400, "n > 1 is not supported; send one request per completion", param="n")
-    max_tokens = req.max_completion_tokens or req.max_tokens or model.config.context_length
-    try:
-        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                              repetition_penalty=req.repetition_penalty, seed=req.seed,
-                              stop=[req.stop] if isinstance(req.stop, str) else (req.stop or []))
-    except CfmError as e:
-        raise ApiError(400, str(e)) from None
-
-
-def _usage(stats) -> dict:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
-
-
-def _finish(stats) -> str:
-    return "length" if stats.finish_reason == "length" else "stop"
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 def api_error(exc: Exception, param: str | None = None) -> ApiError:
@@ -308,25 +233,19 @@ def create_app(engine: Engine, api_key: str | None = None, allowed_hosts: list[s
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
-        return exc.response()
+        return error_response(exc)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request, exc: HTTPException):
-        return ApiError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
-                        headers=exc.headers).response()
+        return error_response(ApiError(exc.status_code, str(exc.detail),
+                                       code="not_found" if exc.status_code == 404 else None, headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _internal(_request, exc: Exception):
-        return api_error(exc).response()
+        return error_response(api_error(exc))
 
     async def parse(request: Request, cls):
-        body = parse_json(await read_body(request, max_body_bytes))
-        try:
-            req = cls.model_validate(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise ApiError(400, f"{where}: {first['msg']}", param=where or None) from None
+        req = parse_request(parse_json(await read_body(request, max_body_bytes)), cls)
         engine.check_model(req.model)
         return req
 
@@ -345,49 +264,48 @@ def create_app(engine: Engine, api_key: str | None = None, allowed_hosts: list[s
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
-        messages = [{"role": str(m.get("role", "")), "content": _message_text(m.get("content"))} for m in req.messages]
-        engine.check_prompt_size([m["content"] for m in messages], "messages")
-        return await complete(request, req, messages, chat=True)
+        engine.check_prompt_size([m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+                                  for m in req.messages], "messages")
+        prepared = await run_in_threadpool(prepare_chat, req, engine.model)  # a grammar may take a while
+        return await complete(request, req, prepared, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
-        prompt = req.prompt if isinstance(req.prompt, str) else ("".join(req.prompt) if len(req.prompt) == 1 else None)
-        if prompt is None:
-            raise ApiError(400, "a list of several prompts is not supported; send one request per prompt",
-                           param="prompt")
-        engine.check_prompt_size([prompt], "prompt")
-        return await complete(request, req, prompt, chat=False)
+        prepared = await run_in_threadpool(prepare_completion, req, engine.model)
+        if isinstance(prepared.prompt, str):
+            engine.check_prompt_size([prepared.prompt], "prompt")
+        return await complete(request, req, prepared, chat=False)
 
-    async def complete(request: Request, req: _Request, prompt, chat: bool):
+    async def complete(request: Request, req, prepared: Prepared, chat: bool):
         param = "messages" if chat else "prompt"
-        params = _sampling(req, engine.model)
         try:
-            ids = await run_in_threadpool(engine.model.encode_prompt, prompt)
+            ids = prepared.prompt if isinstance(prepared.prompt, list) and chat is False else \
+                await run_in_threadpool(engine.model.encode_prompt, prepared.prompt, prepared.tools)
             if len(ids) >= engine.model.config.context_length:
                 raise ContextOverflowError(f"the prompt has {len(ids)} tokens but the model's context holds "
                                            f"{engine.model.config.context_length}; shorten the prompt")
-            answer = Answer(req, chat)
+            answer = Answer(req, chat, engine.model.tokenizer, prepared, ids)
             if req.stream:
-                return await stream(request, answer, ids, params)
-            return await unless_disconnected(request, whole(answer, ids, params))
+                return await stream(request, answer, ids, prepared.params)
+            return await unless_disconnected(request, whole(answer, ids, prepared.params))
         except ClientGone:
             return JSONResponse({}, status_code=499)  # nobody reads it
         except Exception as e:
             raise api_error(e, param) from None
 
-    async def whole(answer: "Answer", ids: list[int], params: SamplingParams) -> dict:
+    async def whole(answer: Answer, ids: list[int], params: SamplingParams) -> dict:
         turn = await engine.begin(answer.req.model, ids, params)
         try:
-            text, stats = [], None
-            while (chunk := await turn.next()) is not None:
-                text.append(chunk.text)
+            stats = None
+            while not answer.stopped and (chunk := await turn.next()) is not None:
+                answer.take(chunk)
                 stats = chunk.stats
-            return answer.whole("".join(text), stats)
+            return answer.whole(stats)
         finally:
             turn.close()
 
-    async def stream(request: Request, answer: "Answer", ids: list[int], params: SamplingParams):
+    async def stream(request: Request, answer: Answer, ids: list[int], params: SamplingParams):
         """Headers go out once the request holds the engine and its prompt ran: errors until then are statuses."""
         turn = await unless_disconnected(request, engine.begin(answer.req.model, ids, params))
         try:
@@ -397,18 +315,18 @@ def create_app(engine: Engine, api_key: str | None = None, allowed_hosts: list[s
             raise
         return _ClosingStream(events(answer, turn, first), media_type="text/event-stream")
 
-    async def events(answer: "Answer", turn: Turn, chunk: GenerationChunk | None):
+    async def events(answer: Answer, turn: Turn, chunk: GenerationChunk | None):
         stats = chunk.stats if chunk is not None else None
         try:
-            yield answer.opening()
+            for event in answer.opening(chunk):
+                yield event
             while chunk is not None:
-                if chunk.text:
-                    yield answer.delta(chunk.text)
+                for event in answer.events(chunk):
+                    yield event
                 stats = chunk.stats
-                chunk = await turn.next()
-            yield answer.delta(None, _finish(stats))
-            if (answer.req.stream_options or {}).get("include_usage"):
-                yield answer.usage(stats)
+                chunk = None if answer.stopped else await turn.next()
+            for event in answer.closing(stats):
+                yield event
         except Exception as e:
             yield f"data: {json.dumps(api_error(e).body())}\n\n"
         finally:
@@ -416,44 +334,6 @@ def create_app(engine: Engine, api_key: str | None = None, allowed_hosts: list[s
         yield "data: [DONE]\n\n"
 
     return app
-
-
-class Answer:
-    """The response bodies of one request: a whole completion, or its stream's events."""
-
-    def __init__(self, req: _Request, chat: bool):
-        self.req, self.chat = req, chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-
-    def whole(self, text: str, stats) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": _finish(stats)}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(stats)}
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.req.model, "choices": [choice], "usage": _usage(stats)}
-
-    def _event(self, choices: list, **extra) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.req.model, "choices": choices, **extra}
-        return f"data: {json.dumps(body)}\n\n"
-
-    def opening(self) -> str:
-        """The chat stream's first event (the assistant role); nothing for completions."""
-        if not self.chat:
-            return ""
-        return self._event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-
-    def delta(self, text: str | None, finish: str | None = None) -> str:
-        if self.chat:
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-        return self._event([choice])
-
-    def usage(self, stats) -> str:
-        return self._event([], usage=_usage(stats))
 
 
 def build_server(engine: Engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
