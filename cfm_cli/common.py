@@ -5,6 +5,7 @@ telemetry lines printed with --stats."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -162,11 +163,55 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables (default 1.0)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: random)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtracted from a token's logit once this answer has it, -2..2 (OpenAI's; default 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtracted per time this answer has the token, -2..2 (OpenAI's; default 0)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (-100..100) to token ID's logit; -100 bans it (repeatable)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-object", action="store_true",
+                       help="answer with a JSON object (constrained decoding; OpenAI's json_object mode)")
+    shape.add_argument("--json-schema", metavar="FILE|JSON",
+                       help="answer with JSON valid against this schema (a file, or the schema's text)")
 
 
 def sampling_options(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                logit_bias=_logit_bias(args.logit_bias), grammar=_grammar(args))
+
+
+def _logit_bias(specs: list[str]) -> dict[int, float]:
+    bias = {}
+    for spec in specs:
+        tid, sep, value = spec.partition("=")
+        try:
+            bias[int(tid)] = float(value)
+        except ValueError:
+            raise CfmError(f"--logit-bias takes ID=BIAS (a token id and a number), got {spec!r}") from None
+    return bias
+
+
+def _grammar(args):
+    if not (args.json_object or args.json_schema):
+        return None
+    from cfm_runtime.grammar import Grammar
+
+    if args.json_object:
+        return Grammar.json_object()
+    text = args.json_schema
+    if not text.lstrip().startswith("{"):
+        try:
+            text = Path(text).read_text()
+        except OSError as e:
+            raise CfmError(f"--json-schema: cannot read {args.json_schema}: {e.strerror}") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise CfmError(f"--json-schema is not JSON: {e}") from None
+    return Grammar.json_schema(schema, name=args.json_schema if text is not args.json_schema else "--json-schema")
 
 
 # ---------------------------------------------------------------- telemetry lines
