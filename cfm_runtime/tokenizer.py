@@ -145,9 +145,13 @@ class GGUFTokenizer(Tokenizer):
         self.chat_template = metadata.get("tokenizer.chat_template")
 
     def _make_lltokenizer(self):
+        import warnings
+
         from llguidance.llamacpp import lltokenizer_from_vocab
 
-        return lltokenizer_from_vocab(self._llama._model.vocab, eos_token=sorted(self.eog_ids))
+        with warnings.catch_warnings():  # it reads token attributes through a name llama-cpp-python deprecates
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return lltokenizer_from_vocab(self._llama._model.vocab, eos_token=sorted(self.eog_ids))
 
     def _special(self, value) -> int | None:
         return int(value) if value is not None and 0 <= int(value) < self.vocab_size else None

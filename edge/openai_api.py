@@ -221,12 +221,14 @@ def _params(req: _Request, model, max_tokens: int | None, grammar, logprobs: int
         if not key.isdigit():
             raise ApiError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias")
         bias[int(key)] = value
-    return _checked(SamplingParams, max_tokens=model.config.context_length if max_tokens is None else max_tokens,
+    params = _checked(SamplingParams, max_tokens=model.config.context_length if max_tokens is None else max_tokens,
                     temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                     repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, logit_bias=bias, seed=req.seed,
                     stop=[req.stop] if isinstance(req.stop, str) else (req.stop or []), logprobs=logprobs,
                     prompt_logprobs=prompt_logprobs, grammar=grammar, param=None)
+    _checked(params.check_vocab, model.config.vocab_size, param="logit_bias")
+    return params
 
 
 def _checked(fn, *args, param: str | None, **kwargs):
