@@ -16,14 +16,23 @@ Three engines, as installed: llguidance, xgrammar and outlines_core, on SmolLM2-
   tokens may be allowed). The first replay right after compile is reported as cold; `--replays` more after a
   reset give the warm median/p95 µs per token. Allowed-token counts per position are saved, and at a few
   positions the allowed sets are compared with llguidance's. Mask cost is reported as a fraction of a decode step.
+- constrained: the runtime's own constrained decoding (`SamplingParams.grammar`: llguidance's mask applied in the
+  sampler) on a nested schema (objects, an array, an enum, a pattern), against the same prompts unconstrained, in
+  the same run, greedy, with speculation off and auto: the constrained answer first, then the free one cut at as
+  many tokens (same length, same attention cost; on odd repetitions the pair is timed again in the other order);
+  decode tok/s per answer, the median of the paired ratios, and whether each constrained answer parses.
+  Plot: grammar_constrained.png. xgrammar and outlines-core are not dependencies of the project: install them
+  to compare (`pip install xgrammar outlines-core`; xgrammar brings torch, and may bring triton, which makes
+  every later `import torch` ~100 MB larger).
 
 Formatting is held as close as the engines allow: llguidance and xgrammar emit exactly `", "` and `": "` with no
 other whitespace; outlines_core's regex allows an optional single space around every separator (`[ ]?`), so it
 allows a few more tokens at some positions. Schemas set additionalProperties false where they list properties.
 
-    python benchmarks/bench_grammar.py [--replays 5] [--decode-runs 3] [--threads N] [--parts imports,decode,engines]
+    python benchmarks/bench_grammar.py [--replays 5] [--decode-runs 3] [--threads N]
+        [--parts imports,decode,engines,constrained] [--constrained-reps 2]
 
-Saves benchmarks/results/grammar_engines.json. The machine is shared: the JSON records the load average before and
+Saves benchmarks/results/grammar_engines.json and grammar_constrained.png. The machine is shared: the JSON records the load average before and
 after each part.
 """
 
@@ -181,6 +190,106 @@ def part_decode(args, model) -> dict:
     return {"messages": DECODE_MESSAGES, "max_tokens": args.decode_tokens, "runs": runs,
             "step_ms_median": median([r["step_ms"] for r in runs]),
             "decode_tps_median": median([r["decode_tps"] for r in runs])}
+
+
+# ---------------------------------------------------------------------------------------------- constrained
+
+CONSTRAINED_SCHEMA = {  # the nested schema of tests/test_agent_api.py: objects, an array, an enum, a pattern
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 30},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "address": {"type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 30},
+                                   "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 15}, "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "address", "tags"],
+    "additionalProperties": False,
+}
+CONSTRAINED_PROMPTS = ["Anna is 31, lives in Lyon (69001) and administers the chess club's website.",
+                       "Describe a fictional user of a music app.",
+                       "Tom, a guest at the hotel in Rome, is 45 and loves pasta and football.",
+                       "Write a short profile of a retired teacher who lives by the sea."]
+
+
+def constrained_run(model, gen, msgs, grammar, max_tokens: int) -> dict:
+    time.sleep(0.1)  # untimed: spinning workers of the previous run stop
+    gen.reset()
+    chunks = list(model.stream(msgs, generator=gen, temperature=0, max_tokens=max_tokens, grammar=grammar))
+    st = chunks[-1].stats
+    parses = None
+    if grammar is not None:
+        try:
+            json.loads("".join(c.text for c in chunks))
+            parses = True
+        except ValueError:
+            parses = False
+    return {"decode_tps": st.decode_tps, "tokens": st.generated_tokens, "finish_reason": st.finish_reason,
+            "parses": parses, "tokens_per_step": st.decode_tokens / max(st.decode_steps, 1)}
+
+
+def part_constrained(args, model) -> dict:
+    """Decode tok/s of the same prompts unconstrained and under the JSON schema (the runtime's own path:
+    `SamplingParams.grammar`, llguidance masks in the sampler), alternating, with and without speculation."""
+    from cfm_runtime import RunOptions
+    from cfm_runtime.grammar import Grammar
+
+    grammar = Grammar.json_schema(CONSTRAINED_SCHEMA)
+    gens = {spec: model.new_generator(RunOptions(speculate=spec)) for spec in ("off", "auto")}
+    rows = []
+    for rep in range(args.constrained_reps):
+        for prompt in CONSTRAINED_PROMPTS:
+            msgs = [{"role": "user", "content": prompt}]
+            for spec in ("off", "auto"):
+                # the constrained answer first: the free one then decodes as many tokens (same lengths, same
+                # attention cost); the order of the timed pair alternates between repetitions
+                n = None
+                pair = {}
+                for g in ("json", "free"):
+                    pair[g] = constrained_run(model, gens[spec], msgs, grammar if g == "json" else None,
+                                              n or args.constrained_tokens)
+                    n = pair["json"]["tokens"]
+                if rep % 2:  # time the pair in the other order too
+                    for g in ("free", "json"):
+                        pair[g] = constrained_run(model, gens[spec], msgs, grammar if g == "json" else None, n)
+                for g in ("json", "free"):
+                    rows.append({"rep": rep, "prompt": prompt, "speculate": spec, "constraint": g, **pair[g]})
+                log(f"constrained: {spec:>4} json {pair['json']['decode_tps']:6.1f} free "
+                    f"{pair['free']['decode_tps']:6.1f} tok/s, {n} tokens ({prompt[:30]})")
+    summary = {}
+    for spec in ("off", "auto"):
+        free = [r["decode_tps"] for r in rows if r["speculate"] == spec and r["constraint"] == "free"]
+        js = [r["decode_tps"] for r in rows if r["speculate"] == spec and r["constraint"] == "json"]
+        summary[spec] = {"free_tps_median": median(free), "json_tps_median": median(js),
+                         "ratio_median": median([b / a for a, b in zip(free, js)]),
+                         "json_parses": sum(r["parses"] for r in rows if r["speculate"] == spec and r["parses"]
+                                            is not None)}
+        log(f"constrained: speculate {spec}: free {summary[spec]['free_tps_median']:.1f} tok/s, json "
+            f"{summary[spec]['json_tps_median']:.1f} tok/s, ratio {summary[spec]['ratio_median']:.3f}")
+    for gen in gens.values():
+        gen.close()
+    return {"schema": CONSTRAINED_SCHEMA, "max_tokens": args.constrained_tokens, "rows": rows, "summary": summary}
+
+
+def plot_constrained(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"speculate {s}\n{g}" for s in ("off", "auto") for g in ("free", "json")]
+    data = [[r["decode_tps"] for r in rows if r["speculate"] == s and r["constraint"] == g]
+            for s in ("off", "auto") for g in ("free", "json")]
+    ax.boxplot(data, tick_labels=labels)
+    ax.set_ylabel("decode tok/s (per answer)")
+    ax.set_title("Greedy decode, unconstrained (free) vs under a nested JSON schema (llguidance)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------- engines
@@ -489,7 +598,9 @@ def main(argv=None):
     ap.add_argument("--import-reps", type=int, default=2, help="fresh subprocesses per engine import")
     ap.add_argument("--threads", type=int, default=None, help="model threads (default: every available core)")
     ap.add_argument("--engines", default=",".join(ENGINES))
-    ap.add_argument("--parts", default="imports,decode,engines")
+    ap.add_argument("--parts", default="imports,decode,engines,constrained")
+    ap.add_argument("--constrained-reps", type=int, default=2, help="repetitions of the constrained-decode part")
+    ap.add_argument("--constrained-tokens", type=int, default=200)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     args.engines = args.engines.split(",")
@@ -523,7 +634,10 @@ def main(argv=None):
                                    "eog_ids": sorted(tok.eog_ids),
                                    "empty_text_pieces": [i for i in range(tok.vocab_size) if not tok.token_bytes(i)],
                                    "torch_imported_by_load": "torch" in sys.modules}
-            result[name] = part_decode(args, model) if name == "decode" else part_engines(args, model)
+            part = {"decode": part_decode, "engines": part_engines, "constrained": part_constrained}[name]
+            result[name] = part(args, model)
+            if name == "constrained":
+                plot_constrained(result[name], Path(args.out or RESULTS) / "grammar_constrained.png")
         result["load_average"][name] = {"before_1_5_15": before, "after_1_5_15": os.getloadavg(),
                                         "seconds": round(time.perf_counter() - t0, 1)}
         path = save("grammar_engines", result, Path(args.out or RESULTS))

@@ -110,6 +110,14 @@ class GrammarMatcher:
         if not self.matcher.consume_token(int(token)):
             raise CfmError(f"constrained decoding failed at token {token}: {self.matcher.get_error()}")
 
+    def forced(self) -> list[int]:
+        """The tokens the grammar forces from here, whatever the model says (a key, a closing quote)."""
+        return [] if self.done else list(self.matcher.compute_ff_tokens())
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens`, in order, the grammar allows from here (the state does not move)."""
+        return len(tokens) if self.done else self.matcher.validate_tokens(list(tokens))
+
     @property
     def complete(self) -> bool:
         """The text so far is a whole sentence of the grammar (the answer may end here)."""

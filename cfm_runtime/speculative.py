@@ -12,6 +12,9 @@ output is identical to plain greedy decoding, token for token. The fp32 `modules
 matrix-matrix products and a step with matrix-vector ones: greedy output there can differ where two tokens are
 within rounding of each other (docs/speculative.md has the measurement).
 
+Under a grammar (`cfm_runtime.grammar`), the tokens it forces (a JSON key, a call's fixed text) are the draft,
+and a drafter's proposal is cut before the first token the grammar forbids.
+
 Drafters cost nothing on the center:
 - `LookupDrafter`: prompt lookup, the tokens that followed the latest earlier occurrence of the last n tokens in
   the prompt or the text generated so far (llama.cpp's lookup decoding, transformers' prompt_lookup_num_tokens).
@@ -131,7 +134,8 @@ class EdgeDrafter:
 # Per-token acceptance of each kind of draft before any was verified, measured on the shipped tasks
 # (benchmarks/results/speculative.json): longer n-gram matches are right more often; edge-only drafts (26 of 30
 # layers skipped) almost never are.
-PRIOR_ACCEPTANCE = {"lookup:1": 0.3, "lookup:2": 0.6, "lookup:3": 0.7, "lookup:4": 0.85, "edge": 0.05}
+PRIOR_ACCEPTANCE = {"lookup:1": 0.3, "lookup:2": 0.6, "lookup:3": 0.7, "lookup:4": 0.85, "edge": 0.05,
+                    "grammar": 0.95}
 
 
 @dataclass
@@ -321,15 +325,22 @@ class SpeculativeSteps:
         room = min(self.max_tokens - self.stats.generated_tokens, self.context_length - len(history)) - 1
         if room < 1:
             return Draft([], "none")
-        policy, drafter = self.spec.policy, self.spec.drafter
+        policy, drafter, grammar = self.spec.policy, self.spec.drafter, self.sampler.grammar
         limit = min(room, policy.k_max)
+        if grammar is not None:  # tokens the grammar forces: the masked rows allow nothing else
+            forced = grammar.forced()[:limit]
+            if forced:
+                return Draft(forced[:policy.choose("grammar", len(forced))], "grammar")
         if drafter.source is not None:  # a costly drafter: decide k first, then draft only that many
             limit = policy.choose(drafter.source, limit)
         proposal = drafter.draft(history, limit) if limit > 0 else None
         if proposal is None:
             return Draft([], "none")
-        k = policy.choose(proposal.source, len(proposal.tokens)) if drafter.source is None else len(proposal.tokens)
-        return Draft(proposal.tokens[:k], proposal.source)
+        tokens = proposal.tokens
+        if grammar is not None:  # a token the grammar forbids is never accepted: verifying it is waste
+            tokens = tokens[:grammar.valid_prefix(tokens)]
+        k = policy.choose(proposal.source, len(tokens)) if drafter.source is None else len(tokens)
+        return Draft(tokens[:k], proposal.source)
 
     def _verify(self, rows: np.ndarray, draft: list[int], history: list[int]) -> tuple[int, int]:
         """rows [len(draft) + 1, vocab] -> (drafted tokens accepted, the token after them)."""

@@ -119,27 +119,34 @@ def test_streamed_json_equals_the_whole_answer(client, engine):
 
 
 def test_grammar_holds_on_every_path(lean, model_path):
-    """Local with and without speculation, and split with a real center: the same constrained greedy answer."""
+    """Local with and without speculation, and split with a real center: the same constrained answer, greedy or
+    seeded; with speculation the grammar's forced tokens are drafted, and all of them are accepted."""
     from center.server import CenterServer
 
     grammar = Grammar.json_schema(PERSON)
     msgs = [{"role": "user", "content": PERSON_PROMPTS[2]}]
 
-    def answer(run):
+    def answer(run, **sampling):
         gen = lean.new_generator(run)
         try:
-            return "".join(c.text for c in lean.stream(msgs, generator=gen, temperature=0, max_tokens=300,
-                                                       grammar=grammar))
+            chunks = list(lean.stream(msgs, generator=gen, grammar=grammar,
+                                      **({"temperature": 0, "max_tokens": 300} | sampling)))
         finally:
             gen.close()
+        return "".join(c.text for c in chunks), chunks[-1].stats
 
-    plain = answer(RunOptions(speculate="off"))
+    plain, _ = answer(RunOptions(speculate="off"))
     jsonschema.validate(json.loads(plain), PERSON)
-    assert answer(RunOptions(speculate="lookup")) == plain
+    text, stats = answer(RunOptions(speculate="lookup"))
+    assert text == plain
+    forced = stats.extra["speculative"]["by_source"]["grammar"]
+    assert forced["drafted"] >= 10 and forced["accepted"] == forced["drafted"]
+    seeded = answer(RunOptions(speculate="off"), temperature=1.0, seed=7)[0]
+    assert answer(RunOptions(speculate="lookup"), temperature=1.0, seed=7)[0] == seeded
     center = CenterServer(load_model(model_path), span=(2, 28)).start()
     try:
         for mode in ("off", "lookup"):
-            assert answer(RunOptions(center=CenterOptions(center.address, (2, 28)), speculate=mode)) == plain
+            assert answer(RunOptions(center=CenterOptions(center.address, (2, 28)), speculate=mode))[0] == plain
     finally:
         center.stop()
 
