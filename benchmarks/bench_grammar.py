@@ -52,6 +52,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, environment, median, save  # noqa: E402
 
+import cfm_bench  # noqa: E402
+
 ENGINES = ("llguidance", "xgrammar", "outlines_core")
 SEPARATORS = (", ", ": ")
 
@@ -194,25 +196,8 @@ def part_decode(args, model) -> dict:
 
 # ---------------------------------------------------------------------------------------------- constrained
 
-CONSTRAINED_SCHEMA = {  # the nested schema of tests/test_agent_api.py: objects, an array, an enum, a pattern
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 30},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {"type": "object",
-                    "properties": {"city": {"type": "string", "maxLength": 30},
-                                   "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 15}, "minItems": 1, "maxItems": 3},
-    },
-    "required": ["name", "age", "role", "address", "tags"],
-    "additionalProperties": False,
-}
-CONSTRAINED_PROMPTS = ["Anna is 31, lives in Lyon (69001) and administers the chess club's website.",
-                       "Describe a fictional user of a music app.",
-                       "Tom, a guest at the hotel in Rome, is 45 and loves pasta and football.",
-                       "Write a short profile of a retired teacher who lives by the sea."]
+PERSON = json.loads((Path(cfm_bench.__file__).parent / "data" / "person_schema.json").read_text())
+CONSTRAINED_SCHEMA, CONSTRAINED_PROMPTS = PERSON["schema"], PERSON["prompts"]  # the schema tests/test_agent_api.py uses
 
 
 def constrained_run(model, gen, msgs, grammar, max_tokens: int) -> dict:

@@ -6,36 +6,22 @@ import json
 import threading
 import time
 
+from pathlib import Path
+
 import httpx
 import jsonschema
 import numpy as np
 import openai
 import pytest
 
+import cfm_bench
 from cfm_runtime import CenterOptions, RunOptions, load_model
 from cfm_runtime.grammar import Grammar
 from cfm_runtime.sampling import Sampler, SamplingParams, log_softmax
 from edge.server import Engine, build_server, model_id
 
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 30},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "user", "guest"]},
-        "address": {"type": "object",
-                    "properties": {"city": {"type": "string", "maxLength": 30},
-                                   "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                    "required": ["city", "zip"], "additionalProperties": False},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 15}, "minItems": 1, "maxItems": 3},
-    },
-    "required": ["name", "age", "role", "address", "tags"],
-    "additionalProperties": False,
-}
-PERSON_PROMPTS = ["Anna is 31, lives in Lyon (69001) and administers the chess club's website.",
-                  "Describe a fictional user of a music app.",
-                  "Tom, a guest at the hotel in Rome, is 45 and loves pasta and football.",
-                  "What is the capital of France?"]
+PERSON_DATA = json.loads((Path(cfm_bench.__file__).parent / "data" / "person_schema.json").read_text())
+PERSON, PERSON_PROMPTS = PERSON_DATA["schema"], PERSON_DATA["prompts"]
 JSON_PROMPTS = ["Give me a JSON object describing a book: its title, author and year.",
                 "Return a JSON object with the keys city and country for Paris.",
                 "Describe a dog as a JSON object with name, breed and age.",
