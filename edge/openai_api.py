@@ -9,6 +9,7 @@ answer parses and a call's arguments match its function's schema. `user` is acce
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -157,6 +158,8 @@ class Prepared:
 
 
 def prepare_chat(req: ChatRequest, model) -> Prepared:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     tools, mode, name = None, "none", None
     if req.tools is not None:
         tools = _checked(toolkit.parse_tools, req.tools, param="tools")
@@ -184,11 +187,8 @@ def prepare_chat(req: ChatRequest, model) -> Prepared:
     describe = tools is not None and mode != "none" and not model.tokenizer.template_takes_tools
     messages = _checked(toolkit.chat_messages, [_plain(m) for m in req.messages], tools, describe, param="messages")
     native = [t.spec() for t in tools] if tools and mode != "none" and not describe else None
-    top = req.top_logprobs if req.logprobs else None
-    if req.top_logprobs is not None and not req.logprobs:
-        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     params = _params(req, model, req.max_completion_tokens or req.max_tokens, grammar,
-                     (top or 0) if req.logprobs else None, False)
+                     (req.top_logprobs or 0) if req.logprobs else None, False)
     return Prepared(messages, native, params, calls=grammar is not None and tools is not None and mode != "none")
 
 
@@ -222,11 +222,11 @@ def _params(req: _Request, model, max_tokens: int | None, grammar, logprobs: int
             raise ApiError(400, f"logit_bias keys are token ids, got {key!r}", param="logit_bias")
         bias[int(key)] = value
     params = _checked(SamplingParams, max_tokens=model.config.context_length if max_tokens is None else max_tokens,
-                    temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                    repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-                    frequency_penalty=req.frequency_penalty, logit_bias=bias, seed=req.seed,
-                    stop=[req.stop] if isinstance(req.stop, str) else (req.stop or []), logprobs=logprobs,
-                    prompt_logprobs=prompt_logprobs, grammar=grammar, param=None)
+                      temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                      repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+                      frequency_penalty=req.frequency_penalty, logit_bias=bias, seed=req.seed,
+                      stop=[req.stop] if isinstance(req.stop, str) else (req.stop or []), logprobs=logprobs,
+                      prompt_logprobs=prompt_logprobs, grammar=grammar, param=None)
     _checked(params.check_vocab, model.config.vocab_size, param="logit_bias")
     return params
 
@@ -372,8 +372,6 @@ class Answer:
         return self._event([{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}])
 
     def _event(self, choices: list, **extra) -> str:
-        import json
-
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.req.model, "choices": choices, **extra}
         return f"data: {json.dumps(body)}\n\n"
