@@ -126,6 +126,8 @@ def add_ray_parsers(csub) -> None:
     d.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray started without --address")
     d.add_argument("--token-file", default=None,
                    help="require bearer tokens listed in this file (the path must exist on every node)")
+    d.add_argument("--insecure", action="store_true",
+                   help="deploy without --token-file although Serve's gRPC proxy listens on every interface")
     d.add_argument("--max-sessions", type=int, default=64, help="sessions one replica holds at once (default 64)")
     d.add_argument("--max-kv-mb", type=float, default=2048, help="KV cache budget per replica, MiB (default 2048)")
     d.add_argument("--session-positions", type=int, default=2048,
@@ -164,6 +166,10 @@ def cmd_deploy(args) -> int:
     ray_serve.parse_args(app_args(args))  # user errors before Ray starts
     if not 1 <= args.grpc_port <= 65535:
         raise CfmError("--grpc-port must be 1..65535")
+    if not args.token_file and not args.insecure:  # the rule of `cfm center serve` beyond loopback
+        raise CfmError(f"Serve's gRPC proxy listens on every interface of every node ([::]:{args.grpc_port}), so "
+                       "without tokens anyone who reaches the port can use the center; pass --token-file FILE, "
+                       "or --insecure to deploy without authentication")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
     proxies = ray_serve.deploy(app_args(args), address=args.address, grpc_port=args.grpc_port, num_cpus=args.num_cpus)

@@ -225,3 +225,6 @@ def test_cli_errors_before_ray_starts(capsys):
 
     assert main(["center", "deploy", "--autoscale", "5:2"]) == 2
     assert "MIN <= MAX" in capsys.readouterr().err
+    assert main(["center", "deploy", "--replicas", "1"]) == 2  # no tokens: Serve's proxy listens everywhere
+    err = capsys.readouterr().err
+    assert "--token-file" in err and "--insecure" in err
