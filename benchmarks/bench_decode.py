@@ -37,7 +37,7 @@ import cfm_runtime  # noqa: E402
 from cfm_runtime.gguf_file import read_gguf  # noqa: E402
 from cfm_runtime import LocalRunner  # noqa: E402
 from cfm_runtime.backends import FusedBackend, decoder_weights, weight_bytes_per_token  # noqa: E402
-from cfm_runtime.kernels import graph, native  # noqa: E402
+from cfm_runtime.kernels import graph  # noqa: E402
 from cfm_runtime.kernels.fused import FusedSpan  # noqa: E402
 from cfm_runtime.memory import release_freed_memory  # noqa: E402
 from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402

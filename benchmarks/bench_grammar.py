@@ -44,13 +44,12 @@ import os
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, environment, median, save  # noqa: E402
+from common import RESULTS, environment, median, save, versions  # noqa: E402
 
 import cfm_bench  # noqa: E402
 
@@ -589,15 +588,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     args.engines = args.engines.split(",")
-    versions = {}
-    for pkg in ("llguidance", "xgrammar", "outlines_core", "torch", "psutil"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
     result = {"benchmark": "grammar_engines",
               "environment": environment(args.threads or len(os.sched_getaffinity(0))),
-              "engine_versions": versions, "load_average": {},
+              "engine_versions": versions(("llguidance", "xgrammar", "outlines_core", "torch", "psutil")), "load_average": {},
               "settings": {"separators": SEPARATORS, "replays": args.replays, "decode_runs": args.decode_runs,
                            "schemas": {s: v["schema"] for s, v in SCHEMAS.items()}},
               "note": "shared 2-core machine: times move with other tenants' load (recorded per part); µs-scale "

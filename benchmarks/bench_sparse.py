@@ -63,14 +63,14 @@ QUALITY_RUNS = (  # (strategy, predictor kind, per-layer densities, mean densiti
 def quality(model, pack) -> list[dict]:
     """Held-out perplexity and top-1 agreement with the dense model (`model`) of each sparse configuration,
     each on a model of its own (a sparse FFN replaces the dense one)."""
-    from cfm_runtime import LoadOptions, SparseOptions
+    from cfm_runtime import LoadOptions, SparseOptions, load_model
     from cfm_runtime.sparse.load import layer_densities
 
     texts = held_out(model)
     base, base_top = evaluate(model, texts)
     rows = [{"strategy": "dense", "density": 1.0, "ppl": base, "ppl_change_pct": 0.0, "top1_agreement": 1.0}]
     for strategy, kind, plan, levels in QUALITY_RUNS:
-        sparse = cfm_runtime.load_model(model.path, LoadOptions(threads=2, weights="fp32"))
+        sparse = load_model(model.path, LoadOptions(threads=2, weights="fp32"))
         engine = sparse.attach_sparse(pack, SparseOptions(sparse=True, predictor=kind or "int4"))
         for d in levels:
             engine.configure(strategy=strategy, densities=layer_densities(pack, d, plan), measure=True)

@@ -24,20 +24,25 @@ PROMPT = (
 )
 
 
-def environment(threads: int) -> dict:
-    versions = {}
-    for pkg in ("torch", "llama_cpp_python", "onnxruntime", "numpy", "cfm-runtime"):
+def versions(packages) -> dict:
+    """Installed version of each package (None if it is not installed)."""
+    out = {}
+    for pkg in packages:
         try:
-            versions[pkg] = metadata.version(pkg)
+            out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            versions[pkg] = None
+            out[pkg] = None
+    return out
+
+
+def environment(threads: int) -> dict:
     return {
         "machine": platform.machine(),
         "cpu": _cpu_name(),
         "cores_available": len(os.sched_getaffinity(0)),
         "threads": threads,
         "python": platform.python_version(),
-        "versions": versions,
+        "versions": versions(("torch", "llama_cpp_python", "onnxruntime", "numpy", "cfm-runtime")),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
