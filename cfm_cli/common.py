@@ -174,6 +174,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                        help="answer with a JSON object (constrained decoding; OpenAI's json_object mode)")
     shape.add_argument("--json-schema", metavar="FILE|JSON",
                        help="answer with JSON valid against this schema (a file, or the schema's text)")
+    shape.add_argument("--grammar-file", metavar="FILE",
+                       help="answer following this grammar: GBNF (llama.cpp's format) or Lark")
 
 
 def sampling_options(args) -> dict:
@@ -195,12 +197,17 @@ def _logit_bias(specs: list[str]) -> dict[int, float]:
 
 
 def _grammar(args):
-    if not (args.json_object or args.json_schema):
+    if not (args.json_object or args.json_schema or args.grammar_file):
         return None
     from cfm_runtime.grammar import Grammar
 
     if args.json_object:
         return Grammar.json_object()
+    if args.grammar_file:
+        try:
+            return Grammar.text(Path(args.grammar_file).read_text(), f"--grammar-file {args.grammar_file}")
+        except OSError as e:
+            raise CfmError(f"--grammar-file: cannot read {args.grammar_file}: {e.strerror}") from None
     text = args.json_schema
     if not text.lstrip().startswith("{"):
         try:

@@ -53,10 +53,23 @@ class Grammar:
 
     @classmethod
     def lark(cls, text: str, what: str = "the grammar") -> "Grammar":
-        """llguidance's Lark dialect (`%json {...}` inlines a schema); see docs/structured-output.md."""
+        """llguidance's Lark dialect (`%json {...}` inlines a schema; docs/openai-api.md#structured-output)."""
         import llguidance
 
         return cls._checked(llguidance.LLMatcher.grammar_from_lark(text), what)
+
+    @classmethod
+    def text(cls, text: str, what: str = "the grammar") -> "Grammar":
+        """A grammar as llama.cpp takes one: GBNF (`root ::= ...`, llama.cpp's own format), or Lark."""
+        import llguidance
+
+        if not isinstance(text, str) or not text.strip():
+            raise CfmError(f"{what} is empty; give a GBNF grammar (root ::= ...) or a Lark one (start: ...)")
+        try:
+            lark = llguidance.grammar_from("grammar", text)
+        except ValueError as e:
+            raise CfmError(f"{what} is neither GBNF nor Lark that can be read: {e}") from None
+        return cls._checked(lark, what)
 
     @classmethod
     def _checked(cls, source: str, what: str) -> "Grammar":

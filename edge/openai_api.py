@@ -69,6 +69,7 @@ class _Request(_Strict):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    grammar: str | None = None  # llama.cpp's server extension: GBNF (or Lark) the answer must follow
 
 
 class TextPart(_Strict):
@@ -174,7 +175,12 @@ def prepare_chat(req: ChatRequest, model) -> Prepared:
         schema = fmt.json_schema.schema_
     elif fmt is not None and fmt.type == "json_object":
         schema = {"type": "object"}
-    if tools is not None and mode != "none":  # with "required" or a named function the answer is calls only
+    if req.grammar is not None and (fmt is not None and fmt.type != "text" or tools is not None and mode != "none"):
+        raise ApiError(400, "grammar cannot be combined with response_format or tools; use one of them",
+                       param="grammar")
+    if req.grammar is not None:
+        grammar = _checked(Grammar.text, req.grammar, "grammar", param="grammar")
+    elif tools is not None and mode != "none":  # with "required" or a named function the answer is calls only
         grammar = _checked(toolkit.call_grammar, tools, mode, name, req.parallel_tool_calls, schema,
                            param="tools")
     elif fmt is not None and fmt.type == "json_schema":
@@ -208,7 +214,8 @@ def prepare_completion(req: CompletionRequest, model) -> Prepared:
     if req.max_tokens == 0 and not req.echo:
         raise ApiError(400, "max_tokens 0 generates nothing; it is for scoring the prompt with echo and logprobs",
                        param="max_tokens")
-    params = _params(req, model, req.max_tokens, None, req.logprobs, req.echo and req.logprobs is not None)
+    grammar = None if req.grammar is None else _checked(Grammar.text, req.grammar, "grammar", param="grammar")
+    params = _params(req, model, req.max_tokens, grammar, req.logprobs, req.echo and req.logprobs is not None)
     return Prepared(prompt, None, params, calls=False)
 
 

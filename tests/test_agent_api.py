@@ -104,6 +104,17 @@ def test_streamed_json_equals_the_whole_answer(client, engine):
     assert "".join(c.choices[0].delta.content or "" for c in parts if c.choices) == whole
 
 
+def test_llama_cpp_grammar_field_gbnf_and_lark(client, engine):
+    """llama.cpp's `grammar` extension: a GBNF grammar (its own format) or a Lark one, on chat and completions."""
+    yes_no = 'root ::= answer "."\nanswer ::= "yes" | "no"'
+    for prompt in ("Is the sky blue?", "Is fire cold?", "Can fish swim?"):
+        r = chat(client, engine, [{"role": "user", "content": prompt}], extra_body={"grammar": yes_no})
+        assert r.choices[0].message.content in ("yes.", "no.")
+    r = client.completions.create(model=engine.model_id, prompt="The colour of grass is", max_tokens=10,
+                                  temperature=0, extra_body={"grammar": 'start: " " COLOUR\nCOLOUR: "green" | "blue"'})
+    assert r.choices[0].text in (" green", " blue")
+
+
 def test_grammar_holds_on_every_path(lean, model_path):
     """Local with and without speculation, and split with a real center: the same constrained answer, greedy or
     seeded; with speculation the grammar's forced tokens are drafted, and all of them are accepted."""
@@ -344,6 +355,8 @@ def post(api, path, body):
     ({"logit_bias": {"5": 200}}, None),
     ({"logit_bias": {"99999999": 1}}, None),
     ({"presence_penalty": 3}, "presence_penalty"),
+    ({"grammar": "root ::= missing"}, "grammar"),
+    ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}}, "grammar"),
     ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages.0.role"),
     ({"messages": [{"role": "user", "content": "x", "colour": "red"}]}, "messages.0.colour"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
