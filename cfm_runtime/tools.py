@@ -16,9 +16,13 @@ import json
 import re
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import CfmError
 from .grammar import JSON_FORMAT, Grammar
+
+if TYPE_CHECKING:
+    from .generate import GenerationStats
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 HEAD = OPEN + '{"name": "'  # every call starts with these characters (the grammar writes them)
@@ -187,6 +191,76 @@ def call_grammar(tools: list[Tool], mode: str, name: str | None = None, parallel
     else:
         lines = ["start: calls", *lines]
     return Grammar.lark("\n".join(lines), "the tools' grammar")
+
+
+class ToolsError(CfmError):
+    """A request's tools, tool choice or messages cannot be used; `field` names which."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class ToolPrompt:
+    """A chat with tools in the model's terms: `messages` for the chat template, `template_tools` for a template
+    that describes tools itself (else None), and the `grammar` the answer is decoded under (None when no tool
+    may be called: then the answer is text)."""
+
+    messages: list[dict]
+    template_tools: list[dict] | None
+    grammar: Grammar | None
+
+
+def tool_prompt(tokenizer, messages: list[dict], tools: list | None, tool_choice=None, parallel: bool = True,
+                answer_schema: dict | None = None) -> ToolPrompt:
+    """OpenAI's messages, `tools`, `tool_choice` and `parallel_tool_calls` -> the prompt and grammar of the
+    answer (`answer_schema`: the text alternative's JSON schema under "auto"). A ToolsError names the field
+    at fault."""
+    specs, mode, name = None, "none", None
+    if tools is not None:
+        specs = _field(parse_tools, "tools", tools)
+        mode, name = _field(parse_choice, "tool_choice", tool_choice, specs)
+    elif tool_choice not in (None, "none"):
+        raise ToolsError("tool_choice needs tools", "tool_choice")
+    active = specs is not None and mode != "none"
+    describe = active and not tokenizer.template_takes_tools
+    chat = _field(chat_messages, "messages", messages, specs, describe)
+    grammar = _field(call_grammar, "tools", specs, mode, name, parallel, answer_schema) if active else None
+    return ToolPrompt(chat, [t.spec() for t in specs] if active and not describe else None, grammar)
+
+
+def _field(fn, field: str, *args):
+    try:
+        return fn(*args)
+    except CfmError as e:
+        raise ToolsError(str(e), field) from None
+
+
+def chat(model, messages: list[dict], tools: list, tool_choice=None, parallel: bool = True, generator=None,
+         **sampling) -> tuple[str | None, list[ToolCall], "GenerationStats"]:
+    """One answer of `model` to a chat with tools, in Python: -> (text, or None when the answer is calls; the
+    calls; the answer's stats). Sampling options as `Model.stream`'s; `generator`: one that keeps its cache."""
+    from .sampling import SamplingParams
+
+    p = tool_prompt(model.tokenizer, messages, tools, tool_choice, parallel)
+    ids = model.encode_prompt(p.messages, p.template_tools)
+    reader = CallStream() if p.grammar is not None else None
+    chunks = (generator or model.new_generator()).stream(ids, SamplingParams(grammar=p.grammar, **sampling))
+    text, stats = [], None
+    for chunk in chunks:
+        text.append(chunk.text)
+        stats = chunk.stats
+        if reader is not None and chunk.text:
+            reader.push(chunk.text)
+            if reader.repeated:  # the same call again: the answer ends before it
+                chunks.close()
+                break
+    if reader is not None:
+        reader.finish()
+        if reader.complete:
+            return None, reader.tool_calls(), stats
+    return "".join(text), [], stats
 
 
 def new_call_id() -> str:

@@ -161,12 +161,6 @@ class Prepared:
 def prepare_chat(req: ChatRequest, model) -> Prepared:
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    tools, mode, name = None, "none", None
-    if req.tools is not None:
-        tools = _checked(toolkit.parse_tools, req.tools, param="tools")
-        mode, name = _checked(toolkit.parse_choice, req.tool_choice, tools, param="tool_choice")
-    elif req.tool_choice not in (None, "none"):
-        raise ApiError(400, "tool_choice needs tools", param="tool_choice")
     fmt = req.response_format
     schema = None
     if fmt is not None and fmt.type == "json_schema":
@@ -175,14 +169,18 @@ def prepare_chat(req: ChatRequest, model) -> Prepared:
         schema = fmt.json_schema.schema_
     elif fmt is not None and fmt.type == "json_object":
         schema = {"type": "object"}
-    if req.grammar is not None and (fmt is not None and fmt.type != "text" or tools is not None and mode != "none"):
+    try:  # with tool_choice "required" or a named function the answer is calls only: the format does not apply
+        tp = toolkit.tool_prompt(model.tokenizer, [_plain(m) for m in req.messages], req.tools, req.tool_choice,
+                                 req.parallel_tool_calls, schema)
+    except toolkit.ToolsError as e:
+        raise ApiError(400, str(e), param=e.field) from None
+    if req.grammar is not None and (schema is not None or tp.grammar is not None):
         raise ApiError(400, "grammar cannot be combined with response_format or tools; use one of them",
                        param="grammar")
     if req.grammar is not None:
         grammar = _checked(Grammar.text, req.grammar, "grammar", param="grammar")
-    elif tools is not None and mode != "none":  # with "required" or a named function the answer is calls only
-        grammar = _checked(toolkit.call_grammar, tools, mode, name, req.parallel_tool_calls, schema,
-                           param="tools")
+    elif tp.grammar is not None:
+        grammar = tp.grammar
     elif fmt is not None and fmt.type == "json_schema":
         js = fmt.json_schema
         grammar = _checked(Grammar.json_schema, schema, js.strict is not False, js.name, param="response_format")
@@ -190,12 +188,9 @@ def prepare_chat(req: ChatRequest, model) -> Prepared:
         grammar = _checked(Grammar.json_object, param="response_format")
     else:
         grammar = None
-    describe = tools is not None and mode != "none" and not model.tokenizer.template_takes_tools
-    messages = _checked(toolkit.chat_messages, [_plain(m) for m in req.messages], tools, describe, param="messages")
-    native = [t.spec() for t in tools] if tools and mode != "none" and not describe else None
     params = _params(req, model, req.max_completion_tokens or req.max_tokens, grammar,
                      (req.top_logprobs or 0) if req.logprobs else None, False)
-    return Prepared(messages, native, params, calls=grammar is not None and tools is not None and mode != "none")
+    return Prepared(tp.messages, tp.template_tools, params, calls=tp.grammar is not None)
 
 
 def prepare_completion(req: CompletionRequest, model) -> Prepared:

@@ -181,6 +181,20 @@ def test_required_tool_call_parses_validates_and_streams_the_same(client, engine
     assert all(p["id"].startswith("call_") for p in parts.values())
 
 
+def test_python_tool_chat_equals_the_api(client, engine, lean):
+    """`cfm_runtime.tools.chat` composes the same prompt and grammar as the server: the same calls."""
+    from cfm_runtime import tools as toolkit
+
+    api = calls_of(chat(client, engine, ASK_WEATHER, tools=[WEATHER, ADD], tool_choice="required").choices[0].message)
+    text, calls, stats = toolkit.chat(lean, ASK_WEATHER, [WEATHER, ADD], "required", temperature=0, max_tokens=200)
+    assert text is None and [(c.name, json.loads(c.arguments)) for c in calls] == api
+    text, calls, _ = toolkit.chat(lean, ASK_WEATHER, [WEATHER], "none", temperature=0, max_tokens=20)
+    assert text and calls == []
+    with pytest.raises(toolkit.ToolsError) as e:
+        toolkit.chat(lean, ASK_WEATHER, [{"type": "function", "function": {"name": "bad name!"}}])
+    assert e.value.field == "tools"
+
+
 def test_tool_choice_named_none_and_single_call(client, engine):
     r = chat(client, engine, ASK_WEATHER, tools=[WEATHER, ADD],
              tool_choice={"type": "function", "function": {"name": "add"}}, parallel_tool_calls=False)
