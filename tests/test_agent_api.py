@@ -115,10 +115,13 @@ def test_llama_cpp_grammar_field_gbnf_and_lark(client, engine):
     assert r.choices[0].text in (" green", " blue")
 
 
-def test_grammar_holds_on_every_path(lean, model_path):
-    """Local with and without speculation, and split with a real center: the same constrained answer, greedy or
-    seeded; with speculation the grammar's forced tokens are drafted, and all of them are accepted."""
+def test_grammar_holds_on_every_path(lean, model, model_path, tmp_path):
+    """Local with and without speculation, with a brick, and split with a real center: the same constrained
+    answer, greedy or seeded (the brick's answer valid too); with speculation the grammar's forced tokens are
+    drafted, and all of them are accepted."""
     from center.server import CenterServer
+    from cfm_runtime.bricks import Brick, BrickStore, base_info
+    from cfm_runtime.bricks.lora import random_pairs
 
     grammar = Grammar.json_schema(PERSON)
     msgs = [{"role": "user", "content": PERSON_PROMPTS[2]}]
@@ -140,6 +143,12 @@ def test_grammar_holds_on_every_path(lean, model_path):
     assert forced["drafted"] >= 10 and forced["accepted"] == forced["drafted"]
     seeded = answer(RunOptions(speculate="off"), temperature=1.0, seed=7)[0]
     assert answer(RunOptions(speculate="lookup"), temperature=1.0, seed=7)[0] == seeded
+    store = BrickStore(tmp_path / "bricks")
+    store.save(Brick("b", random_pairs(model.transformer, [26, 27], std=0.2), base_info(model)))
+    with_brick = [answer(RunOptions(speculate=mode, bricks=(("b", 1.0),), brick_store=store.root))[0]
+                  for mode in ("off", "lookup")]
+    jsonschema.validate(json.loads(with_brick[0]), PERSON)
+    assert with_brick[1] == with_brick[0] != plain  # the brick is on (a strong one: its text is odd, its JSON valid)
     center = CenterServer(load_model(model_path), span=(2, 28)).start()
     try:
         for mode in ("off", "lookup"):
