@@ -56,9 +56,11 @@ class StreamOptions(_Strict):
 class _Request(_Strict):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)  # not in OpenAI's API; llama.cpp's server accepts it too
+    # left out, the sampling fields take llama.cpp's defaults, as its server and `cfm generate` do (OpenAI's 1.0 and
+    # no top-k let a small model wander off into random tokens); top_k: not OpenAI's, llama.cpp's server takes it
+    temperature: float = Field(default=0.8, ge=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    top_k: int = Field(default=40, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)  # llama.cpp's (not OpenAI's)
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
