@@ -14,7 +14,7 @@ from cfm_runtime.errors import CfmError
 from cfm_runtime.generate import Generator
 from cfm_runtime.kernels import native
 from cfm_runtime.sampling import Sampler
-from cfm_runtime.speculative import (Acceptance, Estimate, LookupDrafter, Policy, Speculation, best_k,
+from cfm_runtime.speculative import (Acceptance, Draft, Estimate, LookupDrafter, Policy, Speculation, best_k,
                                      expected_tokens)
 from cfm_runtime.split.planner import Measurements, choose
 
@@ -62,7 +62,11 @@ def test_lookup_drafts_what_followed_the_latest_match():
     history = [5, 6, 7, 8, 1, 2, 5, 6, 7, 9, 4, 5, 6, 7]
     d.begin(history[:4])
     draft = d.draft(history, 4)
-    assert draft.tokens == [9, 4, 5, 6] and draft.source == "lookup:3"  # the latest "5 6 7", not the first
+    assert draft.tokens == [9, 4, 5, 6] and draft.source == "lookup:3:self"  # the latest "5 6 7", not the first
+    # (a match in the answer's own text, not in its prompt: its own acceptance statistics, a lower prior)
+    p = LookupDrafter(max_n=3, min_n=1)
+    p.begin([5, 6, 7, 8])
+    assert p.draft([5, 6, 7, 8, 1, 5, 6, 7], 4) == Draft([8, 1, 5, 6], "lookup:3")  # copied from the prompt
     assert d.draft(history + [3], 4) is None  # "7 3", "3": never seen before
     assert d.draft([1, 2, 1], 5).tokens == [2, 1]  # a draft may run into the present
 
