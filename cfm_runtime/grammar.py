@@ -14,7 +14,6 @@ it): a small model offered free whitespace can spend its whole answer on spaces 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,16 +129,3 @@ class GrammarMatcher:
     def valid_prefix(self, tokens: list[int]) -> int:
         """How many of `tokens`, in order, the grammar allows from here (the state does not move)."""
         return len(tokens) if self.done else self.matcher.validate_tokens(list(tokens))
-
-    @property
-    def complete(self) -> bool:
-        """The text so far is a whole sentence of the grammar (the answer may end here)."""
-        return self.done or self.matcher.is_accepting()
-
-
-def parse_json_text(text: str):
-    """Parse an answer made under a JSON grammar; a CfmError says why it does not parse (cut by max_tokens)."""
-    try:
-        return json.loads(text)
-    except ValueError as e:
-        raise CfmError(f"the answer is not complete JSON ({e}); raise max_tokens") from None
