@@ -16,7 +16,6 @@ int8 with a per-row scale, which the protocol does not carry yet) at each split 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import subprocess

@@ -8,7 +8,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 
 from center.server import CenterLimits, CenterServer
 from cfm_cli import main as cli
