@@ -32,8 +32,8 @@ allows a few more tokens at some positions. Schemas set additionalProperties fal
     python benchmarks/bench_grammar.py [--replays 5] [--decode-runs 3] [--threads N]
         [--parts imports,decode,engines,constrained] [--constrained-reps 2]
 
-Saves benchmarks/results/grammar_engines.json and grammar_constrained.png. The machine is shared: the JSON records the load average before and
-after each part.
+Saves benchmarks/results/grammar_engines.json and grammar_constrained.png. The machine is shared: the JSON records
+the load average before and after each part.
 """
 
 from __future__ import annotations
@@ -590,7 +590,8 @@ def main(argv=None):
     args.engines = args.engines.split(",")
     result = {"benchmark": "grammar_engines",
               "environment": environment(args.threads or len(os.sched_getaffinity(0))),
-              "engine_versions": versions(("llguidance", "xgrammar", "outlines_core", "torch", "psutil")), "load_average": {},
+              "engine_versions": versions(("llguidance", "xgrammar", "outlines_core", "torch", "psutil")),
+              "load_average": {},
               "settings": {"separators": SEPARATORS, "replays": args.replays, "decode_runs": args.decode_runs,
                            "schemas": {s: v["schema"] for s, v in SCHEMAS.items()}},
               "note": "shared 2-core machine: times move with other tenants' load (recorded per part); µs-scale "

@@ -36,7 +36,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per time this answer drew the token
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
     logprobs: int | None = None  # None: none; n >= 0: each drawn token's log-probability and the n likeliest
-    prompt_logprobs: bool = False  # also the prompt's tokens' log-probabilities (completions' `echo`); max_tokens may be 0
+    prompt_logprobs: bool = False  # the prompt's tokens' log-probabilities too (`echo`); then max_tokens may be 0
     grammar: Grammar | None = None  # the answer's text must be a sentence of it (cfm_runtime.grammar)
 
     def __post_init__(self):

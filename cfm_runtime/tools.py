@@ -7,7 +7,8 @@ a newline, and a tool's result comes back in a user turn as `<tool_response>\\n.
 template that knows tools itself (it reads a `tools` variable) is given them; otherwise the tools are described
 in the system message (`tools_prompt`). The answer is decoded under a grammar (`call_grammar`): with
 `tool_choice` "required" or a named function it must be calls; with "auto" it is either calls or text that
-does not start like one; each call's arguments are held to its function's JSON schema. See docs/openai-api.md (Tool calls).
+does not start like one; each call's arguments are held to its function's JSON schema. See docs/openai-api.md
+(Tool calls).
 """
 
 from __future__ import annotations

@@ -419,3 +419,27 @@ def test_fields_clients_send_as_defaults_are_accepted(api, engine):
             "max_tokens": 2, "store": False, "functions": None, "user": "someone", "suffix": None,
             "response_format": {"type": "text"}}
     assert post(api, "/v1/chat/completions", body).status_code == 200
+
+
+# ---------------------------------------------------------------- the same controls from the command line
+
+
+def test_cli_structured_output_and_sampling_flags(model_path, tmp_path, capsys):
+    from cfm_cli.main import main
+
+    schema = tmp_path / "city.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                                                   "country": {"type": "string", "maxLength": 30}},
+                                  "required": ["city", "country"], "additionalProperties": False}))
+    base = ["generate", "--model", str(model_path), "--chat", "--prompt", "Where is the Eiffel tower?",
+            "--temperature", "0", "--max-tokens", "60"]
+    assert main(base + ["--json-schema", str(schema)]) == 0
+    out = capsys.readouterr().out.strip()
+    jsonschema.validate(json.loads(out), json.loads(schema.read_text()))
+    assert main(base + ["--json-object", "--frequency-penalty", "0.5", "--logit-bias", "90=-100"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out.strip()), dict)
+    bad_flags = [(["--logit-bias", "x"], "ID=BIAS"), (["--json-schema", str(tmp_path / "none.json")], "cannot read"),
+                 (["--presence-penalty", "5"], "presence_penalty"), (["--json-schema", '{"type": "objekt"}'], "objekt")]
+    for bad, needle in bad_flags:
+        assert main(base + bad) == 2
+        assert needle in capsys.readouterr().err
