@@ -10,7 +10,8 @@ away, streaming or not, stops its generation at the next token and frees the eng
 Before a request reaches the engine: the Host, key and content type are checked (`edge.guard`), the body
 is read up to a size limit (413), parsed, checked for lone surrogates and field ranges (400), and the
 prompt's length is bounded before tokenizing. Every error is OpenAI's JSON shape; a stream that fails
-after it started ends with an error event and `[DONE]`.
+after it started ends with an error event and `[DONE]`. The request fields, their translation into the
+runtime's prompt and sampling, and the response bodies are `edge.openai_api`'s; this module is the transport.
 """
 
 from __future__ import annotations
