@@ -21,6 +21,7 @@ import numpy as np
 from .errors import CfmError
 
 JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+ANY_OBJECT = {"type": "object"}  # OpenAI's JSON mode: any JSON object
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class Grammar:
     @classmethod
     def json_object(cls) -> "Grammar":
         """Any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
-        return cls.json_schema({"type": "object"}, name="json_object")
+        return cls.json_schema(ANY_OBJECT, name="json_object")
 
     @classmethod
     def lark(cls, text: str, what: str = "the grammar") -> "Grammar":

@@ -268,15 +268,6 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def read_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """An answer -> (its text, or None when it is calls; the calls). Text that does not parse as calls (an
-    answer cut by max_tokens) is returned as text."""
-    stream = CallStream()
-    stream.push(text)
-    stream.finish()
-    return (None, stream.tool_calls()) if stream.complete else (text, [])
-
-
 class CallStream:
     """Reads an answer as it streams: `push(text)` -> events ("content", text) | ("call", index, id, name) |
     ("arguments", index, text); the arguments' pieces of a call join to its JSON. Text is held back while it

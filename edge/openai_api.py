@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cfm_runtime import tools as toolkit
 from cfm_runtime.errors import CfmError
-from cfm_runtime.grammar import Grammar
+from cfm_runtime.grammar import ANY_OBJECT, Grammar
 from cfm_runtime.sampling import SamplingParams, TokenLogprob
 
 MAX_SEED = 2**63 - 1
@@ -170,7 +170,7 @@ def prepare_chat(req: ChatRequest, model) -> Prepared:
             raise ApiError(400, "response_format json_schema needs json_schema.schema", param="response_format")
         schema = fmt.json_schema.schema_
     elif fmt is not None and fmt.type == "json_object":
-        schema = {"type": "object"}
+        schema = ANY_OBJECT
     try:  # with tool_choice "required" or a named function the answer is calls only: the format does not apply
         tp = toolkit.tool_prompt(model.tokenizer, [_plain(m) for m in req.messages], req.tools, req.tool_choice,
                                  req.parallel_tool_calls, schema)
@@ -243,12 +243,14 @@ def _checked(fn, *args, param: str | None, **kwargs):
         raise ApiError(400, str(e), param=param) from None
 
 
+def message_text(m: Message) -> str:
+    """A message's content as text (its text parts joined)."""
+    return "".join(p.text for p in m.content) if isinstance(m.content, list) else m.content or ""
+
+
 def _plain(m: Message) -> dict:
     """A message as a dict the tools module reads: content as text, tool calls as OpenAI's dicts."""
-    if isinstance(m.content, list):
-        content = "".join(p.text for p in m.content)
-    else:
-        content = m.content or ""
+    content = message_text(m)
     if m.role == "tool" and m.tool_call_id is None:
         raise ApiError(400, "a message with role 'tool' needs tool_call_id", param="messages")
     if m.tool_calls and m.role != "assistant":

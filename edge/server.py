@@ -35,8 +35,8 @@ from cfm_runtime.sampling import SamplingParams
 
 from .admission import Admission, QueueFull
 from .guard import LOOPBACK_NAMES, Guard
-from .openai_api import (Answer, ApiError, ChatRequest, CompletionRequest, Prepared, parse_request, prepare_chat,
-                         prepare_completion)
+from .openai_api import (Answer, ApiError, ChatRequest, CompletionRequest, Prepared, message_text, parse_request,
+                         prepare_chat, prepare_completion)
 
 log = logging.getLogger("cfm.serve")
 CLOSE = {"Connection": "close"}  # after a 413: the server reads no more of the body
@@ -265,8 +265,7 @@ def create_app(engine: Engine, api_key: str | None = None, allowed_hosts: list[s
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
-        engine.check_prompt_size([m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-                                  for m in req.messages], "messages")
+        engine.check_prompt_size([message_text(m) for m in req.messages], "messages")
         prepared = await run_in_threadpool(prepare_chat, req, engine.model)  # a grammar may take a while
         return await complete(request, req, prepared, chat=True)
 
