@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
-    import llama_cpp
+    from cfm_runtime.reference import open_llama
 
     loadavg = os.getloadavg()
     store = BrickStore(Path(tempfile.mkdtemp()) / "bricks")
@@ -173,8 +173,8 @@ def main(argv=None) -> dict:
             runs[name] = RunSteps(model, run)
         first = runs["int4"].model
         with quiet_stderr():
-            llm = llama_cpp.Llama(str(first.path), n_ctx=2048, n_batch=512, n_threads=args.threads,
-                                  n_threads_batch=args.threads, verbose=False)
+            llm = open_llama(first.path, n_ctx=2048, n_batch=512, n_threads=args.threads,
+                             n_threads_batch=args.threads, verbose=False)
         steppers = {"llama_cpp": LlamaCppSteps(llm), **{n: r for n, r in runs.items() if "reference" not in n}}
         prompts = [first.encode_prompt(p) for p in PROMPTS]
         run_interleaved(steppers, prompts[0][:16], 8, 4)  # warm-up: graphs, kernels, center session

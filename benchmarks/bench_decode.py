@@ -289,15 +289,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
 
-    import llama_cpp
+    from cfm_runtime.reference import open_llama
 
     base_rss, load_before = rss_mb(), os.getloadavg()[0]
     models, rss = load_all(args)
     first = next(iter(models.values()))
     path = first.path
     with quiet_stderr():
-        llm = llama_cpp.Llama(str(path), n_ctx=2048, n_batch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False)
+        llm = open_llama(path, n_ctx=2048, n_batch=512, n_threads=args.threads,
+                         n_threads_batch=args.threads, verbose=False)
     rss = {"llama_cpp": None, **rss}
     prompts = [first.encode_prompt(p) for p in PROMPTS]
 

@@ -47,8 +47,9 @@ def status():
 
 # llama-cpp-python, streamed so that prompt and decode time are apart; nothing of cfm_runtime is imported
 LLAMA = STATUS + """
-import json, sys, time, llama_cpp
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=int(sys.argv[4]), n_threads=2, verbose=False)
+import json, sys, time
+from cfm_runtime.reference import open_llama
+llm = open_llama(sys.argv[1], n_ctx=int(sys.argv[4]), n_threads=2, verbose=False)
 t0 = time.perf_counter()
 first, pieces = None, []
 for chunk in llm.create_chat_completion([{"role": "user", "content": sys.argv[2]}], max_tokens=int(sys.argv[3]),

@@ -111,9 +111,10 @@ def cfm_cmd(tokens: int, *extra: str) -> list[str]:
 
 
 LLAMA = """
-import json, resource, sys, time, llama_cpp
+import json, resource, sys, time
+from cfm_runtime.reference import open_llama
 from cfm_runtime.loading import default_model_path
-llm = llama_cpp.Llama(str(default_model_path()), n_ctx=512, n_threads=2, verbose=False)
+llm = open_llama(default_model_path(), n_ctx=512, n_threads=2, verbose=False)
 msgs = [{"role": "user", "content": sys.argv[1]}]
 t0 = time.perf_counter()
 out = llm.create_chat_completion(msgs, max_tokens=int(sys.argv[2]), temperature=0)

@@ -159,12 +159,12 @@ def log(msg: str) -> None:
 
 
 def part_local(args, tasks: list[dict]) -> dict:
-    import llama_cpp
+    from cfm_runtime.reference import open_llama
 
     model = cfm_runtime.load_model(args.model, LoadOptions(threads=args.threads))
     with quiet_stderr():
-        llm = llama_cpp.Llama(str(model.path), n_ctx=2048, n_batch=512, n_threads=args.threads,
-                              n_threads_batch=args.threads, verbose=False)
+        llm = open_llama(model.path, n_ctx=2048, n_batch=512, n_threads=args.threads,
+                         n_threads_batch=args.threads, verbose=False)
     gens = {"cfm_off": model.new_generator(RunOptions(speculate="off")),
             "cfm_auto": model.new_generator(RunOptions(speculate="auto"))}
     warm = tasks[0]["messages"]

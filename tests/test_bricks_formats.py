@@ -99,11 +99,11 @@ def write_gguf_lora(path, layers=(1, 15, 28), rank=8, alpha=16.0, seed=0, arch="
 
 
 def llama_logits(model_path, ids, lora=None):
-    import llama_cpp
+    from cfm_runtime.reference import open_llama
 
     with quiet_stderr():
-        llm = llama_cpp.Llama(str(model_path), n_ctx=256, logits_all=True, n_threads=2, verbose=False,
-                              **({"lora_path": str(lora)} if lora else {}))
+        llm = open_llama(model_path, n_ctx=256, logits_all=True, n_threads=2, verbose=False,
+                         **({"lora_path": str(lora)} if lora else {}))
     llm.eval(ids)
     out = np.array(llm.scores[:len(ids)], dtype=np.float32)
     llm.close()
