@@ -115,6 +115,12 @@ class ModuleBackend:
     def torch_threads(self) -> int | None:
         return None  # torch computes: its threads are left as set
 
+    @property
+    def position_cost(self) -> float:
+        """Extra time of one more position in a forward, relative to one position: fp32 matrix products read the
+        weights once for every position (0.1-0.2 measured on 2 cores, docs/speculative.md)."""
+        return 0.2
+
     def report(self) -> dict:
         return {"backend": self.name}
 
@@ -283,9 +289,17 @@ class FusedBackend:
         native kernel's (0.69x -> 0.76x llama.cpp decode, and 0.85x with onnxruntime's workers spinning)."""
         return 1
 
+    @property
+    def position_cost(self) -> float:
+        """Extra time of one more position in a forward, relative to one position (`native.POSITION_COST`)."""
+        decoder = self.native()
+        return decoder.position_cost if decoder is not None else native.POSITION_COST["rows"]
+
     def report(self) -> dict:
-        path = "native" if self.native() is not None else f"graph ({native.failure() or 'a layout the kernel lacks'})"
-        return {"backend": self.name, "decode_path": path}
+        decoder = self.native()
+        if decoder is not None:
+            return {"backend": self.name, "decode_path": "native", "kernel": decoder.path}
+        return {"backend": self.name, "decode_path": f"graph ({native.failure() or 'a layout the kernel lacks'})"}
 
 
 def choose_backend(t: Transformer, threads: int, previous: FusedBackend | None = None,

@@ -54,5 +54,10 @@ class NativeBackend:
     def torch_threads(self) -> int | None:
         return None  # no torch here
 
+    @property
+    def position_cost(self) -> float:
+        """Extra time of one more position in a forward, relative to one position (`native.POSITION_COST`)."""
+        return self.decoder.position_cost
+
     def report(self) -> dict:
-        return {"backend": self.name, "decode_path": "native"}
+        return {"backend": self.name, "decode_path": "native", "kernel": self.decoder.path}

@@ -390,11 +390,10 @@ def estimate(mode: str) -> Estimate | None:
     return PLANNER_PRIOR.get(mode)
 
 
-# Extra cost of one more position in a verification step, relative to a one-position step, before any step was
-# timed (measured on 2 cores, 1 thread, a 217-token context; docs/speculative.md): the native int4 kernel computes
-# every position's dot products (~0.45 each); fp32 matrix products read the weights once for all (~0.1-0.2); a
-# split step is dominated by the round trip and the center's share of the compute.
-COST_PRIOR = {"native": 0.45, "fused": 0.45, "modules": 0.2, "split": 0.1}
+# Extra cost of one more position in a split run's verification step, relative to a one-position step, before any
+# step was timed: the round trip and the center's share of the compute dominate it. A local run takes its
+# backend's `position_cost` (the native kernel's by its path, `kernels.native.POSITION_COST`).
+SPLIT_POSITION_COST = 0.1
 
 # Backends whose chunk of positions computes exactly as the same positions fed one at a time (the native kernel).
 EXACT_CHUNKS = ("native", "fused")
@@ -426,7 +425,7 @@ def build(mode: str, runner: Runner, model, log=None) -> Speculation | None:
     if mode == "auto" and model.backend.name not in EXACT_CHUNKS:
         return None
     span = center_span(runner)
-    prior = COST_PRIOR["split"] if span is not None else COST_PRIOR.get(model.backend.name, 0.45)
+    prior = SPLIT_POSITION_COST if span is not None else model.backend.position_cost
     if mode == "edge":
         if span is not None:
             return Speculation(mode, EdgeDrafter(model, runner.cache, span), Policy(prior), split=True)
