@@ -281,6 +281,14 @@ inline __m512i dot16(const __m512i w[8], const int8_t* q, __m512i init) {
   return _mm512_add_epi32(s0, s1);
 }
 
+// The next group's rows are one contiguous span (bytes per block x blocks); while block b of this group is
+// computed, block b's share of that span is fetched into the cache (16 interleaved row streams are more than the
+// hardware prefetcher follows).
+inline void prefetch_share(const uint8_t* next, int b, int bytes_per_block) {
+  const uint8_t* p = next + static_cast<size_t>(b) * bytes_per_block;
+  for (int i = 0; i < bytes_per_block; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
 inline void store16(float* y, __m512 v, bool add) {
   _mm512_storeu_ps(y, add ? _mm512_add_ps(_mm512_loadu_ps(y), v) : v);
 }
@@ -288,7 +296,8 @@ inline void store16(float* y, __m512 v, bool add) {
 // 16 Q4_1 rows (row i at base + i * stride) dotted with NT activations: y[j][r0 + i] (+)= row i . act j, the
 // same sum as row_tile_q41 (centred codes, exact block sums), in lanes.
 template <int NT>
-void group_tile_q41(const uint8_t* base, size_t stride, int kb, const Act* acts, float* const* y, int r0, bool add) {
+void group_tile_q41(const uint8_t* base, size_t stride, int kb, const Act* acts, float* const* y, int r0, bool add,
+                    const uint8_t* next) {
   const __m512i nib = _mm512_set1_epi8(0x0F);
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int>(stride)));
@@ -296,6 +305,7 @@ void group_tile_q41(const uint8_t* base, size_t stride, int kb, const Act* acts,
   for (int j = 0; j < NT; ++j) acc[j] = off[j] = _mm512_setzero_ps();
   for (int b = 0; b < kb; ++b) {
     const uint8_t* blk = base + b * kQ41;
+    if (next != nullptr) prefetch_share(next, b, kGroup * kQ41);
     __m512i g[4], w[8];
     transpose16x4(blk + 4, stride, g);
     for (int i = 0; i < 4; ++i) {
@@ -319,7 +329,8 @@ void group_tile_q41(const uint8_t* base, size_t stride, int kb, const Act* acts,
 // 16 Q8_0 rows dotted with NT activations: the signed codes shifted by 128 to unsigned (vpdpbusd's operand),
 // 128 times the activation's code sum taken back, exactly.
 template <int NT>
-void group_tile_q80(const uint8_t* base, size_t stride, int kb, const Act* acts, float* const* y, int r0) {
+void group_tile_q80(const uint8_t* base, size_t stride, int kb, const Act* acts, float* const* y, int r0,
+                    const uint8_t* next) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int>(stride)));
@@ -327,6 +338,7 @@ void group_tile_q80(const uint8_t* base, size_t stride, int kb, const Act* acts,
   for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_ps();
   for (int b = 0; b < kb; ++b) {
     const uint8_t* blk = base + b * kQ80;
+    if (next != nullptr) prefetch_share(next, b, kGroup * kQ80);
     __m512i w[8];
     transpose16x4(blk + 2, stride, w);
     transpose16x4(blk + 18, stride, w + 4);
@@ -374,8 +386,10 @@ void gemv_q41(const Linear& l, const std::vector<Act>& acts, float* const* y, bo
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int g = 0; g < l.n / kGroup; ++g) {
       const uint8_t* base = l.row(g * kGroup);
+      const uint8_t* next = g + 1 < l.n / kGroup ? l.row((g + 1) * kGroup) : nullptr;
       group_passes(nb, [&](auto nt, int t0) {
-        group_tile_q41<decltype(nt)::value>(base, stride, kb, &acts[t0], y + t0, g * kGroup, add);
+        group_tile_q41<decltype(nt)::value>(base, stride, kb, &acts[t0], y + t0, g * kGroup, add,
+                                            t0 == 0 ? next : nullptr);
       });
     }
     return;
@@ -394,8 +408,10 @@ void gemv_q80(const uint8_t* w, int n, int k, const std::vector<Act>& acts, floa
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int g = 0; g < n / kGroup; ++g) {
       const uint8_t* base = w + g * kGroup * stride;
+      const uint8_t* next = g + 1 < n / kGroup ? base + kGroup * stride : nullptr;
       group_passes(nb, [&](auto nt, int t0) {
-        group_tile_q80<decltype(nt)::value>(base, stride, kb, &acts[t0], y + t0, g * kGroup);
+        group_tile_q80<decltype(nt)::value>(base, stride, kb, &acts[t0], y + t0, g * kGroup,
+                                            t0 == 0 ? next : nullptr);
       });
     }
     return;
