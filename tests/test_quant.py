@@ -260,7 +260,7 @@ def test_native_kernel_paths_agree_with_each_other_and_fp32(model, model_path, e
     for a, b in zip(out[True][:2], out[False][:2]):  # a wrong row or block would be off by the values' scale
         diff, scale = np.abs(a - b), np.abs(b).max()
         # the rare element whose int8 rounding (of the attention or FFN activation) flips moves a little more
-        assert np.quantile(diff, 0.99) <= 1e-5 * scale and diff.max() <= 1e-3 * scale, (diff.max(), scale)
+        assert np.quantile(diff, 0.99) <= 1e-4 * scale and diff.max() <= 1e-3 * scale, (diff.max(), scale)
     ref_nll = float(-torch.log_softmax(torch.from_numpy(fp32[:-1]), -1).gather(1, nxt[:, None]).mean())
     for groups, (_, _, logits) in out.items():
         assert np.mean(logits.argmax(-1) == fp32.argmax(-1)) >= 0.9, groups

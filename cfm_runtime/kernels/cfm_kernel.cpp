@@ -54,36 +54,6 @@ struct Act {  // one activation vector rounded to int8 blocks
   std::vector<int32_t> qsum;    // sum of the int8 codes per block
 };
 
-void quantize(const float* x, int k, Act& a) {
-  const int kb = k / kBlock;
-  a.kb = kb;
-  a.q.resize(static_cast<size_t>(kb) * kBlock);
-  a.sx.resize(kb);
-  a.sums.resize(kb);
-  a.qsum.resize(kb);
-  for (int b = 0; b < kb; ++b) {
-    const float* xb = x + b * kBlock;
-    float amax = 0.f, s = 0.f;
-    for (int i = 0; i < kBlock; ++i) {
-      amax = std::max(amax, std::fabs(xb[i]));
-      s += xb[i];
-    }
-    // a block holding NaN or inf (a brick whose weights overflow) gets a NaN scale: the NaN reaches the
-    // logits, where the caller refuses them, instead of being rounded to int8 zeros and looking like a token
-    const bool finite = std::isfinite(s);
-    const float scale = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
-    const float inv = finite && scale > 0.f ? 1.f / scale : 0.f;
-    int32_t qs = 0;
-    for (int i = 0; i < kBlock; ++i) {
-      a.q[b * kBlock + i] = finite ? static_cast<int8_t>(std::nearbyint(xb[i] * inv)) : 0;
-      qs += a.q[b * kBlock + i];
-    }
-    a.sx[b] = scale;
-    a.sums[b] = s;
-    a.qsum[b] = qs;
-  }
-}
-
 #if CFM_NATIVE
 inline float f16(const uint8_t* p) {
   uint16_t h;
@@ -96,6 +66,53 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// One activation vector rounded to int8 per block of 32: scale max|x| / 127, codes rounded to nearest (even),
+// and per block the exact fp32 sum and the codes' sum.
+void quantize(const float* x, int k, Act& a) {
+  const int kb = k / kBlock;
+  a.kb = kb;
+  a.q.resize(static_cast<size_t>(kb) * kBlock);
+  a.sx.resize(kb);
+  a.sums.resize(kb);
+  a.qsum.resize(kb);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleaving
+  for (int b = 0; b < kb; ++b) {
+    const float* xb = x + b * kBlock;
+    __m256 v[4];
+    for (int i = 0; i < 4; ++i) v[i] = _mm256_loadu_ps(xb + 8 * i);
+    const float amax = hmax(_mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                          _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]))));
+    const float s = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+    // a block holding NaN or inf (a brick whose weights overflow) gets a NaN scale: the NaN reaches the
+    // logits, where the caller refuses them, instead of being rounded to int8 zeros and looking like a token
+    const bool finite = std::isfinite(s);
+    const float scale = finite ? amax / 127.f : std::numeric_limits<float>::quiet_NaN();
+    const __m256 inv = _mm256_set1_ps(finite && scale > 0.f ? 1.f / scale : 0.f);
+    __m256i c[4];
+    for (int i = 0; i < 4; ++i) c[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.q.data() + b * kBlock), _mm256_permutevar8x32_epi32(bytes, order));
+    a.sx[b] = scale;
+    a.sums[b] = s;
+    a.qsum[b] = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3])));
+  }
 }
 #endif
 
@@ -234,14 +251,14 @@ void gemv_q80_rows(const uint8_t* w, int n, int k, const std::vector<Act>& acts,
 // token, a prompt position) costs 8 `vpdpbusd` per 16 rows and block. Every (row, activation) goes through the
 // same operations in the same order whatever the number of activations: a chunk gives the bits of single steps.
 constexpr int kGroup = 16;
-constexpr int kGroupTile = 8;  // activations per pass over a group (their accumulators stay in registers)
+constexpr int kGroupTile = 16;  // activations per pass over a group at most (one accumulator register each)
 
 // 16 rows' dwords [off, off + 16) of one block (row i at base + i * stride), as 4 registers: out[g] lane i =
 // row i's dword g.
 inline void transpose16x4(const uint8_t* base, size_t stride, __m512i out[4]) {
   __m512i a[4];
   for (int j = 0; j < 4; ++j) {  // a[j]: 128-bit lane L holds row 4L + j
-    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + j * stride)));
+    __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(base + j * stride)));
     v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + (4 + j) * stride)), 1);
     v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + (8 + j) * stride)), 2);
     a[j] = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + (12 + j) * stride)), 3);
@@ -301,8 +318,8 @@ void group_tile_q41(const uint8_t* base, size_t stride, int kb, const Act* acts,
   const __m512i nib = _mm512_set1_epi8(0x0F);
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                          _mm512_set1_epi32(static_cast<int>(stride)));
-  __m512 acc[NT], off[NT];
-  for (int j = 0; j < NT; ++j) acc[j] = off[j] = _mm512_setzero_ps();
+  __m512 acc[NT];
+  for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_ps();
   for (int b = 0; b < kb; ++b) {
     const uint8_t* blk = base + b * kQ41;
     if (next != nullptr) prefetch_share(next, b, kGroup * kQ41);
@@ -315,15 +332,15 @@ void group_tile_q41(const uint8_t* base, size_t stride, int kb, const Act* acts,
     __m512 d, m;
     scales16(blk, idx, d, &m);
     const __m512 mo = _mm512_fmadd_ps(_mm512_set1_ps(8.f), d, m);  // m + 8 d (8 d is exact)
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) {
       const Act& a = acts[j];
       const __m512i dot = dot16(w, a.q.data() + b * kBlock, _mm512_set1_epi32(-8 * a.qsum[b]));
       acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(a.sx[b])), acc[j]);
-      off[j] = _mm512_fmadd_ps(mo, _mm512_set1_ps(a.sums[b]), off[j]);
+      acc[j] = _mm512_fmadd_ps(mo, _mm512_set1_ps(a.sums[b]), acc[j]);
     }
   }
-  for (int j = 0; j < NT; ++j) store16(y[j] + r0, _mm512_add_ps(acc[j], off[j]), add);
+  for (int j = 0; j < NT; ++j) store16(y[j] + r0, acc[j], add);
 }
 
 // 16 Q8_0 rows dotted with NT activations: the signed codes shifted by 128 to unsigned (vpdpbusd's operand),
@@ -345,7 +362,7 @@ void group_tile_q80(const uint8_t* base, size_t stride, int kb, const Act* acts,
     for (int i = 0; i < 8; ++i) w[i] = _mm512_xor_si512(w[i], flip);
     __m512 d;
     scales16(blk, idx, d, nullptr);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int j = 0; j < NT; ++j) {
       const Act& a = acts[j];
       const __m512i dot = dot16(w, a.q.data() + b * kBlock, _mm512_set1_epi32(-128 * a.qsum[b]));
@@ -355,20 +372,25 @@ void group_tile_q80(const uint8_t* base, size_t stride, int kb, const Act* acts,
   for (int j = 0; j < NT; ++j) store16(y[j] + r0, acc[j], false);
 }
 
-// The activations of a call in passes of up to kGroupTile over one group of rows.
+// tile(std::integral_constant<int, nt>{}) for a run-time nt in [1, N]: one compiled tile per size.
+template <int N, typename Tile>
+inline void with_size(int nt, Tile& tile) {
+  if constexpr (N == 1) {
+    tile(std::integral_constant<int, 1>{});
+  } else {
+    if (nt == N) return tile(std::integral_constant<int, N>{});
+    with_size<N - 1>(nt, tile);
+  }
+}
+
+// The activations of a call over one group of rows, in as few passes as kGroupTile allows, of equal sizes (each
+// pass transposes the group's codes again): tile(size, first activation).
 template <typename Tile>
 inline void group_passes(int nb, Tile tile) {
-  for (int t0 = 0; t0 < nb; t0 += kGroupTile) {
-    switch (std::min(kGroupTile, nb - t0)) {
-      case 8: tile(std::integral_constant<int, 8>{}, t0); break;
-      case 7: tile(std::integral_constant<int, 7>{}, t0); break;
-      case 6: tile(std::integral_constant<int, 6>{}, t0); break;
-      case 5: tile(std::integral_constant<int, 5>{}, t0); break;
-      case 4: tile(std::integral_constant<int, 4>{}, t0); break;
-      case 3: tile(std::integral_constant<int, 3>{}, t0); break;
-      case 2: tile(std::integral_constant<int, 2>{}, t0); break;
-      default: tile(std::integral_constant<int, 1>{}, t0); break;
-    }
+  const int passes = (nb + kGroupTile - 1) / kGroupTile, size = (nb + passes - 1) / passes;
+  for (int t0 = 0; t0 < nb; t0 += size) {
+    auto at = [&](auto nt) { tile(nt, t0); };
+    with_size<kGroupTile>(std::min(size, nb - t0), at);
   }
 }
 #else
