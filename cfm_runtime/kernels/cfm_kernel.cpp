@@ -464,8 +464,9 @@ struct Side {  // y += B (A x): A [r, in], B [out, r], fp32 (the brick's weight 
   int r = 0;
 };
 
-void side_term(const Side& s, const float* x, int in, float* y, int out, std::vector<float>& tmp) {
+void side_term(const Side& s, const float* x, int in, float* y, int out) {
   if (s.r == 0) return;
+  thread_local std::vector<float> tmp;
   tmp.assign(s.r, 0.f);
   for (int j = 0; j < s.r; ++j) {
     float acc = 0.f;
@@ -499,7 +500,6 @@ struct CfmDecoder {
   bool groups = CFM_GROUPED;  // rows in groups of 16 (AVX-512 VNNI), else a row at a time
   std::vector<Act> acts;
   std::vector<std::vector<float>> xn, qkv, attn, gu, act;
-  std::vector<float> tmp;
 };
 
 namespace {
@@ -555,19 +555,23 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
            const int* caps, int nb) {
   const int d = m.d, group = m.h / m.hkv, f = m.f;
   std::vector<float*> y(nb);
+  // the rows' own work between the matrix products (norms, rounding, rotary, SwiGLU) is split across the threads
+  // too when there are several rows: left to one thread, the others waited at each product for it
+#pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
     rmsnorm(x + static_cast<size_t>(b) * d, L.ln1, d, m.eps, m.xn[b].data());
     quantize(m.xn[b].data(), d, m.acts[b]);
     y[b] = m.qkv[b].data();
   }
   gemv_q41(L.qkv, m.acts, y.data(), false, m.threads, m.groups);
+#pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
     float* q = m.qkv[b].data();
     float* kn = q + m.h * m.hd;
     float* vn = kn + m.hkv * m.hd;
-    side_term(L.side[0], m.xn[b].data(), d, q, m.h * m.hd, m.tmp);
-    side_term(L.side[1], m.xn[b].data(), d, kn, m.hkv * m.hd, m.tmp);
-    side_term(L.side[2], m.xn[b].data(), d, vn, m.hkv * m.hd, m.tmp);
+    side_term(L.side[0], m.xn[b].data(), d, q, m.h * m.hd);
+    side_term(L.side[1], m.xn[b].data(), d, kn, m.hkv * m.hd);
+    side_term(L.side[2], m.xn[b].data(), d, vn, m.hkv * m.hd);
     const float* cs = m.cos.data() + pos[b] * (m.hd / 2);
     const float* sn = m.sin.data() + pos[b] * (m.hd / 2);
     for (int hh = 0; hh < m.h; ++hh) rotate(q + hh * m.hd, cs, sn, m.hd);
@@ -582,29 +586,33 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
     for (int hh = 0; hh < m.h; ++hh)
       attend(m, m.qkv[b].data() + hh * m.hd, k[b], v[b], caps[b], hh / group, static_cast<int>(pos[b]) + 1,
              m.attn[b].data() + hh * m.hd);
+#pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
     quantize(m.attn[b].data(), m.h * m.hd, m.acts[b]);
     y[b] = x + static_cast<size_t>(b) * d;
   }
   gemv_q41(L.o, m.acts, y.data(), true, m.threads, m.groups);  // residual += o
-  for (int b = 0; b < nb; ++b) side_term(L.side[3], m.attn[b].data(), m.h * m.hd, y[b], d, m.tmp);
+#pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
+    side_term(L.side[3], m.attn[b].data(), m.h * m.hd, y[b], d);
     rmsnorm(x + static_cast<size_t>(b) * d, L.ln2, d, m.eps, m.xn[b].data());
     quantize(m.xn[b].data(), d, m.acts[b]);
     y[b] = m.gu[b].data();
   }
   gemv_q41(L.gu, m.acts, y.data(), false, m.threads, m.groups);
+#pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
     float* gu = m.gu[b].data();
-    side_term(L.side[4], m.xn[b].data(), d, gu, f, m.tmp);
-    side_term(L.side[5], m.xn[b].data(), d, gu + f, f, m.tmp);
+    side_term(L.side[4], m.xn[b].data(), d, gu, f);
+    side_term(L.side[5], m.xn[b].data(), d, gu + f, f);
     float* act = m.act[b].data();
     for (int i = 0; i < f; ++i) act[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[f + i];
     quantize(act, f, m.acts[b]);
     y[b] = x + static_cast<size_t>(b) * d;
   }
   gemv_q41(L.down, m.acts, y.data(), true, m.threads, m.groups);  // residual += down
-  for (int b = 0; b < nb; ++b) side_term(L.side[6], m.act[b].data(), f, y[b], d, m.tmp);
+#pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1 && L.side[6].r > 0)
+  for (int b = 0; b < nb; ++b) side_term(L.side[6], m.act[b].data(), f, y[b], d);
 }
 #endif
 
