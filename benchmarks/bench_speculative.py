@@ -198,8 +198,13 @@ def summarize(rows: list[dict], key: str) -> dict:
     for kind in ("drafting", "chat"):
         sel = [r for r in rows if r["kind"] == kind]
         if sel:
+            by_task = {}
+            for r in sel:
+                by_task.setdefault(r["task"], []).append(r[key])
+            task_medians = {t: median(v) for t, v in by_task.items()}  # over the repetitions of each task
             out[kind] = {"speedup_median": median([r[key] for r in sel]), "speedup_min": min(r[key] for r in sel),
-                         "speedup_max": max(r[key] for r in sel),
+                         "speedup_max": max(r[key] for r in sel), "speedup_by_task_median_of_reps": task_medians,
+                         "speedup_min_of_task_medians": min(task_medians.values()),
                          "tokens_per_step_median": median([r["speculative"].get("tokens_per_step") or 1.0 for r in sel]),
                          "identical_greedy": all(r["identical_greedy"] for r in sel)}
     return out
