@@ -5,7 +5,7 @@ one CfmError naming the pair.
 Reference: the same features on fp32 weights, every layer local, the FFN dense (a brick stays on). Where the
 arithmetic is exact (fp32 with bricks and/or a split, fp32 on the wire) the logits must match it; where it is
 approximate (int4, a sparse or offloaded FFN) the top-1 agreement with it must be at least what the
-approximation reaches alone against plain fp32. With a brick, the configuration must also agree with the
+approximation reaches alone against plain fp32, less two standard errors of that measurement. With a brick, the configuration must also agree with the
 reference better than with the brick-less model (the brick is really applied).
 
 The README's table is rendered from `HOW` and `REFUSED` (`python tests/test_combinations.py` rewrites it).
@@ -169,7 +169,10 @@ def test_combination_runs_and_matches_its_reference_or_is_refused(features, mode
         assert np.abs(got - ref).max() < 2e-3 and agreement(got, ref) == 1.0
     else:
         floor = alone(features, models, pack_root, store, centers, window, references)
-        assert agreement(got, ref) >= floor - 0.05, (agreement(got, ref), floor)
+        # two standard errors of an agreement measured over STEPS positions (0.15 at 0.6, 0.07 at 0.95): the
+        # brick moves which neurons a sparse FFN selects, and with them single tokens
+        margin = 2 * np.sqrt(floor * (1 - floor) / STEPS)
+        assert agreement(got, ref) >= floor - margin, (agreement(got, ref), floor, margin)
     if "bricks" in features:
         assert agreement(got, ref) > agreement(got, references[False])
     if "split" in features:
