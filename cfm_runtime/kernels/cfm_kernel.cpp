@@ -185,8 +185,8 @@ inline void row_tile_q41(const uint8_t* row, int kb, const Act* acts, float* con
 
 // y[j][r] (+)= Q4_1 row r times activation j, for every j, a row at a time; each row's codes are unpacked once
 // per tile (the path without AVX-512 VNNI, or for tensors whose rows do not come in 16s).
-void gemv_q41_rows(const Linear& l, const std::vector<Act>& acts, float* const* y, bool add, int threads) {
-  const int kb = l.k / kBlock, nb = static_cast<int>(acts.size());
+void gemv_q41_rows(const Linear& l, const Act* acts, int nb, float* const* y, bool add, int threads) {
+  const int kb = l.k / kBlock;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int r = 0; r < l.n; ++r) {
     const uint8_t* row = l.row(r);
@@ -224,8 +224,8 @@ inline void row_tile_q80(const uint8_t* row, int kb, const Act* acts, float* con
 }
 
 // y[j][r] = Q8_0 row r times activation j, in tiles of activations as gemv_q41.
-void gemv_q80_rows(const uint8_t* w, int n, int k, const std::vector<Act>& acts, float* const* y, int threads) {
-  const int kb = k / kBlock, nb = static_cast<int>(acts.size());
+void gemv_q80_rows(const uint8_t* w, int n, int k, const Act* acts, int nb, float* const* y, int threads) {
+  const int kb = k / kBlock;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int r = 0; r < n; ++r) {
     const uint8_t* row = w + static_cast<size_t>(r) * kb * kQ80;
@@ -400,10 +400,10 @@ inline void group_passes(int nb, Tile tile) {
 #if CFM_NATIVE
 // y[j][r] (+)= Q4_1 row r times activation j, for every j: in groups of 16 rows where the CPU has AVX-512 VNNI
 // (and `groups`), else a row at a time.
-void gemv_q41(const Linear& l, const std::vector<Act>& acts, float* const* y, bool add, int threads, bool groups) {
+void gemv_q41(const Linear& l, const Act* acts, int nb, float* const* y, bool add, int threads, bool groups) {
 #if CFM_GROUPED
   if (groups && l.grouped()) {
-    const int kb = l.k / kBlock, nb = static_cast<int>(acts.size());
+    const int kb = l.k / kBlock;
     const size_t stride = static_cast<size_t>(kb) * kQ41;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int g = 0; g < l.n / kGroup; ++g) {
@@ -417,15 +417,15 @@ void gemv_q41(const Linear& l, const std::vector<Act>& acts, float* const* y, bo
     return;
   }
 #endif
-  gemv_q41_rows(l, acts, y, add, threads);
+  gemv_q41_rows(l, acts, nb, y, add, threads);
 }
 
 // y[j][r] = Q8_0 row r (of n) times activation j, for every j.
-void gemv_q80(const uint8_t* w, int n, int k, const std::vector<Act>& acts, float* const* y, int threads,
+void gemv_q80(const uint8_t* w, int n, int k, const Act* acts, int nb, float* const* y, int threads,
               bool groups) {
 #if CFM_GROUPED
   if (groups && n % kGroup == 0) {
-    const int kb = k / kBlock, nb = static_cast<int>(acts.size());
+    const int kb = k / kBlock;
     const size_t stride = static_cast<size_t>(kb) * kQ80;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int g = 0; g < n / kGroup; ++g) {
@@ -439,7 +439,7 @@ void gemv_q80(const uint8_t* w, int n, int k, const std::vector<Act>& acts, floa
     return;
   }
 #endif
-  gemv_q80_rows(w, n, k, acts, y, threads);
+  gemv_q80_rows(w, n, k, acts, nb, y, threads);
 }
 #endif
 
@@ -498,20 +498,22 @@ struct CfmDecoder {
   const uint8_t* head = nullptr;   // Q8_0 [vocab, d/32]
   const uint8_t* embed = nullptr;  // Q8_0 [vocab, d/32] (the same rows as the head when they are tied)
   bool groups = CFM_GROUPED;  // rows in groups of 16 (AVX-512 VNNI), else a row at a time
-  std::vector<Act> acts;
+  std::vector<Act> acts, head_acts;  // rows' activations rounded to int8 (kept between calls)
   std::vector<std::vector<float>> xn, qkv, attn, gu, act;
 };
 
 namespace {
 
-void resize(CfmDecoder& m, int nb) {
+void resize(CfmDecoder& m, int nb) {  // buffers for nb rows; kept when a later call has fewer (no reallocation)
+  if (static_cast<int>(m.acts.size()) >= nb) return;
+  const int had = static_cast<int>(m.acts.size());
   m.acts.resize(nb);
   m.xn.resize(nb);
   m.qkv.resize(nb);
   m.attn.resize(nb);
   m.gu.resize(nb);
   m.act.resize(nb);
-  for (int b = 0; b < nb; ++b) {
+  for (int b = had; b < nb; ++b) {
     m.xn[b].resize(m.d);
     m.qkv[b].resize((m.h + 2 * m.hkv) * m.hd);
     m.attn[b].resize(m.h * m.hd);
@@ -521,31 +523,87 @@ void resize(CfmDecoder& m, int nb) {
 }
 
 #if CFM_NATIVE
-// One head: softmax(q k^T / sqrt(hd)) v over positions [0, t) of KV group g of a cache [hkv, cap, hd].
+// e^x for 8 floats, x <= 0 (softmax scores less their maximum): Cephes' expf (x = n ln2 + r, |r| <= ln2 / 2, a
+// degree-5 polynomial for e^r, 2^n put in the exponent bits), within 2 ulp of std::exp; 0 below -87.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(pow2)));
+}
+
+// One head: softmax(q k^T / sqrt(hd)) v over positions [0, t) of KV group g of a cache [hkv, cap, hd]. HD > 0 is
+// the head size known at compile time (the output and the query stay in registers across positions); 0 reads it
+// from the model.
+template <int HD>
 void attend(const CfmDecoder& m, const float* qh, const float* kc, const float* vc, int cap, int g, int t, float* out) {
-  const float* kg = kc + static_cast<size_t>(g) * cap * m.hd;
-  const float* vg = vc + static_cast<size_t>(g) * cap * m.hd;
-  const float scale = 1.f / std::sqrt(static_cast<float>(m.hd));
-  std::vector<float> p(t);
+  const int hd = HD > 0 ? HD : m.hd;
+  const float* kg = kc + static_cast<size_t>(g) * cap * hd;
+  const float* vg = vc + static_cast<size_t>(g) * cap * hd;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  thread_local std::vector<float> scores;
+  scores.resize(t);
+  float* p = scores.data();
   float mx = -INFINITY;
   for (int j = 0; j < t; ++j) {
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int e = 0; e < m.hd; ++e) s += qh[e] * kg[static_cast<size_t>(j) * m.hd + e];
+    for (int e = 0; e < hd; ++e) s += qh[e] * kg[static_cast<size_t>(j) * hd + e];
     p[j] = s * scale;
     mx = std::max(mx, p[j]);
   }
-  float den = 0.f;
-  for (int j = 0; j < t; ++j) {
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vden = _mm256_setzero_ps();
+  int j = 0;
+  for (; j + 8 <= t; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), vmx));
+    _mm256_storeu_ps(p + j, e);
+    vden = _mm256_add_ps(vden, e);
+  }
+  float den = hsum(vden);
+  for (; j < t; ++j) {
     p[j] = std::exp(p[j] - mx);
     den += p[j];
   }
-  std::fill(out, out + m.hd, 0.f);
-  for (int j = 0; j < t; ++j) {
-    const float w = p[j] / den;
-    const float* vj = vg + static_cast<size_t>(j) * m.hd;
+  const float inv = 1.f / den;
+  if constexpr (HD > 0) {
+    float acc[HD] = {};
+    for (j = 0; j < t; ++j) {
+      const float w = p[j] * inv;
+      const float* vj = vg + static_cast<size_t>(j) * HD;
 #pragma omp simd
-    for (int e = 0; e < m.hd; ++e) out[e] += w * vj[e];
+      for (int e = 0; e < HD; ++e) acc[e] += w * vj[e];
+    }
+    std::memcpy(out, acc, sizeof(acc));
+  } else {
+    std::fill(out, out + hd, 0.f);
+    for (j = 0; j < t; ++j) {
+      const float w = p[j] * inv;
+      const float* vj = vg + static_cast<size_t>(j) * hd;
+#pragma omp simd
+      for (int e = 0; e < hd; ++e) out[e] += w * vj[e];
+    }
+  }
+}
+
+void attend_head(const CfmDecoder& m, const float* qh, const float* kc, const float* vc, int cap, int g, int t,
+                 float* out) {
+  switch (m.hd) {
+    case 64: return attend<64>(m, qh, kc, vc, cap, g, t, out);
+    case 128: return attend<128>(m, qh, kc, vc, cap, g, t, out);
+    default: return attend<0>(m, qh, kc, vc, cap, g, t, out);
   }
 }
 
@@ -563,7 +621,7 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
     quantize(m.xn[b].data(), d, m.acts[b]);
     y[b] = m.qkv[b].data();
   }
-  gemv_q41(L.qkv, m.acts, y.data(), false, m.threads, m.groups);
+  gemv_q41(L.qkv, m.acts.data(), nb, y.data(), false, m.threads, m.groups);
 #pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
     float* q = m.qkv[b].data();
@@ -584,14 +642,14 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
 #pragma omp parallel for num_threads(m.threads) schedule(static) collapse(2)
   for (int b = 0; b < nb; ++b)
     for (int hh = 0; hh < m.h; ++hh)
-      attend(m, m.qkv[b].data() + hh * m.hd, k[b], v[b], caps[b], hh / group, static_cast<int>(pos[b]) + 1,
+      attend_head(m, m.qkv[b].data() + hh * m.hd, k[b], v[b], caps[b], hh / group, static_cast<int>(pos[b]) + 1,
              m.attn[b].data() + hh * m.hd);
 #pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
     quantize(m.attn[b].data(), m.h * m.hd, m.acts[b]);
     y[b] = x + static_cast<size_t>(b) * d;
   }
-  gemv_q41(L.o, m.acts, y.data(), true, m.threads, m.groups);  // residual += o
+  gemv_q41(L.o, m.acts.data(), nb, y.data(), true, m.threads, m.groups);  // residual += o
 #pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
     side_term(L.side[3], m.attn[b].data(), m.h * m.hd, y[b], d);
@@ -599,7 +657,7 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
     quantize(m.xn[b].data(), d, m.acts[b]);
     y[b] = m.gu[b].data();
   }
-  gemv_q41(L.gu, m.acts, y.data(), false, m.threads, m.groups);
+  gemv_q41(L.gu, m.acts.data(), nb, y.data(), false, m.threads, m.groups);
 #pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
   for (int b = 0; b < nb; ++b) {
     float* gu = m.gu[b].data();
@@ -610,7 +668,7 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
     quantize(act, f, m.acts[b]);
     y[b] = x + static_cast<size_t>(b) * d;
   }
-  gemv_q41(L.down, m.acts, y.data(), true, m.threads, m.groups);  // residual += down
+  gemv_q41(L.down, m.acts.data(), nb, y.data(), true, m.threads, m.groups);  // residual += down
 #pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1 && L.side[6].r > 0)
   for (int b = 0; b < nb; ++b) side_term(L.side[6], m.act[b].data(), f, y[b], d);
 }
@@ -715,7 +773,8 @@ int cfm_forward(CfmDecoder* m, int nb, float* x, const int64_t* pos, int first, 
     layer(*m, m->layers[li], x, pos, kl.data(), vl.data(), caps, nb);
   }
   if (head_rows <= 0) return 0;
-  std::vector<Act> acts(head_rows);
+  if (static_cast<int>(m->head_acts.size()) < head_rows) m->head_acts.resize(head_rows);
+  std::vector<Act>& acts = m->head_acts;
   std::vector<float*> y(head_rows);
   for (int j = 0; j < head_rows; ++j) {
     const int b = nb - head_rows + j;
@@ -723,7 +782,7 @@ int cfm_forward(CfmDecoder* m, int nb, float* x, const int64_t* pos, int first, 
     quantize(m->xn[b].data(), m->d, acts[j]);
     y[j] = logits + static_cast<size_t>(j) * m->vocab;
   }
-  gemv_q80(m->head, m->vocab, m->d, acts, y.data(), m->threads, m->groups);
+  gemv_q80(m->head, m->vocab, m->d, acts.data(), head_rows, y.data(), m->threads, m->groups);
   return 0;
 #else
   return -1;
