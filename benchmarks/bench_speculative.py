@@ -147,7 +147,6 @@ def chunk_ratios(base: list, other: list) -> list[float]:
 
 def spec_report(run: StreamRun) -> dict:
     r = dict(run.stats.extra.get("speculative") or {})
-    r.pop("by_source", None)
     return r
 
 

@@ -202,11 +202,13 @@ class Generator:
         self.runner.begin()
         with torch_threads(self.runner.torch_threads()):
             for chunk in self._stream(prompt_ids, params):
-                chunk.stats.extra.update(self.runner.report())
-                if self.bricks is not None:
-                    chunk.stats.extra.update(self.bricks.report())
-                if self.speculation is not None:
-                    chunk.stats.extra["speculative"] = self.speculation.report()
+                if chunk.stats.finish_reason is not None:  # the answer's telemetry, once it is complete (every
+                    # chunk shares the one stats object; building the reports per token cost ~2% of a step)
+                    chunk.stats.extra.update(self.runner.report())
+                    if self.bricks is not None:
+                        chunk.stats.extra.update(self.bricks.report())
+                    if self.speculation is not None:
+                        chunk.stats.extra["speculative"] = self.speculation.report()
                 yield chunk
 
     def _stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GenerationChunk]:
