@@ -275,9 +275,9 @@ def planner_choices(model, address, cell, plan, client_cls, estimate, estimate_c
         steps = sum(r["steps"] for r in rows)
         tokens = sum(r["tokens_per_step"] * r["steps"] for r in rows if r["tokens_per_step"])
         positions = steps + sum(r["drafted"] for r in rows)
-        measured = estimate_cls(round(tokens / steps, 3), round(positions / steps, 3), 0.45)
+        measured = estimate_cls(round(tokens / steps, 3), round(positions / steps, 3), model.backend.position_cost)
     out = {}
-    for name, spec in (("no speculation", None), ("prior", estimate("auto")), ("measured", measured)):
+    for name, spec in (("no speculation", None), ("prior", estimate("auto", model.backend.position_cost)), ("measured", measured)):
         client = client_cls(address)
         try:
             p = plan(model, client, "fp32", spec=spec)

@@ -379,15 +379,18 @@ class Estimate:
     cost_per_position: float
 
 
-# Measured by benchmarks/bench_speculative.py (benchmarks/results/speculative.json, "planner_prior"): prompt
-# lookup over the tasks run, drafting-friendly and open chat together, in split runs at 50 ms RTT.
-PLANNER_PRIOR = {"lookup": Estimate(1.5, 2.3, 0.45), "auto": Estimate(1.5, 2.3, 0.45)}
+# Tokens and positions per step, measured by benchmarks/bench_speculative.py (benchmarks/results/speculative.json,
+# "planner_prior"): prompt lookup over the tasks run, drafting-friendly and open chat together, in split runs at
+# 50 ms RTT.
+PLANNER_PRIOR = {"lookup": (1.65, 2.35), "auto": (1.65, 2.35)}
 
 
-def estimate(mode: str) -> Estimate | None:
-    """The planner's assumption for a run with `mode` (None: one token per step). "edge" is not planned for: its
-    acceptance depends on the split the planner is choosing."""
-    return PLANNER_PRIOR.get(mode)
+def estimate(mode: str, position_cost: float) -> Estimate | None:
+    """The planner's assumption for a run with `mode` (None: one token per step), with `position_cost` the extra
+    compute of one more position (the backend's `position_cost`). "edge" is not planned for: its acceptance
+    depends on the split the planner is choosing."""
+    prior = PLANNER_PRIOR.get(mode)
+    return Estimate(*prior, position_cost) if prior else None
 
 
 # Extra cost of one more position in a split run's verification step, relative to a one-position step, before any
