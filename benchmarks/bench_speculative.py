@@ -277,7 +277,8 @@ def planner_choices(model, address, cell, plan, client_cls, estimate, estimate_c
         positions = steps + sum(r["drafted"] for r in rows)
         measured = estimate_cls(round(tokens / steps, 3), round(positions / steps, 3), model.backend.position_cost)
     out = {}
-    for name, spec in (("no speculation", None), ("prior", estimate("auto", model.backend.position_cost)), ("measured", measured)):
+    prior = estimate("auto", model.backend.position_cost)
+    for name, spec in (("no speculation", None), ("prior", prior), ("measured", measured)):
         client = client_cls(address)
         try:
             p = plan(model, client, "fp32", spec=spec)

@@ -28,7 +28,8 @@ def cmd_plan(args) -> int:
     model = load(args)
     client = CenterClient(center.address, center.token, center.tls_ca, center.tls, center.timeout)
     try:
-        p = plan(model, client, center.wire, center.min_edge_layers, spec=estimate(args.speculate, model.backend.position_cost))
+        spec = estimate(args.speculate, model.backend.position_cost)
+        p = plan(model, client, center.wire, center.min_edge_layers, spec=spec)
     except CenterFailure as e:
         raise CfmError(f"cannot reach the center at {center.address}: {e}") from None
     finally:

@@ -190,7 +190,8 @@ class Model:
         if split == "auto":
             client = CenterClient(center.address, center.token, center.tls_ca, center.tls, center.timeout)
             try:
-                p = plan(self, client, center.wire, center.min_edge_layers, spec=speculative.estimate(speculate, self.backend.position_cost))
+                spec = speculative.estimate(speculate, self.backend.position_cost)
+                p = plan(self, client, center.wire, center.min_edge_layers, spec=spec)
             except CenterFailure as e:
                 log(f"[split: center {center.address} unreachable ({e}); running locally, will reconnect]")
                 split = None

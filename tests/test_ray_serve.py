@@ -43,13 +43,12 @@ def run_sessions(model, address: str, on_token=None) -> list[tuple[list[int], di
 
     def run(i):
         try:
-            toks, report = [], None
+            toks = []
             for chunk in gens[i].stream(prompts[i], SamplingParams(**GREEDY)):
                 toks.append(chunk.token)
-                report = chunk.stats.extra["split"]
                 if on_token:
                     on_token(i, len(toks))
-            out[i] = (toks, report)
+            out[i] = (toks, chunk.stats.extra["split"])  # the answer's telemetry comes with its last chunk
         except Exception as e:  # surfaced by the assertion below
             errors.append(e)
         finally:

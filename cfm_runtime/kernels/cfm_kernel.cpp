@@ -253,7 +253,7 @@ void gemv_q80_rows(const uint8_t* w, int n, int k, const Act* acts, int nb, floa
 constexpr int kGroup = 16;
 constexpr int kGroupTile = 16;  // activations per pass over a group at most (one accumulator register each)
 
-// 16 rows' dwords [off, off + 16) of one block (row i at base + i * stride), as 4 registers: out[g] lane i =
+// The 16 bytes at base + i * stride of 16 rows i (4 dwords each), transposed into 4 registers: out[g] lane i =
 // row i's dword g.
 inline void transpose16x4(const uint8_t* base, size_t stride, __m512i out[4]) {
   __m512i a[4];
@@ -271,7 +271,8 @@ inline void transpose16x4(const uint8_t* base, size_t stride, __m512i out[4]) {
   out[3] = _mm512_unpackhi_epi64(t1, t3);
 }
 
-// The fp16 at the start of each of 16 blocks (row i's at base + i * stride, its neighbour `high` bytes on) as fp32.
+// The two fp16 at base + i * stride of 16 rows i (a block's d, and m where it has one) as fp32: the first in lo,
+// the second in *hi.
 inline void scales16(const uint8_t* base, __m512i idx, __m512& lo, __m512* hi) {
   const __m512i w = _mm512_i32gather_epi32(idx, base, 1);
   lo = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
@@ -306,6 +307,11 @@ inline void prefetch_share(const uint8_t* next, int b, int bytes_per_block) {
   for (int i = 0; i < bytes_per_block; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 }
 
+inline __m512i row_offsets16(size_t stride) {  // i * stride in lane i: the 16 rows' offsets for a gather
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                            _mm512_set1_epi32(static_cast<int>(stride)));
+}
+
 inline void store16(float* y, __m512 v, bool add) {
   _mm512_storeu_ps(y, add ? _mm512_add_ps(_mm512_loadu_ps(y), v) : v);
 }
@@ -316,8 +322,7 @@ template <int NT>
 void group_tile_q41(const uint8_t* base, size_t stride, int kb, const Act* acts, float* const* y, int r0, bool add,
                     const uint8_t* next) {
   const __m512i nib = _mm512_set1_epi8(0x0F);
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(stride)));
+  const __m512i idx = row_offsets16(stride);
   __m512 acc[NT];
   for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_ps();
   for (int b = 0; b < kb; ++b) {
@@ -349,8 +354,7 @@ template <int NT>
 void group_tile_q80(const uint8_t* base, size_t stride, int kb, const Act* acts, float* const* y, int r0,
                     const uint8_t* next) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(static_cast<int>(stride)));
+  const __m512i idx = row_offsets16(stride);
   __m512 acc[NT];
   for (int j = 0; j < NT; ++j) acc[j] = _mm512_setzero_ps();
   for (int b = 0; b < kb; ++b) {
@@ -528,7 +532,7 @@ void resize(CfmDecoder& m, int nb) {  // buffers for nb rows; kept when a later 
 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
+  x = _mm256_max_ps(lo, x);  // a NaN score stays NaN (max takes the second operand when either is NaN)
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -545,8 +549,8 @@ inline __m256 exp8(__m256 x) {
 }
 
 // One head: softmax(q k^T / sqrt(hd)) v over positions [0, t) of KV group g of a cache [hkv, cap, hd]. HD > 0 is
-// the head size known at compile time (the output and the query stay in registers across positions); 0 reads it
-// from the model.
+// the head size known at compile time (the output accumulates in registers across positions); 0 reads it from
+// the model.
 template <int HD>
 void attend(const CfmDecoder& m, const float* qh, const float* kc, const float* vc, int cap, int g, int t, float* out) {
   const int hd = HD > 0 ? HD : m.hd;

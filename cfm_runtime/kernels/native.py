@@ -26,10 +26,11 @@ from .blocks import BlockWeights
 
 SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of a layer's linears
 # Extra time of one more position in a call, relative to a one-position call (speculative decoding's prior for
-# its verification steps, refined by the steps it times), by path. Measured on 2 threads, embedded model, 1 to 17
-# positions after a 19-token prompt: rows in groups of 16 (AVX-512 VNNI, a Xeon) 0.11-0.36, ~1.1 ms per position
-# over a 3.9-4.6 ms step; a row at a time 0.43-0.48 on an AMD EPYC.
-POSITION_COST = {"groups": 0.25, "rows": 0.45}
+# its verification steps, refined by the steps it times), by path. Measured on 2 threads, embedded model, 1 to 9
+# positions after a 73- or 145-token prompt: rows in groups of 16 (AVX-512 VNNI, a Xeon) 0.11-0.18, ~0.5-0.7 ms
+# per position over a 3.9-4.1 ms step (0.16-0.27 as fitted inside generation); a row at a time 0.43-0.48 on an
+# AMD EPYC.
+POSITION_COST = {"groups": 0.2, "rows": 0.45}
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failure: str | None = None
