@@ -103,7 +103,7 @@ def test_fp16_wire_top1_agreement_and_chunked_prefill(model, eval_ids):
 
 def start_center_process(port: int = 0) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "cfm_cli", "center", "serve", "--port", str(port),
-                             "--layers", "2:28", "--threads", "1"],
+                             "--layers", "2:28", "--threads", "1", "--weights", "fp32"],  # the edge's arithmetic
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if line.startswith("listening "):

@@ -123,7 +123,7 @@ class NativeDecoder:
                                                                 layer.o, layer.gate, layer.up, layer.down)))
         lib.cfm_set_head(self.ptr, _ptr(w.final_norm), _ptr(w.head), _ptr(w.embed))
         self._sides: set[tuple[int, str]] = set()
-        self.groups = self.set_groups(True)
+        self.groups = self.set_groups(os.environ.get("CFM_KERNEL_GROUPS", "1") != "0")  # 0: the AVX2 row path
 
     def __del__(self):
         if getattr(self, "ptr", None):
