@@ -5,8 +5,9 @@ one CfmError naming the pair.
 Reference: the same features on fp32 weights, every layer local, the FFN dense (a brick stays on). Where the
 arithmetic is exact (fp32 with bricks and/or a split, fp32 on the wire) the logits must match it; where it is
 approximate (int4, a sparse or offloaded FFN) the top-1 agreement with it must be at least what the
-approximation reaches alone against plain fp32, less two standard errors of that measurement. With a brick, the configuration must also agree with the
-reference better than with the brick-less model (the brick is really applied).
+approximation reaches alone against plain fp32, less two standard errors of that measurement. With a brick, the
+configuration must also agree with the reference better than with the brick-less model (the brick is really
+applied).
 
 The README's table is rendered from `HOW` and `REFUSED` (`python tests/test_combinations.py` rewrites it).
 """

@@ -232,13 +232,12 @@ def test_generation_on_the_fused_graph_runs_torch_single_threaded(model, int4):
     assert LocalRunner(model).torch_threads() is None
 
 
-
 def test_native_kernel_paths_agree_with_each_other_and_fp32(model, model_path, eval_ids):
     """The kernel's two paths over the file's blocks (rows in groups of 16 with AVX-512 VNNI; a row at a time with
     AVX2) compute the same integer dot products and round their float sums in another order. One layer, and the
-    head on the same input, agree to float rounding (and a rare flipped int8 rounding); through 30 layers the int8 rounding of activations amplifies
-    that (as it does fp32's differences), so each path is held to fp32 as the existing decode test holds the
-    kernel: next tokens and perplexity."""
+    head on the same input, agree to float rounding (and a rare flipped int8 rounding); through 30 layers the int8
+    rounding of activations amplifies that (as it does fp32's differences), so each path is held to fp32 as the
+    existing decode test holds the kernel: next tokens and perplexity."""
     lean = load_model(model_path)  # every position through the kernel
     decoder, n = lean.backend.decoder, lean.config.n_layers
     if not decoder.set_groups(True):
