@@ -711,8 +711,11 @@ int cfm_set_groups(CfmDecoder* m, int on) {
 // Q4_1 rows: q [h*hd, d], k and v [hkv*hd, d], o [d, h*hd], gate and up [f, d], down [d, f].
 void cfm_set_layer(CfmDecoder* m, int i, const float* ln1, const float* ln2, const uint8_t* q, const uint8_t* k,
                    const uint8_t* v, const uint8_t* o, const uint8_t* gate, const uint8_t* up, const uint8_t* down) {
-  Layer& L = m->layers[i];
-  L = Layer{};
+  Layer& L = m->layers[i];  // its side terms are kept: a streamed layer is pointed at new memory every use
+  L.qkv = Linear{};
+  L.o = Linear{};
+  L.gu = Linear{};
+  L.down = Linear{};
   L.ln1 = ln1;
   L.ln2 = ln2;
   L.qkv.add(q, m->h * m->hd, m->d);
@@ -787,6 +790,26 @@ int cfm_forward(CfmDecoder* m, int nb, float* x, const int64_t* pos, int first, 
     y[j] = logits + static_cast<size_t>(j) * m->vocab;
   }
   gemv_q80(m->head, m->vocab, m->d, acts.data(), head_rows, y.data(), m->threads, m->groups);
+  return 0;
+#else
+  return -1;
+#endif
+}
+
+// Logits of `n` rows for a part of the vocabulary: x [n, d] rows leaving the last layer (final norm applied
+// here), `rows` the Q8_0 head rows [row0, row0 + nrows) (a part of the head held anywhere), out[j * ldo + r]
+// <- row j's logit of token row0 + r. With parts in whole groups of 16 rows it gives the bits of the whole head.
+int cfm_head_rows(CfmDecoder* m, int n, const float* x, const uint8_t* rows, int nrows, float* out, int ldo) {
+#if CFM_NATIVE
+  resize(*m, n);
+  if (static_cast<int>(m->head_acts.size()) < n) m->head_acts.resize(n);
+  std::vector<float*> y(n);
+  for (int j = 0; j < n; ++j) {
+    rmsnorm(x + static_cast<size_t>(j) * m->d, m->final_norm, m->d, m->eps, m->xn[j].data());
+    quantize(m->xn[j].data(), m->d, m->head_acts[j]);
+    y[j] = out + static_cast<size_t>(j) * ldo;
+  }
+  gemv_q80(rows, nrows, m->d, m->head_acts.data(), n, y.data(), m->threads, m->groups);
   return 0;
 #else
   return -1;

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import build
+from . import stream
 from .blocks import BlockWeights
 
 SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of a layer's linears
@@ -98,6 +99,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cfm_embed.argtypes = [_P, i, _P, _P]
     lib.cfm_forward.restype = i
     lib.cfm_forward.argtypes = [_P, i, _P, _P, i, i, _P, _P, _P, i, _P]
+    lib.cfm_head_rows.restype = i
+    lib.cfm_head_rows.argtypes = [_P, i, _P, _P, i, _P, i]
     return lib
 
 
@@ -111,10 +114,15 @@ def _ptr(a: np.ndarray) -> int:
 
 
 class NativeDecoder:
-    """A decoder over `BlockWeights` (held: the kernel reads their memory) with optional low-rank side terms."""
+    """A decoder over `BlockWeights` (held: the kernel reads their memory) with optional low-rank side terms.
+    With `held` (`stream.hold`: weights within a RAM budget) the parts it does not hold are read from the file
+    as each call reaches them."""
 
-    def __init__(self, w: BlockWeights, threads: int, lib: ctypes.CDLL):
-        self.w, self.lib = w, lib
+    def __init__(self, w: BlockWeights, threads: int, lib: ctypes.CDLL, held: "stream.Held | None" = None):
+        if held is not None:
+            w = held.weights
+        self.w, self.lib, self.held = w, lib, held
+        self._stream_lock = threading.Lock()
         self.d, self.vocab = w.d_model, w.vocab_size
         self.ptr = lib.cfm_new(len(w.layers), w.d_model, w.n_heads, w.n_kv_heads, w.head_dim, w.d_ff, w.vocab_size,
                                w.context_length, w.eps, threads, _ptr(w.cos), _ptr(w.sin))
@@ -126,6 +134,8 @@ class NativeDecoder:
         self.groups = self.set_groups(os.environ.get("CFM_KERNEL_GROUPS", "1") != "0")  # 0: the AVX2 row path
 
     def __del__(self):
+        if getattr(self, "held", None) is not None:
+            self.held.close()
         if getattr(self, "ptr", None):
             self.lib.cfm_free(self.ptr)
             self.ptr = None
@@ -158,6 +168,8 @@ class NativeDecoder:
     def embed(self, ids) -> np.ndarray:
         """Token embeddings [n, d] from the Q8_0 embedding rows."""
         tokens = np.ascontiguousarray(ids, dtype=np.int64)
+        if self.held is not None and not self.held.plan.head_held and self.held.embed_offset >= 0:
+            return self.held.embed_rows(tokens, self.d)
         out = np.empty((len(tokens), self.d), dtype=np.float32)
         self.lib.cfm_embed(self.ptr, len(tokens), _ptr(tokens), _ptr(out))
         return out
@@ -191,14 +203,57 @@ class NativeDecoder:
 
     def _run(self, x: np.ndarray, pos: list[int], caches: list, first: int, last: int, head: int) -> np.ndarray:
         h = np.array(x, dtype=np.float32, order="C")  # the kernel updates it in place
-        rows = len(pos)
         positions = np.asarray(pos, dtype=np.int64)
-        ks = (ctypes.c_void_p * max(1, rows * (last - first)))(*[kv.k_ptr for seq in caches for kv in seq])
-        vs = (ctypes.c_void_p * max(1, rows * (last - first)))(*[kv.v_ptr for seq in caches for kv in seq])
         caps = np.asarray([seq[0].capacity if seq else 0 for seq in caches], dtype=np.int32)
+        if self.held is None or self.held.stream is None:
+            return self._forward(h, positions, caches, caps, first, last, first, last, head)
+        with self._stream_lock:  # one call at a time through the staging slots
+            return self._streamed(h, positions, caches, caps, first, last, head)
+
+    def _forward(self, h, positions, caches, caps, first, last, a, b, head) -> np.ndarray:
+        """Layers [a, b) of a call over [first, last) (caches hold [first, last)), then the head of `head` rows."""
+        rows = len(positions)
+        n = max(1, rows * (b - a))
+        ks = (ctypes.c_void_p * n)(*[kv.k_ptr for seq in caches for kv in seq[a - first:b - first]])
+        vs = (ctypes.c_void_p * n)(*[kv.v_ptr for seq in caches for kv in seq[a - first:b - first]])
         logits = np.empty((head, self.vocab), dtype=np.float32) if head else None
-        status = self.lib.cfm_forward(self.ptr, rows, _ptr(h), _ptr(positions), first, last, ks, vs, _ptr(caps), head,
+        status = self.lib.cfm_forward(self.ptr, rows, _ptr(h), _ptr(positions), a, b, ks, vs, _ptr(caps), head,
                                       _ptr(logits) if head else None)
         if status != 0:
             raise RuntimeError("the native kernel was built without its instructions")
         return logits if head else h
+
+    def _streamed(self, h, positions, caches, caps, first, last, head) -> np.ndarray:
+        held, stream = self.held, self.held.stream
+        a = first
+        while a < last:  # runs of held layers in one call each, a streamed layer alone while its slot holds it
+            if a < held.plan.held_layers:
+                b = min(last, held.plan.held_layers)
+                self._forward(h, positions, caches, caps, first, last, a, b, 0)
+            else:
+                b = a + 1
+                key = ("layer", a)
+                ptrs = stream.parts(key, stream.acquire(key))
+                layer = self.w.layers[a]
+                try:
+                    self.lib.cfm_set_layer(self.ptr, a, _ptr(layer.ln1), _ptr(layer.ln2),
+                                           *(ptrs[k] for k in SIDE_KINDS))
+                    self._forward(h, positions, caches, caps, first, last, a, b, 0)
+                finally:
+                    stream.release(key)
+            a = b
+        if not head:
+            return h
+        if held.plan.head_held:
+            return self._forward(h, positions, caches, caps, first, last, last, last, head)
+        logits = np.empty((head, self.vocab), dtype=np.float32)
+        x = np.ascontiguousarray(h[len(h) - head:])
+        for first_row, rows in held.head_parts:
+            key = ("head", first_row, rows)
+            base = stream.acquire(key)
+            try:
+                self.lib.cfm_head_rows(self.ptr, head, _ptr(x), base + stream.units[key].parts["head"], rows,
+                                       _ptr(logits) + first_row * logits.itemsize, self.vocab)
+            finally:
+                stream.release(key)
+        return logits
