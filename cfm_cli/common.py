@@ -30,7 +30,7 @@ def add_model_args(p: argparse.ArgumentParser, bricks: bool = True, sparse: bool
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores available)")
     p.add_argument("--weights", choices=("fp32", "int8", "int4"), default=None,
                    help="weight format of the layers: int4 re-packs Q4_1 exactly and decodes fastest (default: "
-                        "int4; fp32 with --sparse or --ram-budget)")
+                        "int4; fp32 with --sparse)")
     p.add_argument("--lm-head", choices=("fp32", "int8"), default=None,
                    help="LM head format (default: int8 with --weights int8/int4, else fp32)")
     if bricks:
@@ -40,8 +40,10 @@ def add_model_args(p: argparse.ArgumentParser, bricks: bool = True, sparse: bool
 
 
 def add_sparse_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ram-budget", type=float, default=None, metavar="MB",
-                   help="offload the FFN: keep MB of FFN weights in RAM, stream the rest from the neuron pack")
+    p.add_argument("--ram-budget", type=ram_budget, default=None, metavar="MB|auto",
+                   help="keep MB of weights in RAM and read the rest from the model file each token (int4; with "
+                        "--weights fp32: MB of FFN weights, the rest from the neuron pack); auto: what the memory "
+                        "limit leaves, which a plain run also uses when the model would not fit")
     p.add_argument("--sparse", action="store_true", help="compute only predicted FFN neurons when decoding")
     p.add_argument("--density", type=float, default=None, metavar="D",
                    help="mean fraction of FFN neurons computed with --sparse (default 0.6)")
@@ -52,6 +54,15 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--density-plan", choices=("planned", "uniform"), default=None,
                    help="per-layer densities from the pack's sensitivity table (default) or the same for every layer")
     p.add_argument("--pack", default=None, metavar="DIR", help="neuron pack directory (default: per-model cache)")
+
+
+def ram_budget(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give a number of MB or 'auto', not {text!r}") from None
 
 
 def sparse_options(args) -> SparseOptions:
@@ -233,6 +244,8 @@ def print_stats(stats) -> None:
         print(format_split_report(stats.extra["split"]), file=sys.stderr)
     if "sparse" in stats.extra:
         print(format_sparse_report(stats.extra["sparse"]), file=sys.stderr)
+    if "ram_budget" in stats.extra:
+        print(format_budget_report(stats.extra["ram_budget"]), file=sys.stderr)
     if "speculative" in stats.extra:
         print(format_speculative_report(stats.extra["speculative"], "split" in stats.extra), file=sys.stderr)
 
@@ -253,6 +266,15 @@ def format_speculative_report(r: dict, split: bool) -> str:
     where = " (one round trip each while the center serves)" if split else ""
     return (f"[speculate {r['mode']} ({r['drafter']}) | {r['steps']} steps{where}, {per_step} tokens per step | "
             f"drafted {r['drafted']}, accepted {r['accepted']} ({rate})]")
+
+
+def format_budget_report(r: dict) -> str:
+    held = ", ".join(f"{k} {v}" for k, v in r["held_mb"].items())
+    read = (f" | read {r['read_mb']} MB in {r['reads']} reads, waited {r['read_wait_s']} s"
+            if "read_mb" in r else "")
+    return (f"[RAM budget {r['ram_budget_mb']:g} MB | held MB: {held} ({r['held_layers']} layers, head "
+            f"{'held' if r['head_held'] else 'streamed'}) | {r['streamed_mb_per_pass']} MB read from the file "
+            f"per pass{' (direct I/O)' if r['direct_io'] else ''}{read}]")
 
 
 def format_sparse_report(r: dict) -> str:

@@ -1,10 +1,12 @@
-"""Process memory: figures for telemetry, and handing freed memory back to the OS."""
+"""Process memory: figures for telemetry, handing freed memory back to the OS, and the memory a process may
+still take (its cgroup's limit or the RAM available), which `--ram-budget auto` spends."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
 import resource
+from pathlib import Path
 
 
 def release_freed_memory() -> None:
@@ -42,3 +44,93 @@ def rss_parts_mb() -> dict[str, float]:
     except OSError:  # not Linux
         pass
     return out
+
+
+# ---------------------------------------------------------------- the memory this process may use
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+def _cgroup_dir(root: Path, path: str) -> Path | None:
+    """The folder of cgroup `path` under a mount: the path as /proc/self/cgroup gives it may be relative to
+    another namespace's root, so its trailing components are tried, longest first, then the mount's root."""
+    parts = [p for p in path.split("/") if p]
+    for i in range(len(parts) + 1):
+        folder = root.joinpath(*parts[i:])
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _stat(file: Path) -> dict[str, int]:
+    out = {}
+    with open(file) as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if value.strip().isdigit():
+                out[key] = int(value)
+    return out
+
+
+def _cgroup_memory() -> tuple[float, float, str] | None:
+    """(limit MB, unreclaimable use MB, description) of this process's memory cgroup, if it has a limit."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):  # v1
+            folder = _cgroup_dir(_CGROUP_ROOT / "memory", path)
+            if folder is None or not (folder / "memory.stat").is_file():
+                return None
+            stat = _stat(folder / "memory.stat")
+            limit = stat.get("hierarchical_memory_limit", _NO_LIMIT)
+            if limit >= _NO_LIMIT:
+                return None
+            used = stat.get("total_rss", 0) + stat.get("total_shmem", 0)
+            return limit / 2**20, used / 2**20, "cgroup v1 memory limit"
+    for line in lines:
+        if line.startswith("0::"):  # v2: the lowest memory.max on the way up
+            folder = _cgroup_dir(_CGROUP_ROOT, line[3:])
+            limit, at = _NO_LIMIT, folder
+            while at is not None and (at / "memory.max").is_file():
+                value = (at / "memory.max").read_text().strip()
+                if value != "max":
+                    limit = min(limit, int(value))
+                at = at.parent if at != _CGROUP_ROOT else None
+            if folder is None or limit >= _NO_LIMIT:
+                return None
+            stat = _stat(folder / "memory.stat") if (folder / "memory.stat").is_file() else {}
+            used = stat.get("anon", 0) + stat.get("shmem", 0)
+            return limit / 2**20, used / 2**20, "cgroup v2 memory.max"
+    return None
+
+
+def _available_mb() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_room_mb() -> tuple[float | None, str]:
+    """(MB this process can still take, what bounds it): its memory cgroup's limit less the cgroup's
+    unreclaimable use (anonymous and shared memory; page cache is reclaimable), or the RAM available now
+    (MemAvailable), whichever is less. (None, reason) where neither is known."""
+    rooms = []
+    cgroup = _cgroup_memory()
+    if cgroup is not None:
+        limit, used, what = cgroup
+        rooms.append((limit - used, f"{what} {limit:.0f} MB, {used:.0f} MB of it in use"))
+    available = _available_mb()
+    if available is not None:
+        rooms.append((available, f"{available:.0f} MB of RAM available"))
+    if not rooms:
+        return None, "no memory limit or available RAM could be read"
+    return min(rooms)

@@ -1,7 +1,8 @@
 """The lean execution backend: the native kernel alone over the model file's blocks, with no torch at all.
 
 A GGUF model with Q4_1 linears runs here by default (`cfm_runtime.runtime.load_model`): its weights are the
-file's mapped pages (reclaimable, like llama.cpp's), its KV caches numpy arrays, and nothing is dequantized.
+file's mapped pages (reclaimable, like llama.cpp's), or within a RAM budget anonymous copies of some and the rest
+read from the file at each use (`kernels.stream`); its KV caches are numpy arrays, and nothing is dequantized.
 Features that need the torch modules (bricks, a sparse FFN, fp32) make the model load its torch form.
 """
 
@@ -60,4 +61,7 @@ class NativeBackend:
         return self.decoder.position_cost
 
     def report(self) -> dict:
-        return {"backend": self.name, "decode_path": "native", "kernel": self.decoder.path}
+        out = {"backend": self.name, "decode_path": "native", "kernel": self.decoder.path}
+        if self.decoder.held is not None:
+            out["ram_budget"] = self.decoder.held.report()  # what it holds, what is read from the file
+        return out

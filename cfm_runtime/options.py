@@ -37,10 +37,15 @@ def parse_spec(spec: str) -> tuple[str, float]:
 
 @dataclass(frozen=True)
 class SparseOptions:
-    """FFN offload (`ram_budget_mb`: FFN weights kept in RAM, the rest read from the neuron pack) and
-    predictor-driven sparsity (`sparse`); they combine. See `cfm_runtime.sparse`."""
+    """The RAM budget and the sparse FFN.
 
-    ram_budget_mb: float | None = None
+    `ram_budget_mb` (MB or "auto"): the weights kept in RAM. On the int4 path (the default) it holds the whole
+    model's weights: the native kernel reads what it does not hold from the model file at each use
+    (`cfm_runtime.kernels.stream`); "auto" spends what this process's memory limit leaves, which a plain run
+    also does when the model would not fit. With fp32 weights it holds FFN weights, the rest read from the
+    neuron pack, and combines with predictor-driven sparsity (`sparse`; see `cfm_runtime.sparse`)."""
+
+    ram_budget_mb: float | str | None = None
     sparse: bool = False
     density: float | None = None  # mean fraction of neurons computed (default 0.6 with a sparse strategy)
     strategy: str | None = None  # "dense" | "oracle" | "predictor" (default: predictor with sparse, else dense)
@@ -53,6 +58,12 @@ class SparseOptions:
     def active(self) -> bool:
         return self.ram_budget_mb is not None or self.sparse or self.strategy is not None
 
+    @property
+    def ffn(self) -> bool:
+        """Whether anything asks for the torch sparse FFN or the neuron pack (not a RAM budget alone)."""
+        return bool(self.sparse or self.strategy is not None or self.predictor or self.density_plan
+                    or self.pack is not None or self.density is not None)
+
     def resolved(self) -> "SparseOptions":
         """Defaults filled in and every value checked (all problems in one error)."""
         strategy = self.strategy or ("predictor" if self.sparse else "dense")
@@ -60,8 +71,9 @@ class SparseOptions:
         problems = []
         if strategy not in SPARSE_STRATEGIES:
             problems.append(f"sparse strategy (--sparse-strategy) {strategy!r} is unknown; choose one of {', '.join(SPARSE_STRATEGIES)}")
-        if self.ram_budget_mb is not None and not self.ram_budget_mb > 0:
-            problems.append(f"the RAM budget (--ram-budget) must be a positive number of MB, got {self.ram_budget_mb}")
+        budget = self.ram_budget_mb
+        if budget is not None and budget != "auto" and not (isinstance(budget, (int, float)) and budget > 0):
+            problems.append(f"the RAM budget (--ram-budget) must be a positive number of MB or 'auto', got {budget!r}")
         if not 0.0 < density <= 1.0:
             problems.append(f"density (--density) must be in (0, 1], got {density}")
         if self.predictor is not None and self.predictor not in PREDICTORS:
@@ -89,8 +101,12 @@ class LoadOptions:
 
     def resolved(self) -> "LoadOptions":
         """Defaults filled in; every value and every combination checked (all problems in one error)."""
-        sparse = self.sparse.resolved() if self.sparse.active else self.sparse
-        weights = self.weights or ("fp32" if sparse.active else "int4")
+        ffn = self.sparse.ffn  # the torch sparse FFN or the neuron pack, not a RAM budget alone
+        weights = self.weights or ("fp32" if ffn else "int4")
+        sparse = self.sparse
+        if sparse.active:
+            checked = sparse.resolved()  # a budget alone on the int4 path keeps its own form (no FFN defaults)
+            sparse = checked if ffn or weights == "fp32" else sparse
         lm_head = self.lm_head or ("fp32" if weights == "fp32" else "int8")
         problems = []
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
@@ -101,9 +117,17 @@ class LoadOptions:
             problems.append(f"lm_head (--lm-head) must be one of {', '.join(HEAD_FORMATS)}; got {lm_head!r}")
         elif weights == "fp32" and lm_head != "fp32":
             problems.append("a quantized LM head needs quantized weights (--weights int8 or int4)")
-        if sparse.active and weights != "fp32":
-            problems.append(refusal("sparse FFN or offload (--sparse, --ram-budget)", f"{weights} weights",
+        if ffn and weights != "fp32":
+            problems.append(refusal("the sparse FFN and the neuron pack (--sparse, --sparse-strategy, --density, "
+                                    "--predictor, --density-plan, --pack)", f"{weights} weights",
                                     "the sparse FFN runs on fp32 weights; drop the weight format"))
+        elif sparse.ram_budget_mb is not None and weights == "int8":
+            problems.append(refusal("a RAM budget (--ram-budget)", "int8 weights",
+                                    "the budget holds int4 weights (the native kernel) or fp32 FFN weights "
+                                    "(the neuron pack); choose one of those"))
+        elif sparse.ram_budget_mb == "auto" and weights == "fp32":
+            problems.append(refusal("--ram-budget auto", "fp32 weights",
+                                    "auto sizes the int4 path's budget; give the fp32 offload a number of MB"))
         _raise(problems)
         return replace(self, weights=weights, lm_head=lm_head, sparse=sparse)
 

@@ -22,10 +22,10 @@ from .cache import SpanCache
 from .config import ModelConfig
 from .errors import CfmError
 from .generate import GenerationChunk, Generator
-from .kernels import native
+from .kernels import native, stream
 from .kernels.blocks import BlockWeights
 from .loading import Checkpoint, block_weights, load_checkpoint, resolve_model_path
-from .memory import release_freed_memory
+from .memory import memory_room_mb, release_freed_memory
 from .native_backend import NativeBackend
 from .options import CenterOptions, LoadOptions, RunOptions, SparseOptions, refusal
 from .runners import LocalRunner, Runner
@@ -358,14 +358,22 @@ def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Mod
     opts = (options or options_from_keywords(**keywords)).resolved()
     threads = set_threads(opts.threads)
     path = resolve_model_path(path)
+    budget = opts.sparse.ram_budget_mb
     if _lean(path, opts):
         ckpt = load_checkpoint(path, progress=opts.progress, tensors="none")
+        tokenizer = _checked_tokenizer(ckpt)  # first: a budget from the memory limit counts what it holds
         blocks = block_weights(ckpt)
         if native.supported(blocks):
-            backend = NativeBackend(native.NativeDecoder(blocks, threads, native.load()), ckpt.config.n_layers)
-            return Model(_checked_tokenizer(ckpt), ckpt, opts, threads, backend=backend)
+            held = _held_weights(blocks, budget)
+            decoder = native.NativeDecoder(blocks, threads, native.load(), held)
+            return Model(tokenizer, ckpt, opts, threads, backend=NativeBackend(decoder, ckpt.config.n_layers))
         del blocks  # a layout the kernel lacks: the torch form below
-    offload = opts.sparse.ram_budget_mb is not None and path.is_file() and not opts.overrides
+    if budget is not None and opts.weights == "int4":
+        why = native.failure() or ("the kernel lacks this model's layout or its overrides" if path.is_file()
+                                   else "the model is a folder, not a GGUF file")
+        raise CfmError(f"a RAM budget (--ram-budget) on the int4 path needs the native kernel reading a GGUF "
+                       f"file ({why}); load with --weights fp32 to offload the FFN to the neuron pack instead")
+    offload = budget is not None and path.is_file() and not opts.overrides
     pack = ensure_pack(path, opts.sparse.pack, threads=threads, progress=opts.progress is not False) \
         if opts.sparse.active else None
     ckpt = load_checkpoint(path, progress=opts.progress, tensors="no_ffn" if offload else "all", **opts.overrides)
@@ -384,9 +392,47 @@ def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Mod
 
 def _lean(path: Path, opts: LoadOptions) -> bool:
     """Whether the model can load without its torch form: int4 linears and the 8-bit head from a GGUF file,
-    nothing that replaces modules, and the native kernel available here."""
-    return (path.is_file() and opts.weights == "int4" and opts.lm_head == "int8" and not opts.sparse.active
+    nothing that replaces modules (a RAM budget alone does not), and the native kernel available here."""
+    return (path.is_file() and opts.weights == "int4" and opts.lm_head == "int8" and not opts.sparse.ffn
             and not opts.overrides and native.load() is not None)
+
+
+# Memory a run takes beside its weights, kept out of an automatic budget: buffers, the answer's state and the KV
+# cache of this many positions (it grows with the context; a longer one takes more).
+AUTO_RESERVE_MB, AUTO_RESERVE_POSITIONS = 8.0, 256
+
+
+def _held_weights(blocks, budget: float | str | None) -> "stream.Held | None":
+    """The weights within a RAM budget (`kernels.stream`), or None to run from the mapped file as it is.
+
+    A number is held or refused; "auto", and a plain run (None), spend what this process's memory limit leaves
+    (`memory.memory_room_mb`, less a reserve for the KV cache and buffers): the mapped file when the model fits
+    in it, else the largest budget that does, else the mapped file again (slow, but the kernel's pages stay
+    reclaimable), saying so on standard error."""
+    if budget not in (None, "auto"):
+        try:
+            return stream.hold(blocks, float(budget))
+        except stream.BudgetError as e:
+            raise CfmError(str(e)) from None
+    try:
+        need = stream.weight_bytes(blocks) / 2**20
+    except stream.BudgetError:  # weights converted when loaded (not the file's blocks): they stay as they are
+        return None
+    room, why = memory_room_mb()
+    kv = 2 * len(blocks.layers) * blocks.n_kv_heads * blocks.head_dim * 4 * AUTO_RESERVE_POSITIONS / 2**20
+    if room is None or room - AUTO_RESERVE_MB - kv >= need:
+        return None
+    spend = room - AUTO_RESERVE_MB - kv
+    try:
+        held = stream.hold(blocks, spend)
+    except stream.BudgetError:
+        print(f"cfm: the memory limit ({why}) leaves no room for this model's fixed parts; running from the "
+              f"mapped model file, re-read from disk as memory runs short (slow)", file=sys.stderr)
+        return None
+    print(f"cfm: the model's {need:.0f} MB of weights do not fit the memory limit ({why}): holding "
+          f"{spend:.0f} MB of them and reading the rest from the file each token ({held.plan.streamed / 2**20:.0f} "
+          f"MB; --ram-budget MB sets the budget)", file=sys.stderr)
+    return held
 
 
 def _checked_tokenizer(ckpt: Checkpoint) -> Tokenizer:

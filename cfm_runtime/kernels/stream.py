@@ -24,13 +24,16 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..errors import CfmError
 from .blocks import BlockLayer, BlockWeights
 
 ALIGN = 4096  # O_DIRECT's offset, length and buffer alignment (a page; the file system's block divides it)
 SLOTS = 3  # staging slots: one in use by the kernel, two read ahead
 LAYER_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 MB = 2**20
+
+
+class BudgetError(ValueError):
+    """A budget or a model this module cannot serve (`cfm_runtime.runtime` reports it as a CfmError)."""
 
 
 def mapped_offset(a: np.ndarray) -> tuple[str, int] | None:
@@ -85,7 +88,7 @@ class FileReader:
         if flag:
             try:
                 fd = os.open(path, os.O_RDONLY | flag)
-                probe = mmap.mmap(-1, ALIGN)
+                probe = mmap.mmap(-1, ALIGN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
                 try:
                     os.preadv(fd, [probe], 0)
                     self.fd, self.direct = fd, True
@@ -128,7 +131,7 @@ class FileReader:
 
 def _buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
     """Page-aligned anonymous memory (O_DIRECT's buffers), as a mapping and a uint8 array over it."""
-    mm = mmap.mmap(-1, max(ALIGN, nbytes))
+    mm = mmap.mmap(-1, max(ALIGN, nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return mm, np.frombuffer(mm, dtype=np.uint8)
 
 
@@ -150,7 +153,7 @@ def _layer_tensors(layer: BlockLayer) -> dict[str, tuple[int, int]]:
         a = getattr(layer, kind)
         where = mapped_offset(a)
         if where is None:
-            raise CfmError("a RAM budget on the int4 path reads the layers from a GGUF file that stores them as "
+            raise BudgetError("a RAM budget on the int4 path reads the layers from a GGUF file that stores them as "
                            "Q4_1; this model's were converted when loaded (load it with --weights fp32 and the "
                            "neuron pack's offload, or without a budget)")
         out[kind] = (where[1], a.nbytes)
@@ -161,7 +164,7 @@ def layout(w: BlockWeights) -> tuple[str, list[Unit], int]:
     """(file, a unit per layer, the head's file offset) of a model whose blocks are views of its GGUF file."""
     head = mapped_offset(w.head)
     if head is None:
-        raise CfmError("a RAM budget on the int4 path needs the LM head stored as Q8_0 in the GGUF file")
+        raise BudgetError("a RAM budget on the int4 path needs the LM head stored as Q8_0 in the GGUF file")
     return head[0], [_unit(("layer", i), _layer_tensors(layer)) for i, layer in enumerate(w.layers)], head[1]
 
 
@@ -171,6 +174,11 @@ def head_row_bytes(w: BlockWeights) -> int:
 
 def _tables(w: BlockWeights) -> int:
     return w.cos.nbytes + w.sin.nbytes + w.final_norm.nbytes + sum(l.ln1.nbytes + l.ln2.nbytes for l in w.layers)
+
+
+def weight_bytes(w: BlockWeights) -> int:
+    """What holding every weight takes (tables, head, layers as read from the file)."""
+    return _tables(w) + w.head.nbytes + sum(u.nbytes for u in layout(w)[1])
 
 
 def plan(w: BlockWeights, budget_mb: float, slots: int = SLOTS) -> Plan:
@@ -196,7 +204,7 @@ def plan(w: BlockWeights, budget_mb: float, slots: int = SLOTS) -> Plan:
         parts = f"norms and rotary tables {tables / MB:.1f} MB, {slots} staging slots {slots * slot / MB:.1f} MB" + \
                 (f", the LM head {head / MB:.1f} MB (its {w.vocab_size} rows are not in groups of 16)"
                  if w.vocab_size % 16 else "")
-        raise CfmError(f"--ram-budget {budget_mb:g} MB does not hold this model's fixed parts ({parts}: "
+        raise BudgetError(f"--ram-budget {budget_mb:g} MB does not hold this model's fixed parts ({parts}: "
                        f"{fixed / MB:.1f} MB); give at least {-(-fixed // MB)} MB")
     left = budget - fixed
     head_held = w.vocab_size % 16 != 0 or left >= head
