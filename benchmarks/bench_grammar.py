@@ -284,13 +284,11 @@ class LLGuidance:
 
     def __init__(self, tok, vocab_bytes):
         import llguidance
-        import llguidance.llamacpp
         import llguidance.numpy
 
         self.llg, self.lln = llguidance, llguidance.numpy
         t0 = time.perf_counter()
-        self.tokenizer = llguidance.llamacpp.lltokenizer_from_vocab(tok._llama._model.vocab,
-                                                                     eos_token=sorted(tok.eog_ids))
+        self.tokenizer = tok.grammar_tokenizer()  # the runtime's own (built here, on first use)
         self.setup_ms = (time.perf_counter() - t0) * 1000
         self.notes = {"is_canonical": self.tokenizer.is_canonical, "eos_tokens": self.tokenizer.eos_tokens,
                       "special_tokens": [i for i in range(tok.vocab_size) if self.tokenizer.is_special_token(i)]}

@@ -134,3 +134,26 @@ def read_gguf(path: Path, max_array: int | None = MAX_ARRAY_KEPT) -> tuple[dict,
             data = raw.reshape(quant_shape_to_byte_shape(shape, qtype))
         tensors.append(GGUFTensor(name, shape, qtype, start, n_bytes, data))
     return meta, tensors
+
+
+def metadata_array(path: Path, key: str):
+    """The values of metadata array `key`, one at a time (a 49k-token vocabulary without a list of it, whose
+    freed strings would leave the heap fragmented); nothing if the file has no such array."""
+    path = Path(path)
+    try:
+        mm = np.memmap(path, dtype=np.uint8, mode="r")
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"cannot read {path}: {e}") from e
+    if len(mm) < 24 or bytes(mm[:4]) != b"GGUF":
+        raise ModelFileError(f"{path} is not a GGUF file (it does not start with the magic bytes 'GGUF')")
+    cur = _Cursor(memoryview(mm), path, max_array=0)  # every other array skipped
+    cur.pos = 8
+    _, n_kv = cur.read("<Q"), cur.read("<Q")
+    for _ in range(n_kv):
+        name, vtype = cur.string(), cur.read("<I")
+        if name == key and vtype == _ARRAY:
+            etype, count = cur.read("<I"), cur.read("<Q")
+            for _ in range(count):
+                yield cur.value(etype)
+            return
+        cur.value(vtype)

@@ -30,7 +30,7 @@ from .native_backend import NativeBackend
 from .options import CenterOptions, LoadOptions, RunOptions, SparseOptions, refusal
 from .runners import LocalRunner, Runner
 from .sampling import SamplingParams
-from .tokenizer import GGUFTokenizer, HFTokenizer, Tokenizer
+from .tokenizer import HFTokenizer, Tokenizer, gguf_tokenizer
 
 if TYPE_CHECKING:  # torch and what needs it are imported only when a model needs its torch form
     from . import sparse as sparse_ffn
@@ -323,7 +323,7 @@ class BricksOnRequest:
 
 def load_tokenizer(checkpoint: Checkpoint) -> Tokenizer:
     if checkpoint.format == "gguf":
-        return GGUFTokenizer(checkpoint.path, checkpoint.metadata)
+        return gguf_tokenizer(checkpoint.path, checkpoint.metadata)
     return HFTokenizer(checkpoint.path)
 
 
@@ -362,6 +362,7 @@ def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Mod
     if _lean(path, opts):
         ckpt = load_checkpoint(path, progress=opts.progress, tensors="none")
         tokenizer = _checked_tokenizer(ckpt)  # first: a budget from the memory limit counts what it holds
+        release_freed_memory()  # building the vocabulary leaves ~7 MB of freed heap
         blocks = block_weights(ckpt)
         if native.supported(blocks):
             held = _held_weights(blocks, budget)

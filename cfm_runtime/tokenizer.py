@@ -1,16 +1,18 @@
 """Tokenizers and chat templates taken from the model file itself.
 
-GGUF models use llama.cpp's own tokenizer (llama-cpp-python with `vocab_only=True`): it is the
-reference implementation of every GGUF tokenizer type and pre-tokenizer, it loads only the
-vocabulary (milliseconds, a few MB), and it is already our baseline dependency, so token ids
-match the reference exactly. Hugging Face folders use the `tokenizers` library on their
-`tokenizer.json`. Chat templates are the model's Jinja template, rendered in a sandbox.
+GGUF models with a byte-level BPE vocabulary and a pre-tokenizer in `BPE_PRE_TOKENIZERS` (the embedded
+SmolLM2 among them) run on the `tokenizers` library, built from the file's own vocabulary and merges: the
+same ids as llama.cpp (checked token for token), in a third of its memory, without loading llama.cpp.
+Every other GGUF tokenizer is llama.cpp's own (llama-cpp-python with `vocab_only=True`), the reference
+implementation of every GGUF tokenizer type and pre-tokenizer. Hugging Face folders use the `tokenizers`
+library on their `tokenizer.json`. Chat templates are the model's Jinja template, rendered in a sandbox.
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+import io
 import os
 import sys
 import json
@@ -180,6 +182,115 @@ class GGUFTokenizer(Tokenizer):
                 n = llama_cpp.llama_token_to_piece(self._llama._model.vocab, key[0], buf, -n, 0, special)
             piece = self._pieces[key] = buf.raw[:n]
         return piece
+
+
+# llama.cpp's pre-tokenizers (tokenizer.ggml.pre) that the `tokenizers` library reproduces, as its
+# pre-tokenizer: each is checked token for token against llama.cpp (tests/test_tokenizer.py). A GGUF file with
+# another one is tokenized by llama.cpp itself.
+BPE_PRE_TOKENIZERS = {
+    "smollm": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+}
+# Which tokens llama.cpp ends a generation on besides the file's EOS/EOT/EOM ids: control tokens of these texts
+# (end of turn or text; fill-in-the-middle padding, repository and file separators).
+_EOG_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>",
+    "<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>",
+    "<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>",
+    "<|file_sep|>", "<|fim_sep|>", "<fim-sep>", "<fim_sep>"})
+_CONTROL, _USER_DEFINED = 3, 4  # GGUF token types
+
+
+def lean_bpe_supported(metadata: dict) -> bool:
+    """Whether `GGUFBPETokenizer` tokenizes this GGUF file as llama.cpp does."""
+    return metadata.get("tokenizer.ggml.model") == "gpt2" and metadata.get("tokenizer.ggml.pre") in BPE_PRE_TOKENIZERS
+
+
+def gguf_tokenizer(path: Path, metadata: dict) -> Tokenizer:
+    """The tokenizer of a GGUF file: `GGUFBPETokenizer` where it reproduces llama.cpp, else llama.cpp's own."""
+    if lean_bpe_supported(metadata):
+        return GGUFBPETokenizer(path, metadata)
+    return GGUFTokenizer(path, metadata)
+
+
+class GGUFBPETokenizer(Tokenizer):
+    """A GGUF file's byte-level BPE vocabulary run by the `tokenizers` library: built from the file's tokens,
+    types and merges (read one at a time) and its pre-tokenizer (`BPE_PRE_TOKENIZERS`). It gives llama.cpp's
+    token ids, pieces and end-of-generation tokens, and keeps ~14 MB where llama.cpp's vocabulary and library take
+    ~40 MB, which matters to a process under a memory cap."""
+
+    def __init__(self, path: Path, metadata: dict):
+        from tokenizers import Tokenizer as _Tok
+
+        from .gguf_file import metadata_array
+
+        types = list(metadata_array(path, "tokenizer.ggml.token_type"))
+        vocab, added, self._text = io.StringIO(), [], {}
+        vocab.write("{")
+        for i, token in enumerate(metadata_array(path, "tokenizer.ggml.tokens")):
+            vocab.write(f"{',' if i else ''}{json.dumps(token)}:{i}")
+            if types[i] in (_CONTROL, _USER_DEFINED):
+                self._text[i] = token
+                added.append({"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": types[i] == _CONTROL})
+        vocab.write("}")
+        merges = "[" + ",".join(json.dumps(m) for m in metadata_array(path, "tokenizer.ggml.merges")) + "]"
+        spec = ('{"version": "1.0", "added_tokens": ' + json.dumps(added) + ', "normalizer": null, '
+                '"pre_tokenizer": ' + json.dumps(BPE_PRE_TOKENIZERS[metadata["tokenizer.ggml.pre"]]) + ', '
+                '"post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true, '
+                '"trim_offsets": true, "use_regex": true}, "model": {"type": "BPE", "dropout": null, '
+                '"unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null, '
+                '"fuse_unk": false, "byte_fallback": false, "ignore_merges": false, '
+                '"vocab": ' + vocab.getvalue() + ', "merges": ' + merges + '}}')
+        del vocab, merges
+        try:
+            self._tok = _Tok.from_str(spec)
+        except Exception as e:  # the tokenizers library reports a bad vocabulary as a plain Exception
+            raise ModelFileError(f"{path}: its vocabulary could not be read as byte-level BPE: {e}") from e
+        del spec
+        self.vocab_size = len(types)
+        self._control = frozenset(i for i, t in enumerate(types) if t == _CONTROL)
+        self._pieces: dict[int, bytes] = {}
+
+        def special(key):
+            value = metadata.get(key)
+            return int(value) if value is not None and 0 <= int(value) < self.vocab_size else None
+
+        self.bos_id, self.eos_id = special("tokenizer.ggml.bos_token_id"), special("tokenizer.ggml.eos_token_id")
+        ends = {special(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                     "tokenizer.ggml.eom_token_id")}
+        self.eog_ids = frozenset({i for i in ends if i is not None} |
+                                 {i for i, text in self._text.items() if text in _EOG_TEXTS})
+        self.bos_text = self._text.get(self.bos_id, "") if self.bos_id is not None else ""
+        self.eos_text = self._text.get(self.eos_id, "") if self.eos_id is not None else ""
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        self.chat_template = metadata.get("tokenizer.chat_template")
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise CfmError(f"text to encode must be a string, got {type(text).__name__}")
+        add_bos = add_special and self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        """A token's bytes as llama.cpp's token_to_piece gives them: control tokens only with `special`."""
+        token_id = int(token_id)
+        if token_id in self._text:
+            return self._text[token_id].encode() if special or token_id not in self._control else b""
+        piece = self._pieces.get(token_id)
+        if piece is None:
+            if not 0 <= token_id < self.vocab_size:
+                raise CfmError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+            piece = self._pieces[token_id] = _hf_token_bytes(self._tok, token_id)
+        return piece
+
+    def _make_lltokenizer(self):
+        import llguidance
+
+        return llguidance.LLTokenizer(self._tok.to_str(), n_vocab=self.vocab_size, eos_token=sorted(self.eog_ids))
 
 
 class HFTokenizer(Tokenizer):

@@ -74,13 +74,14 @@ import sys
 from cfm_cli.main import main
 code = main(["generate", "--model", sys.argv[1], "--chat", "--prompt", "Name a colour.", "--max-tokens", "4",
              "--temperature", "0"])
-print("heavy:", sorted(m for m in ("torch", "onnxruntime", "fastapi", "grpc") if m in sys.modules), code)
+print("heavy:", sorted(m for m in ("torch", "onnxruntime", "fastapi", "grpc", "llama_cpp") if m in sys.modules), code)
 """
 
 
 def test_cfm_generate_imports_no_torch(model_path):
     """The command a user runs (`cfm generate`, its parser holding every subcommand's options) stays lean too:
-    subcommands import their machinery (bricks, packs, servers) when they run, not when the parser is built."""
+    subcommands import their machinery (bricks, packs, servers) when they run, not when the parser is built;
+    the embedded model's tokenizer runs without llama.cpp."""
     out = subprocess.run([sys.executable, "-c", CLI_CHILD, str(model_path)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
