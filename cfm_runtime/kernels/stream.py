@@ -122,11 +122,11 @@ class FileReader:
         return os.pread(self.rows_fd, n, offset)
 
     def close(self) -> None:
-        for fd in (self.fd, self.rows_fd):
-            try:
+        """Close the files (once: a number closed twice could by then be another file's)."""
+        fds, self.fd, self.rows_fd = (self.fd, self.rows_fd), -1, -1
+        for fd in fds:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def _buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
@@ -259,18 +259,23 @@ class WeightStream:
         t = time.perf_counter()
         future.result()
         self.wait_s += time.perf_counter() - t
-        with self._lock:  # read ahead the next units in the cycle into the free slots
-            at = self.order.index(key)
-            for step in range(1, len(self.order)):
-                if not self._free:
-                    break
-                self._start(self.order[(at + step) % len(self.order)])
+        self._read_ahead(key)
         return self._buffers[slot][1].ctypes.data
 
     def release(self, key: tuple) -> None:
         with self._lock:
             _, slot = self._pending.pop(key)
             self._free.append(slot)
+        self._read_ahead(key)  # the freed slot takes the next unit at once, while held layers compute
+
+    def _read_ahead(self, key: tuple) -> None:
+        """Start reading the units that follow `key` in the cycle into whatever slots are free."""
+        with self._lock:
+            at = self.order.index(key)
+            for step in range(1, len(self.order) + 1):
+                if not self._free:
+                    break
+                self._start(self.order[(at + step) % len(self.order)])
 
     def parts(self, key: tuple, base: int) -> dict[str, int]:
         return {name: base + at for name, at in self.units[key].parts.items()}
@@ -319,6 +324,7 @@ class Held:
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
+            self.stream = None
         self.reader.close()
 
 
