@@ -7,10 +7,13 @@
    stats report them (the command unmaps the model before it exits).
 2. Caps (--caps, needs a writable cgroup v1 memory hierarchy, i.e. root): the same two runs in a fresh memory
    cgroup per run, page cache counted, the model file evicted from the page cache before each run
-   (posix_fadvise DONTNEED; a page stays charged to the cgroup that first read it). Decode tok/s, completion or
-   OOM kill, and greedy agreement with the unconstrained fp32 answer (characters of a common prefix).
+   (posix_fadvise DONTNEED; a page stays charged to the cgroup that first read it), --cap-reps rounds over the
+   caps. cfm runs as a plain `cfm generate`: under a cap it spends what the cap leaves (`--ram-budget auto`).
+   Decode tok/s, completion or OOM kill, greedy agreement with the unconstrained fp32 answer (characters of a
+   common prefix), and per cap the medians, the ratio and cfm's budget and bytes read per token.
 
-    python benchmarks/bench_memory.py [--reps 3] [--tokens 48] [--caps 400,300,200,150,120,100,80] [--out memory]
+    python benchmarks/bench_memory.py [--reps 3] [--tokens 48] [--caps 400,300,200,150,120,100,80] [--cap-reps 2]
+                                      [--out memory]
 
 Writes benchmarks/results/memory.json and memory.png, with the load average before and after.
 """
@@ -74,6 +77,7 @@ with contextlib.redirect_stdout(out):  # `cfm generate` as a user runs it, its J
 answer = json.loads(out.getvalue())
 print(json.dumps({"text": answer["text"], "tokens": answer["generated_tokens"], "decode_tps": answer["decode_tps"],
                   "backend": answer.get("backend"), "torch_imported": "torch" in sys.modules, "exit": code,
+                  "llama_cpp_imported": "llama_cpp" in sys.modules, "ram_budget": answer.get("ram_budget"),
                   **status(), "rss_anon_mb": answer["rss_anon_mb"], "rss_file_mb": answer["rss_file_mb"]}))
 """
 
@@ -145,21 +149,49 @@ def peaks(cmds: dict, reps: int, pause: float) -> dict:
     return out
 
 
-def caps(cmds: dict, model: Path, tokens: int, levels: list[int], pause: float) -> dict:
+def caps(cmds: dict, model: Path, tokens: int, levels: list[int], pause: float, reps: int) -> dict:
     reference = run([sys.executable, "-c", CFM, str(model), PROMPT, str(tokens), "fp32"])
     rows = []
+    for rep in range(reps):
+        for cap in levels:
+            for name in ("cfm", "llama_cpp_512"):  # alternating, a pause between runtimes
+                drop_page_cache(model)  # its pages are charged to whichever cgroup reads them first
+                r = run(cmds[name], cap)
+                r.update(runtime=name, cap_mb=cap, rep=rep)
+                if r["ok"]:
+                    r["agreement_with_fp32"] = agreement(r["text"], reference["text"])
+                rows.append(r)
+                print(cap, name, {k: r.get(k) for k in ("ok", "oom_killed", "decode_tps", "peak_mb",
+                                                        "agreement_with_fp32")}, flush=True)
+                time.sleep(pause)
+    return {"fp32_reference": reference, "runs": rows, "summary": summary(rows, levels)}
+
+
+def summary(rows: list[dict], levels: list[int]) -> list[dict]:
+    """Per cap: each runtime's median decode tok/s over its completed runs, its OOM kills, cfm's RAM budget and
+    bytes read per token (what holds its speed), the ratio, and whether llama.cpp ran below half its speed at
+    the largest cap (where the 3x target applies)."""
+    def runs(name, cap):
+        return [r for r in rows if r["runtime"] == name and r["cap_mb"] == cap]
+
+    def tps(name, cap):
+        ok = [r["decode_tps"] for r in runs(name, cap) if r["ok"]]
+        return median(ok) if ok else None
+
+    top = tps("llama_cpp_512", max(levels))
+    out = []
     for cap in levels:
-        for name in ("cfm", "llama_cpp_512"):
-            drop_page_cache(model)  # its pages are charged to whichever cgroup reads them first
-            r = run(cmds[name], cap)
-            r.update(runtime=name, cap_mb=cap)
-            if r["ok"]:
-                r["agreement_with_fp32"] = agreement(r["text"], reference["text"])
-            rows.append(r)
-            print(cap, name, {k: r.get(k) for k in ("ok", "oom_killed", "decode_tps", "peak_mb", "agreement_with_fp32")},
-                  flush=True)
-            time.sleep(pause)
-    return {"fp32_reference": reference, "runs": rows}
+        cfm, llama = tps("cfm", cap), tps("llama_cpp_512", cap)
+        budget = next((r.get("ram_budget") for r in runs("cfm", cap) if r["ok"] and r.get("ram_budget")), None)
+        out.append({"cap_mb": cap, "cfm_tps": cfm, "llama_cpp_tps": llama,
+                    "cfm_over_llama_cpp": round(cfm / llama, 2) if cfm and llama else None,
+                    "llama_cpp_below_half": llama is None or (top is not None and llama < top / 2),
+                    "oom_killed": {n: sum(1 for r in runs(n, cap) if r.get("oom_killed")) for n in ("cfm", "llama_cpp_512")},
+                    "cfm_ram_budget_mb": budget and budget["ram_budget_mb"],
+                    "cfm_read_mb_per_token": budget and budget["streamed_mb_per_pass"],
+                    "cfm_held_mb": budget and budget["held_mb"]})
+        print(out[-1], flush=True)
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -183,12 +215,13 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     if panels == 2:
         ax = axes[0][1]
-        for name in ("cfm", "llama_cpp_512"):
-            rs = [r for r in result["caps"]["runs"] if r["runtime"] == name]
-            ax.plot([r["cap_mb"] for r in rs], [r["decode_tps"] if r["ok"] else 0.0 for r in rs], "o-", label=name)
-            for r in rs:
-                if not r["ok"]:
-                    ax.annotate("OOM" if r.get("oom_killed") else "fail", (r["cap_mb"], 0.1), fontsize=7)
+        rows = result["caps"]["summary"]
+        for name, key in (("cfm (plain `cfm generate`)", "cfm_tps"), ("llama_cpp_512", "llama_cpp_tps")):
+            ax.plot([r["cap_mb"] for r in rows], [r[key] or 0.0 for r in rows], "o-", label=name)
+        for r in rows:
+            for name, n in r["oom_killed"].items():
+                if n:
+                    ax.annotate(f"{name} OOM x{n}", (r["cap_mb"], 0.3 if name == "cfm" else 0.1), fontsize=7)
         ax.set_xlabel("cgroup memory cap (MB, page cache counted)")
         ax.set_ylabel("decode tok/s")
         ax.set_yscale("symlog", linthresh=1)
@@ -206,6 +239,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--caps", default="", help="comma-separated cgroup caps in MB (needs cgroup v1, root)")
+    ap.add_argument("--cap-reps", type=int, default=2, help="runs of each runtime per cap (medians reported)")
     ap.add_argument("--pause", type=float, default=2.0, help="seconds between runs")
     ap.add_argument("--out", default="memory")
     args = ap.parse_args()
@@ -217,7 +251,7 @@ def main() -> None:
     if levels:
         if not os.access(CGROUP, os.W_OK):
             raise SystemExit(f"--caps needs a writable cgroup v1 memory hierarchy at {CGROUP}")
-        result["caps"] = caps(cmds, model, args.tokens, levels, args.pause)
+        result["caps"] = caps(cmds, model, args.tokens, levels, args.pause, args.cap_reps)
     result["loadavg_after"] = os.getloadavg()
     print(save(args.out, result))
     plot(result, RESULTS / f"{args.out}.png")

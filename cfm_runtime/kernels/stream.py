@@ -145,6 +145,7 @@ class Plan:
     head_rows: int  # rows per streamed head part
     parts: dict[str, int] = field(default_factory=dict)  # held bytes by part
     streamed: int = 0  # bytes read per pass over the model
+    total: int = 0  # bytes of every weight (`weight_bytes`)
 
 
 def _layer_tensors(layer: BlockLayer) -> dict[str, tuple[int, int]]:
@@ -190,10 +191,10 @@ def plan(w: BlockWeights, budget_mb: float, slots: int = SLOTS) -> Plan:
     head = w.head.nbytes
     layer = max(u.nbytes for u in units)
     tables = _tables(w)
-    everything = tables + head + sum(u.nbytes for u in units)
+    everything = weight_bytes(w)
     if budget >= everything:
         return Plan(budget, True, len(units), w.vocab_size,
-                    {"tables": tables, "head": head, "layers": everything - tables - head})
+                    {"tables": tables, "head": head, "layers": everything - tables - head}, 0, everything)
     # streamed head parts: whole groups of 16 rows, about a layer's bytes (so they share the slots)
     rows = max(16, layer // row // 16 * 16) if w.vocab_size % 16 == 0 else w.vocab_size
     slot = ALIGN + max(layer, -(-rows * row // ALIGN) * ALIGN + ALIGN)
@@ -220,7 +221,7 @@ def plan(w: BlockWeights, budget_mb: float, slots: int = SLOTS) -> Plan:
     streamed = sum(u.nbytes for u in units[held:]) + (0 if head_held else head)
     return Plan(budget, head_held, held, rows,
                 {"tables": tables, "staging": slots * slot, "head": head if head_held else 0,
-                 "layers": held_layers_bytes}, streamed)
+                 "layers": held_layers_bytes}, streamed, everything)
 
 
 class WeightStream:
