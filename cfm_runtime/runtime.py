@@ -74,6 +74,7 @@ class Model:
         builds them here, once, from the file (fp32 weights quantized as `options.weights` says): the memory
         of the torch path, taken only by a run that needs it."""
         if self._transformer is None:
+            self._refuse_torch_form_within_budget("its torch form (bricks, brick training, analysis)")
             self._transformer = _build_transformer(load_checkpoint(self.path, progress=self.options.progress),
                                                    self.options, self.threads)
             release_freed_memory()
@@ -88,6 +89,18 @@ class Model:
 
     def has_torch_form(self) -> bool:
         return self._transformer is not None
+
+    @property
+    def weights_within_budget(self) -> bool:
+        """Whether the weights are held within a RAM budget, the rest read from the file (`kernels.stream`)."""
+        return isinstance(self.backend, NativeBackend) and self.backend.decoder.held is not None
+
+    def _refuse_torch_form_within_budget(self, what: str) -> None:
+        if self.weights_within_budget and self._transformer is None:
+            raise CfmError(refusal(what, "a RAM budget on the int4 path (--ram-budget, or a memory limit the "
+                                         "model does not fit)",
+                                   "the torch form holds every weight in memory; load without a budget where the "
+                                   "memory allows, or offload fp32 FFN weights (--weights fp32 --ram-budget MB)"))
 
     def brick_layers(self) -> set[int]:
         """Layers the bricks on the model touch (none while it has no torch form: bricks wrap its modules)."""
@@ -161,6 +174,8 @@ class Model:
         run.check()
         log = run.log or (lambda message: None)
         fixed = run.bricks if isinstance(run.bricks, tuple) else ()
+        if fixed or run.bricks == "auto":
+            self._refuse_torch_form_within_budget("bricks (--bricks)")
 
         def brick_set():
             from .bricks.selection import BrickSet
