@@ -31,14 +31,19 @@ def blocks(model_path):
     return ckpt, block_weights(ckpt)
 
 
-def trace(decoder, config, ids, steps=8, split=None):
-    """Logits of a prompt's positions and of `steps` greedy steps (optionally each as two spans)."""
+def trace(decoder, config, ids, steps=8, split=None, center=None):
+    """Logits of a prompt's positions and of `steps` greedy steps: whole, as two spans (`split`), or as an edge
+    whose layers [2, 28) run on another decoder (`center`), as in a split run."""
     backend = NativeBackend(decoder, config.n_layers)
     cache = SpanCache(config, 0, config.n_layers)
     out = [backend.forward(ids, cache, all_logits=True)]
     for _ in range(steps):
         token = int(out[-1][-1].argmax())
-        if split is None:
+        if center is not None:
+            h = backend.span(backend.embed([token]), 0, 2, [cache])
+            h = NativeBackend(center, config.n_layers).span(h, 2, 28, [cache])
+            out.append(backend.span_head(h, 28, cache))
+        elif split is None:
             out.append(backend.forward([token], cache))
         else:
             h = backend.span(backend.embed([token]), 0, split, [cache])
@@ -52,6 +57,7 @@ def test_every_budget_computes_the_mapped_models_bits(blocks):
     ids = list(range(300, 340))
     mapped = native.NativeDecoder(w, 2, lib)
     want, want_split = trace(mapped, ckpt.config, ids), trace(mapped, ckpt.config, ids, split=11)
+    want_edge = trace(mapped, ckpt.config, ids, center=mapped)
     everything = stream.weight_bytes(w) / 2**20
     seen = set()
     for budget in (everything + 1, 60.0, 20.0, 9.0):  # all held; head and 10 layers; 5 layers; nothing but slots
@@ -61,6 +67,9 @@ def test_every_budget_computes_the_mapped_models_bits(blocks):
         decoder = native.NativeDecoder(w, 2, lib, held)
         assert np.array_equal(trace(decoder, ckpt.config, ids), want), budget
         assert np.array_equal(trace(decoder, ckpt.config, ids, split=11), want_split), budget
+        # an edge reads only its own streamed layers: the read-ahead learns that order (the file's would read
+        # the center's layers into the slots first)
+        assert np.array_equal(trace(decoder, ckpt.config, ids, center=mapped), want_edge), budget
         report = held.report()
         assert report["held_layers"] == p.held_layers and report["direct_io"] in (True, False)
         held_mb = sum(report["held_mb"].values())

@@ -225,15 +225,23 @@ def plan(w: BlockWeights, budget_mb: float, slots: int = SLOTS) -> Plan:
 
 
 class WeightStream:
-    """Streamed units read into staging slots on a reader thread, ahead of their use in a fixed cyclic order."""
+    """Streamed units read into staging slots on a reader thread, ahead of their use.
+
+    What comes next is learned: each unit's successor is the unit acquired after it last time (at first, the
+    file's order), so the read-ahead follows the calls as they come (a split run's edge uses only some layers; a
+    prompt chunk and a decode step take the same path). A needed unit with no free slot takes the slot of a
+    unit read ahead but not in use."""
 
     def __init__(self, reader: FileReader, units: list[Unit], slots: int = SLOTS):
         self.reader, self.units = reader, {u.key: u for u in units}
-        self.order = [u.key for u in units]
+        order = [u.key for u in units]
+        self._next = {k: order[(i + 1) % len(order)] for i, k in enumerate(order)}
+        self._last: tuple | None = None
         size = max(u.nbytes for u in units)
         self._buffers = [_buffer(size) for _ in range(slots)]
         self._free = list(range(slots))
-        self._pending: dict[tuple, tuple[Future, int]] = {}
+        self._pending: dict[tuple, tuple[Future, int]] = {}  # read or being read into a slot
+        self._in_use: set[tuple] = set()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="cfm-weights")
         self.bytes_read = 0
@@ -253,10 +261,19 @@ class WeightStream:
     def acquire(self, key: tuple) -> int:
         """Address of `key`'s bytes in a slot (read now if no read-ahead has it); hold it until `release`."""
         with self._lock:
+            if self._last is not None and self._last != key:
+                self._next[self._last] = key
+            self._last = key
             if key not in self._pending and not self._free:
-                raise RuntimeError("every staging slot is in use")  # a caller holding more than slots - 1 units
+                spare = next((k for k in self._pending if k not in self._in_use), None)
+                if spare is None:
+                    raise RuntimeError(f"all {len(self._buffers)} staging slots are in use")
+                future, slot = self._pending.pop(spare)
+                future.result()  # a read in flight finishes before its slot is reused
+                self._free.append(slot)
             self._start(key)
             future, slot = self._pending[key]
+            self._in_use.add(key)
         t = time.perf_counter()
         future.result()
         self.wait_s += time.perf_counter() - t
@@ -266,17 +283,19 @@ class WeightStream:
     def release(self, key: tuple) -> None:
         with self._lock:
             _, slot = self._pending.pop(key)
+            self._in_use.discard(key)
             self._free.append(slot)
         self._read_ahead(key)  # the freed slot takes the next unit at once, while held layers compute
 
     def _read_ahead(self, key: tuple) -> None:
-        """Start reading the units that follow `key` in the cycle into whatever slots are free."""
+        """Start reading the units expected after `key` into whatever slots are free."""
         with self._lock:
-            at = self.order.index(key)
-            for step in range(1, len(self.order) + 1):
-                if not self._free:
+            k = key
+            for _ in range(len(self._next)):
+                k = self._next[k]
+                if not self._free or k == key:
                     break
-                self._start(self.order[(at + step) % len(self.order)])
+                self._start(k)
 
     def parts(self, key: tuple, base: int) -> dict[str, int]:
         return {name: base + at for name, at in self.units[key].parts.items()}
