@@ -133,7 +133,7 @@ def _cgroup_v1_writable() -> bool:
 @pytest.mark.skipif(not _cgroup_v1_writable(),
                     reason=f"needs a writable cgroup v1 memory hierarchy at {CGROUP} (root, cgroup v1)")
 def test_plain_run_under_a_cap_streams_and_answers_the_same(model_path):
-    """A plain `cfm generate` in a 110 MB cgroup (the model's weights alone are 97 MB): it reads the limit,
+    """A plain `cfm generate` in a 110 MB cgroup (the model's weights alone take 94 MB): it reads the limit,
     streams what does not fit, is not OOM-killed, and answers what it answers without a cap."""
     cmd = [sys.executable, "-m", "cfm_cli", "generate", "--model", str(model_path), "--chat", "--prompt", PROMPT,
            "--temperature", "0", "--max-tokens", "16", "--json"]
