@@ -50,7 +50,7 @@ COMBOS = [set(p) for p in PAIRS] + [{"int4", "bricks", "split"}, {"bricks", "spl
                                     {"bricks", "split", "offload"}, {"bricks", "sparse", "offload"},
                                     {"int4", "split", "offload"}, {"int4", "bricks", "offload"}]
 BRICK_LAYERS = (0, 1, 28, 29)  # edge layers of the split 2:28
-PREFILL, STEPS = 32, 40
+PREFILL, STEPS = 24, 28
 
 
 def refusal(features: set) -> str | None:
@@ -176,7 +176,7 @@ def test_combination_runs_and_matches_its_reference_or_is_refused(features, mode
         assert np.abs(got - ref).max() < 2e-3 and agreement(got, ref) == 1.0
     else:
         floor = alone(features, models, pack_root, store, centers, window, references)
-        # two standard errors of an agreement measured over STEPS positions (0.15 at 0.6, 0.07 at 0.95): the
+        # two standard errors of an agreement measured over STEPS positions (0.19 at 0.6, 0.08 at 0.95): the
         # brick moves which neurons a sparse FFN selects, and with them single tokens
         margin = 2 * np.sqrt(floor * (1 - floor) / STEPS)
         assert agreement(got, ref) >= floor - margin, (agreement(got, ref), floor, margin)

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import build
-from . import stream
+from . import build, stream
 from .blocks import BlockWeights
 
 SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of a layer's linears
@@ -33,7 +32,7 @@ SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of
 # AMD EPYC.
 POSITION_COST = {"groups": 0.2, "rows": 0.45}
 # How much slower streamed weights arrive than the kernel reads held ones: 2-core Xeon, ~24 GB/s through the kernel
-# (97 MB in a ~4 ms step) against 1.7 GB/s of O_DIRECT reads from its disk.
+# (94 MB in a ~4 ms step) against 1.7 GB/s of O_DIRECT reads from its disk.
 STREAM_SLOWDOWN = 14.0
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

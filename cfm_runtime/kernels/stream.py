@@ -81,10 +81,10 @@ class FileReader:
     """Reads file runs into page-aligned buffers: O_DIRECT where the file system takes it, else buffered reads
     whose pages are dropped from the cache after each read."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, direct: bool = True):
         self.path = path
         self.direct = False
-        flag = getattr(os, "O_DIRECT", 0)
+        flag = getattr(os, "O_DIRECT", 0) if direct else 0
         if flag:
             try:
                 fd = os.open(path, os.O_RDONLY | flag)
@@ -348,12 +348,13 @@ class Held:
         self.reader.close()
 
 
-def hold(w: BlockWeights, budget_mb: float, slots: int = SLOTS) -> Held:
-    """Read what `plan(w, budget_mb)` holds into anonymous memory and set up the stream of the rest."""
+def hold(w: BlockWeights, budget_mb: float, slots: int = SLOTS, direct: bool = True) -> Held:
+    """Read what `plan(w, budget_mb)` holds into anonymous memory and set up the stream of the rest (with
+    `direct`, O_DIRECT reads where the file system allows them)."""
     p = plan(w, budget_mb, slots)
     path, units, head_offset = layout(w)
     embed = mapped_offset(w.embed)
-    reader = FileReader(path)
+    reader = FileReader(path, direct)
     keep: list = []
 
     def copy(unit: Unit) -> np.ndarray:
