@@ -73,16 +73,18 @@ def _stat(file: Path) -> dict[str, int]:
     return out
 
 
-def _cgroup_memory() -> tuple[float, float, str] | None:
-    """(limit MB, unreclaimable use MB, description) of this process's memory cgroup, if it has a limit."""
+def cgroup_memory(membership: Path = Path("/proc/self/cgroup"), root: Path = _CGROUP_ROOT
+                  ) -> tuple[float, float, str] | None:
+    """(limit MB, unreclaimable use MB, description) of the memory cgroup in `membership` (this process's),
+    if it has a limit; `root` is where the cgroup file systems are mounted."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = Path(membership).read_text().splitlines()
     except OSError:
         return None
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):  # v1
-            folder = _cgroup_dir(_CGROUP_ROOT / "memory", path)
+            folder = _cgroup_dir(root / "memory", path)
             if folder is None or not (folder / "memory.stat").is_file():
                 return None
             stat = _stat(folder / "memory.stat")
@@ -93,13 +95,13 @@ def _cgroup_memory() -> tuple[float, float, str] | None:
             return limit / 2**20, used / 2**20, "cgroup v1 memory limit"
     for line in lines:
         if line.startswith("0::"):  # v2: the lowest memory.max on the way up
-            folder = _cgroup_dir(_CGROUP_ROOT, line[3:])
+            folder = _cgroup_dir(root, line[3:])
             limit, at = _NO_LIMIT, folder
             while at is not None and (at / "memory.max").is_file():
                 value = (at / "memory.max").read_text().strip()
                 if value != "max":
                     limit = min(limit, int(value))
-                at = at.parent if at != _CGROUP_ROOT else None
+                at = at.parent if at != root else None
             if folder is None or limit >= _NO_LIMIT:
                 return None
             stat = _stat(folder / "memory.stat") if (folder / "memory.stat").is_file() else {}
@@ -124,7 +126,7 @@ def memory_room_mb() -> tuple[float | None, str]:
     unreclaimable use (anonymous and shared memory; page cache is reclaimable), or the RAM available now
     (MemAvailable), whichever is less. (None, reason) where neither is known."""
     rooms = []
-    cgroup = _cgroup_memory()
+    cgroup = cgroup_memory()
     if cgroup is not None:
         limit, used, what = cgroup
         rooms.append((limit - used, f"{what} {limit:.0f} MB, {used:.0f} MB of it in use"))

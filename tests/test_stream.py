@@ -153,3 +153,30 @@ def test_plain_run_under_a_cap_streams_and_answers_the_same(model_path):
     capped = json.loads(proc.stdout)
     assert capped["text"] == plain["text"]
     assert 0 < capped["ram_budget"]["ram_budget_mb"] < 110 and capped["ram_budget"]["read_mb"] > 0
+
+
+def test_cgroup_limits_are_read_from_v1_and_v2_trees(tmp_path):
+    """The limit and the unreclaimable use, from a cgroup v1 memory hierarchy and from a cgroup v2 tree (the
+    lowest memory.max on the way up), with the membership path as a container sees it."""
+    from cfm_runtime.memory import cgroup_memory
+
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "job").mkdir(parents=True)
+    (v1 / "memory" / "job" / "memory.stat").write_text(
+        f"cache 500\nrss 1\nhierarchical_memory_limit {120 << 20}\ntotal_cache {90 << 20}\n"
+        f"total_rss {30 << 20}\ntotal_shmem {2 << 20}\n")
+    member = tmp_path / "cgroup"
+    member.write_text("9:name=systemd:/\n4:memory:/host/slice/job\n0::/\n")  # a prefix this namespace lacks
+    assert cgroup_memory(member, v1) == (120.0, 32.0, "cgroup v1 memory limit")
+    (v1 / "memory" / "job" / "memory.stat").write_text(f"hierarchical_memory_limit {2**63 - 4096}\n")
+    assert cgroup_memory(member, v1) is None  # no limit
+
+    v2 = tmp_path / "v2"
+    (v2 / "user" / "app").mkdir(parents=True)
+    (v2 / "user" / "memory.max").write_text(f"{200 << 20}\n")
+    (v2 / "user" / "app" / "memory.max").write_text("max\n")
+    (v2 / "user" / "app" / "memory.stat").write_text(f"anon {40 << 20}\nfile {70 << 20}\nshmem {1 << 20}\n")
+    member.write_text("0::/user/app\n")
+    assert cgroup_memory(member, v2) == (200.0, 41.0, "cgroup v2 memory.max")
+    (v2 / "user" / "memory.max").write_text("max\n")
+    assert cgroup_memory(member, v2) is None
