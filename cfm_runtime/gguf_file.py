@@ -66,9 +66,12 @@ class _Cursor:
                 self.pos += count * struct.calcsize(_SCALARS[etype])
                 return None
             if etype == _STRING and self._skip(count):
+                buf, pos, end = self.buf, self.pos, len(self.buf)  # the hot loop of a skipped vocabulary
                 for _ in range(count):
-                    n = self.read("<Q")
-                    self.pos += n
+                    if pos + 8 > end:
+                        raise ModelFileError(f"{self.path} is truncated: its header ends at byte {end}")
+                    pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                self.pos = pos
                 return None
             return [self.value(etype) for _ in range(count)]
         raise ModelFileError(f"{self.path} is corrupt: unknown metadata value type {vtype} at byte {self.pos}")
@@ -153,7 +156,23 @@ def metadata_array(path: Path, key: str):
         name, vtype = cur.string(), cur.read("<I")
         if name == key and vtype == _ARRAY:
             etype, count = cur.read("<I"), cur.read("<Q")
+            if etype in _SCALARS:  # numbers: one view of the array
+                fmt = _SCALARS[etype]
+                size = struct.calcsize(fmt)
+                if cur.pos + size * count > len(cur.buf):
+                    raise ModelFileError(f"{path} is truncated: metadata array {key} runs past the end of the file")
+                yield from np.frombuffer(cur.buf, np.dtype(fmt), count, cur.pos).tolist()
+                return
+            if etype != _STRING:
+                for _ in range(count):
+                    yield cur.value(etype)
+                return
+            buf, pos, end = cur.buf, cur.pos, len(cur.buf)  # strings: the hot loop of a vocabulary, inlined
             for _ in range(count):
-                yield cur.value(etype)
+                (n,) = struct.unpack_from("<Q", buf, pos)
+                if pos + 8 + n > end:
+                    raise ModelFileError(f"{path} is truncated: a header string runs past the end of the file")
+                yield str(buf[pos + 8:pos + 8 + n], "utf-8", "replace")
+                pos += 8 + n
             return
         cur.value(vtype)

@@ -227,16 +227,17 @@ class GGUFBPETokenizer(Tokenizer):
         from .gguf_file import metadata_array
 
         types = list(metadata_array(path, "tokenizer.ggml.token_type"))
+        quote = json.encoder.encode_basestring_ascii  # json.dumps of one string, without its overhead
         vocab, added, self._text = io.StringIO(), [], {}
         vocab.write("{")
         for i, token in enumerate(metadata_array(path, "tokenizer.ggml.tokens")):
-            vocab.write(f"{',' if i else ''}{json.dumps(token)}:{i}")
+            vocab.write(f"{',' if i else ''}{quote(token)}:{i}")
             if types[i] in (_CONTROL, _USER_DEFINED):
                 self._text[i] = token
                 added.append({"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
                               "normalized": False, "special": types[i] == _CONTROL})
         vocab.write("}")
-        merges = "[" + ",".join(json.dumps(m) for m in metadata_array(path, "tokenizer.ggml.merges")) + "]"
+        merges = "[" + ",".join(quote(m) for m in metadata_array(path, "tokenizer.ggml.merges")) + "]"
         spec = ('{"version": "1.0", "added_tokens": ' + json.dumps(added) + ', "normalizer": null, '
                 '"pre_tokenizer": ' + json.dumps(BPE_PRE_TOKENIZERS[metadata["tokenizer.ggml.pre"]]) + ', '
                 '"post_processor": null, "decoder": {"type": "ByteLevel", "add_prefix_space": true, '
