@@ -86,14 +86,7 @@ def read_gguf(path: Path, max_array: int | None = MAX_ARRAY_KEPT) -> tuple[dict,
     from gguf.quants import quant_shape_to_byte_shape
 
     path = Path(path)
-    try:
-        mm = np.memmap(path, dtype=np.uint8, mode="r")
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"cannot read {path}: {e}") from e
-    if len(mm) < 24 or bytes(mm[:4]) != b"GGUF":
-        raise ModelFileError(f"{path} is not a GGUF file (it does not start with the magic bytes 'GGUF')")
-    cur = _Cursor(memoryview(mm), path, max_array)
-    cur.pos = 4
+    mm, cur = _open(path, max_array)
     version = cur.read("<I")
     if version not in (2, 3):
         raise ModelFileError(f"{path} is GGUF version {version}; supported versions are 2 and 3")
@@ -139,17 +132,24 @@ def read_gguf(path: Path, max_array: int | None = MAX_ARRAY_KEPT) -> tuple[dict,
     return meta, tensors
 
 
-def metadata_array(path: Path, key: str):
-    """The values of metadata array `key`, one at a time (a 49k-token vocabulary without a list of it, whose
-    freed strings would leave the heap fragmented); nothing if the file has no such array."""
-    path = Path(path)
+def _open(path: Path, max_array: int | None) -> tuple[np.memmap, _Cursor]:
+    """The file mapped, and a cursor after its magic bytes (which are checked)."""
     try:
         mm = np.memmap(path, dtype=np.uint8, mode="r")
     except (OSError, ValueError) as e:
         raise ModelFileError(f"cannot read {path}: {e}") from e
     if len(mm) < 24 or bytes(mm[:4]) != b"GGUF":
         raise ModelFileError(f"{path} is not a GGUF file (it does not start with the magic bytes 'GGUF')")
-    cur = _Cursor(memoryview(mm), path, max_array=0)  # every other array skipped
+    cur = _Cursor(memoryview(mm), path, max_array)
+    cur.pos = 4
+    return mm, cur
+
+
+def metadata_array(path: Path, key: str):
+    """The values of metadata array `key`, one at a time (a 49k-token vocabulary without a list of it, whose
+    freed strings would leave the heap fragmented); nothing if the file has no such array."""
+    path = Path(path)
+    _, cur = _open(path, max_array=0)  # every other array skipped
     cur.pos = 8
     _, n_kv = cur.read("<Q"), cur.read("<Q")
     for _ in range(n_kv):
