@@ -4,8 +4,8 @@ each time it is used.
 A budget (`plan`) holds, in this order: the norms and rotary tables, a few staging slots (when anything is
 streamed), the LM head (also the embedding table when tied), then whole layers from the first. The rest is
 *streamed*: each decoder layer, and the head in parts of about a layer's size when it does not fit, is read
-into a staging slot just before the kernel uses it, one or two units ahead on a reader thread while the
-kernel computes. Reads go straight from the file with O_DIRECT where the file system allows it: no page cache,
+into a staging slot just before the kernel uses it, read ahead on a reader thread while the kernel
+computes. Reads go straight from the file with O_DIRECT where the file system allows it: no page cache,
 so under a cgroup memory cap there is nothing to reclaim and nothing that pushes out the held weights. Held
 parts are anonymous copies read the same way.
 
@@ -154,9 +154,9 @@ def _layer_tensors(layer: BlockLayer) -> dict[str, tuple[int, int]]:
         a = getattr(layer, kind)
         where = mapped_offset(a)
         if where is None:
-            raise BudgetError("a RAM budget on the int4 path reads the layers from a GGUF file that stores them as "
-                           "Q4_1; this model's were converted when loaded (load it with --weights fp32 and the "
-                           "neuron pack's offload, or without a budget)")
+            raise BudgetError("a RAM budget on the int4 path reads the layers from a GGUF file that stores them "
+                              "as Q4_1; this model's were converted when loaded (load it with --weights fp32 and "
+                              "the neuron pack's offload, or without a budget)")
         out[kind] = (where[1], a.nbytes)
     return out
 
