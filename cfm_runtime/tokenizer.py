@@ -126,7 +126,35 @@ class TextStreamer:
         return self.decoder.decode(b"", final=True)
 
 
-class GGUFTokenizer(Tokenizer):
+class _GGUFVocabulary(Tokenizer):
+    """What both GGUF tokenizers take from the file's metadata, and the BOS rule of their `encode`."""
+
+    add_bos: bool
+
+    def _read_specials(self, metadata: dict) -> None:
+        """BOS/EOS ids and texts, add_bos, the chat template (after vocab_size and token_bytes work)."""
+        self.bos_id = self._special(metadata.get("tokenizer.ggml.bos_token_id"))
+        self.eos_id = self._special(metadata.get("tokenizer.ggml.eos_token_id"))
+        self.bos_text = self.token_bytes(self.bos_id, special=True).decode("utf-8", "replace") if self.bos_id is not None else ""
+        self.eos_text = self.token_bytes(self.eos_id, special=True).decode("utf-8", "replace") if self.eos_id is not None else ""
+        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        self.chat_template = metadata.get("tokenizer.chat_template")
+
+    def _special(self, value) -> int | None:
+        return int(value) if value is not None and 0 <= int(value) < self.vocab_size else None
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise CfmError(f"text to encode must be a string, got {type(text).__name__}")
+        add_bos = add_special and self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + self._ids(text)
+
+    def _ids(self, text: str) -> list[int]:
+        """The text's token ids, special tokens in it parsed, no BOS added."""
+        raise NotImplementedError
+
+
+class GGUFTokenizer(_GGUFVocabulary):
     def __init__(self, path: Path, metadata: dict):
         import llama_cpp
 
@@ -139,12 +167,7 @@ class GGUFTokenizer(Tokenizer):
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self.vocab_size = self._llama.n_vocab()
         self.eog_ids = frozenset(i for i in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(vocab, i))
-        self.bos_id = self._special(metadata.get("tokenizer.ggml.bos_token_id"))
-        self.eos_id = self._special(metadata.get("tokenizer.ggml.eos_token_id"))
-        self.bos_text = self.token_bytes(self.bos_id, special=True).decode("utf-8", "replace") if self.bos_id is not None else ""
-        self.eos_text = self.token_bytes(self.eos_id, special=True).decode("utf-8", "replace") if self.eos_id is not None else ""
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
-        self.chat_template = metadata.get("tokenizer.chat_template")
+        self._read_specials(metadata)
 
     def _make_lltokenizer(self):
         import warnings
@@ -155,15 +178,8 @@ class GGUFTokenizer(Tokenizer):
             warnings.simplefilter("ignore", DeprecationWarning)
             return lltokenizer_from_vocab(self._llama._model.vocab, eos_token=sorted(self.eog_ids))
 
-    def _special(self, value) -> int | None:
-        return int(value) if value is not None and 0 <= int(value) < self.vocab_size else None
-
-    def encode(self, text: str, add_special: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise CfmError(f"text to encode must be a string, got {type(text).__name__}")
-        add_bos = add_special and self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
-        ids = self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + list(ids)
+    def _ids(self, text: str) -> list[int]:
+        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def token_bytes(self, token_id: int, special: bool = False) -> bytes:
         import ctypes
@@ -215,7 +231,7 @@ def gguf_tokenizer(path: Path, metadata: dict) -> Tokenizer:
     return GGUFTokenizer(path, metadata)
 
 
-class GGUFBPETokenizer(Tokenizer):
+class GGUFBPETokenizer(_GGUFVocabulary):
     """A GGUF file's byte-level BPE vocabulary run by the `tokenizers` library: built from the file's tokens,
     types and merges (read one at a time) and its pre-tokenizer (`BPE_PRE_TOKENIZERS`). It gives llama.cpp's
     token ids, pieces and end-of-generation tokens, and keeps ~14 MB where llama.cpp's vocabulary and library take
@@ -254,27 +270,14 @@ class GGUFBPETokenizer(Tokenizer):
         self.vocab_size = len(types)
         self._control = frozenset(i for i, t in enumerate(types) if t == _CONTROL)
         self._pieces: dict[int, bytes] = {}
-
-        def special(key):
-            value = metadata.get(key)
-            return int(value) if value is not None and 0 <= int(value) < self.vocab_size else None
-
-        self.bos_id, self.eos_id = special("tokenizer.ggml.bos_token_id"), special("tokenizer.ggml.eos_token_id")
-        ends = {special(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                     "tokenizer.ggml.eom_token_id")}
+        self._read_specials(metadata)
+        ends = {self._special(metadata.get(k)) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                                         "tokenizer.ggml.eom_token_id")}
         self.eog_ids = frozenset({i for i in ends if i is not None} |
                                  {i for i, text in self._text.items() if text in _EOG_TEXTS})
-        self.bos_text = self._text.get(self.bos_id, "") if self.bos_id is not None else ""
-        self.eos_text = self._text.get(self.eos_id, "") if self.eos_id is not None else ""
-        self.add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
-        self.chat_template = metadata.get("tokenizer.chat_template")
 
-    def encode(self, text: str, add_special: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise CfmError(f"text to encode must be a string, got {type(text).__name__}")
-        add_bos = add_special and self.add_bos and not (self.bos_text and text.startswith(self.bos_text))
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+    def _ids(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def token_bytes(self, token_id: int, special: bool = False) -> bytes:
         """A token's bytes as llama.cpp's token_to_piece gives them: control tokens only with `special`."""
@@ -289,9 +292,7 @@ class GGUFBPETokenizer(Tokenizer):
         return piece
 
     def _make_lltokenizer(self):
-        import llguidance
-
-        return llguidance.LLTokenizer(self._tok.to_str(), n_vocab=self.vocab_size, eos_token=sorted(self.eog_ids))
+        return _lltokenizer(self._tok, self.vocab_size, self.eog_ids)
 
 
 class HFTokenizer(Tokenizer):
@@ -336,9 +337,7 @@ class HFTokenizer(Tokenizer):
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
     def _make_lltokenizer(self):
-        import llguidance
-
-        return llguidance.LLTokenizer(self._tok.to_str(), n_vocab=self.vocab_size, eos_token=sorted(self.eog_ids))
+        return _lltokenizer(self._tok, self.vocab_size, self.eog_ids)
 
     def token_bytes(self, token_id: int) -> bytes:
         b = self._bytes_cache.get(token_id)
@@ -346,6 +345,13 @@ class HFTokenizer(Tokenizer):
             b = _hf_token_bytes(self._tok, token_id)
             self._bytes_cache[token_id] = b
         return b
+
+
+def _lltokenizer(tok, vocab_size: int, eog_ids):
+    """llguidance's form of a `tokenizers` vocabulary (from its JSON)."""
+    import llguidance
+
+    return llguidance.LLTokenizer(tok.to_str(), n_vocab=vocab_size, eos_token=sorted(eog_ids))
 
 
 def _hf_token_bytes(tok, token_id: int) -> bytes:

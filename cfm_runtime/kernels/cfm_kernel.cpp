@@ -676,6 +676,19 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
 #pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1 && L.side[6].r > 0)
   for (int b = 0; b < nb; ++b) side_term(L.side[6], m.act[b].data(), f, y[b], d);
 }
+
+// The logits of n rows x [n, d] leaving the last layer (final norm, rounding) against Q8_0 head rows `rows`
+// [nrows, d]: out[j * ldo + r] <- row j's logit r. Buffers for n rows must be there (`resize`).
+void head_logits(CfmDecoder& m, int n, const float* x, const uint8_t* rows, int nrows, float* out, int ldo) {
+  if (static_cast<int>(m.head_acts.size()) < n) m.head_acts.resize(n);
+  std::vector<float*> y(n);
+  for (int j = 0; j < n; ++j) {
+    rmsnorm(x + static_cast<size_t>(j) * m.d, m.final_norm, m.d, m.eps, m.xn[j].data());
+    quantize(m.xn[j].data(), m.d, m.head_acts[j]);
+    y[j] = out + static_cast<size_t>(j) * ldo;
+  }
+  gemv_q80(rows, nrows, m.d, m.head_acts.data(), n, y.data(), m.threads, m.groups);
+}
 #endif
 
 int side_in(const CfmDecoder& m, int kind) { return kind == 3 ? m.h * m.hd : kind == 6 ? m.f : m.d; }
@@ -779,17 +792,8 @@ int cfm_forward(CfmDecoder* m, int nb, float* x, const int64_t* pos, int first, 
     }
     layer(*m, m->layers[li], x, pos, kl.data(), vl.data(), caps, nb);
   }
-  if (head_rows <= 0) return 0;
-  if (static_cast<int>(m->head_acts.size()) < head_rows) m->head_acts.resize(head_rows);
-  std::vector<Act>& acts = m->head_acts;
-  std::vector<float*> y(head_rows);
-  for (int j = 0; j < head_rows; ++j) {
-    const int b = nb - head_rows + j;
-    rmsnorm(x + static_cast<size_t>(b) * m->d, m->final_norm, m->d, m->eps, m->xn[b].data());
-    quantize(m->xn[b].data(), m->d, acts[j]);
-    y[j] = logits + static_cast<size_t>(j) * m->vocab;
-  }
-  gemv_q80(m->head, m->vocab, m->d, acts.data(), head_rows, y.data(), m->threads, m->groups);
+  if (head_rows > 0)
+    head_logits(*m, head_rows, x + static_cast<size_t>(nb - head_rows) * m->d, m->head, m->vocab, logits, m->vocab);
   return 0;
 #else
   return -1;
@@ -802,14 +806,7 @@ int cfm_forward(CfmDecoder* m, int nb, float* x, const int64_t* pos, int first, 
 int cfm_head_rows(CfmDecoder* m, int n, const float* x, const uint8_t* rows, int nrows, float* out, int ldo) {
 #if CFM_NATIVE
   resize(*m, n);
-  if (static_cast<int>(m->head_acts.size()) < n) m->head_acts.resize(n);
-  std::vector<float*> y(n);
-  for (int j = 0; j < n; ++j) {
-    rmsnorm(x + static_cast<size_t>(j) * m->d, m->final_norm, m->d, m->eps, m->xn[j].data());
-    quantize(m->xn[j].data(), m->d, m->head_acts[j]);
-    y[j] = out + static_cast<size_t>(j) * ldo;
-  }
-  gemv_q80(rows, nrows, m->d, m->head_acts.data(), n, y.data(), m->threads, m->groups);
+  head_logits(*m, n, x, rows, nrows, out, ldo);
   return 0;
 #else
   return -1;

@@ -177,9 +177,10 @@ def _tables(w: BlockWeights) -> int:
     return w.cos.nbytes + w.sin.nbytes + w.final_norm.nbytes + sum(l.ln1.nbytes + l.ln2.nbytes for l in w.layers)
 
 
-def weight_bytes(w: BlockWeights) -> int:
-    """What holding every weight takes (tables, head, layers as read from the file)."""
-    return _tables(w) + w.head.nbytes + sum(u.nbytes for u in layout(w)[1])
+def weight_bytes(w: BlockWeights, units: list[Unit] | None = None) -> int:
+    """What holding every weight takes (tables, head, layers as read from the file; `units`: the layers' units
+    if the caller has them)."""
+    return _tables(w) + w.head.nbytes + sum(u.nbytes for u in (units if units is not None else layout(w)[1]))
 
 
 def plan(w: BlockWeights, budget_mb: float, slots: int = SLOTS) -> Plan:
@@ -191,7 +192,7 @@ def plan(w: BlockWeights, budget_mb: float, slots: int = SLOTS) -> Plan:
     head = w.head.nbytes
     layer = max(u.nbytes for u in units)
     tables = _tables(w)
-    everything = weight_bytes(w)
+    everything = weight_bytes(w, units)
     if budget >= everything:
         return Plan(budget, True, len(units), w.vocab_size,
                     {"tables": tables, "head": head, "layers": everything - tables - head}, 0, everything)
