@@ -42,11 +42,10 @@ def selections(model, pack, density: float, n_tokens: int) -> list[list[np.ndarr
 def run(policy: str, pack, sel, cache_rows: int, threads: int) -> dict:
     from cfm_runtime.sparse.io import BundleFile, NeuronCache, drop_page_cache, plan_runs
 
-    d = pack.manifest["model"]["d_model"]
     f = BundleFile(pack.neurons_path, [pack.layer(i)["offset"] for i in range(pack.n_layers)], pack.bundle_bytes,
                    threads)
-    row = np.zeros((3, d), dtype=np.float16)
-    caches = [NeuronCache(cache_rows, pack.manifest["model"]["d_ff"], (3, d)) for _ in range(pack.n_layers)]
+    row = np.zeros(pack.bundle_bytes, dtype=np.uint8)
+    caches = [NeuronCache(cache_rows, pack.manifest["model"]["d_ff"], pack.bundle_bytes) for _ in range(pack.n_layers)]
     seconds = 0.0
     for step, layers in enumerate(sel, start=1):
         drop_page_cache(pack.neurons_path)

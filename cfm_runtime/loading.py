@@ -80,6 +80,19 @@ class Checkpoint:
                 self._digests[layer] = h.digest()
         return self._digests.get(i, b"")
 
+    def stored_blocks(self, name: str, kinds: tuple[str, ...]) -> tuple[str, np.ndarray]:
+        """Matrix `name` ('layers.3.mlp.gate_proj.weight') as GGUF blocks [rows, bytes]: the file's own (mapped) if
+        it stores them as one of `kinds`, else quantized to the last of them. -> (kind, blocks)."""
+        if self.format == "gguf":
+            t = next((t for t in read_gguf(self.path)[1] if gguf_weight_name(t.name) == name), None)
+            if t is None:
+                raise KeyError(name)
+            if t.qtype.name in kinds:
+                return t.qtype.name, t.data.reshape(t.shape[0], -1)
+            return kinds[-1], quantize_blocks(kinds[-1], dequantize(t))
+        read = _tensor_readers(self.path, self.format)[name]
+        return kinds[-1], quantize_blocks(kinds[-1], read())
+
     def weight_norm(self, name: str) -> float | None:
         """Frobenius norm of weight `name` ('layers.3.self_attn.q_proj.weight') as the file stores it, read
         from the file alone (one tensor dequantized, whatever form the model runs in); None if the file has
@@ -275,6 +288,11 @@ def _q4_1(raw):  # block: fp16 scale, fp16 min, 16 bytes of nibbles; value = d *
 
 
 _FAST_DEQUANT = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1}
+
+
+def dequantize_blocks(kind: str, raw: np.ndarray) -> np.ndarray:
+    """fp32 values [n * 32] of GGUF blocks of `kind` ("Q8_0", "Q4_0" or "Q4_1") in raw (uint8, any shape)."""
+    return _FAST_DEQUANT[kind](np.ascontiguousarray(raw).reshape(-1))
 
 
 def load_gguf(path: Path, progress: bool | None = None, tensors: str = "all", **overrides) -> Checkpoint:
@@ -507,7 +525,7 @@ def _file_arrays(checkpoint: Checkpoint):
                 if len(sf.get_slice(k).get_shape()) == 1:
                     yield name, _read_safetensor(f, k)
                 else:
-                    yield name, lambda kind, f=f, k=k: _pack(kind, _read_safetensor(f, k))
+                    yield name, lambda kind, f=f, k=k: quantize_blocks(kind, _read_safetensor(f, k))
 
 
 def _read_vector(fd: int, t: GGUFTensor) -> np.ndarray:
@@ -520,11 +538,11 @@ def _gguf_blocks(t: GGUFTensor):
     def make(kind: str) -> np.ndarray:
         if t.qtype.name == kind:
             return t.data.reshape(t.shape[0], -1)  # the file's own blocks, mapped
-        return _pack(kind, dequantize(t))
+        return quantize_blocks(kind, dequantize(t))
     return make
 
 
-def _pack(kind: str, w: np.ndarray) -> np.ndarray:
+def quantize_blocks(kind: str, w: np.ndarray) -> np.ndarray:
     """w [n, k] -> GGUF blocks of `kind` ("Q4_1" or "Q8_0") [n, k / 32 * block bytes], as llama.cpp quantizes."""
     from gguf import GGMLQuantizationType, quants
 

@@ -280,6 +280,11 @@ class Model:
         (the torch form is not built for it); None if the file has no such weight."""
         return self._checkpoint.weight_norm(f"{module}.weight")
 
+    def stored_blocks(self, name: str, kinds: tuple[str, ...]) -> tuple[str, np.ndarray]:
+        """Weight `name` ('layers.3.mlp.gate_proj.weight') as the file's GGUF blocks if it stores them as one of
+        `kinds`, else quantized to the last of them: (kind, blocks [rows, bytes])."""
+        return self._checkpoint.stored_blocks(name, kinds)
+
     def info(self) -> dict:
         c = self.config
         n_params = self._checkpoint.n_params

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..sparse.bundle import BundleCodec
 from . import figures
 from .collect import template_prefix_len
 from .prompts import FUNCTIONS
@@ -71,7 +72,7 @@ def evaluate_prefetch(an) -> dict:
     freq_all = counts[train].sum(0) / max(tokens[train].sum(), 1)  # [L, F]
     freq_fn = np.stack([counts[train][labels[train] == f].sum(0) for f in range(len(FUNCTIONS))])
     d_ff, d_model = counts.shape[-1], c.probe.shape[-1]
-    bytes_per_neuron = 3 * d_model * 2  # gate row, up row, down column in fp16
+    bytes_per_neuron = BundleCodec(d_model).nbytes  # a pack's bundle: gate and up rows Q4_1, down column Q8_0
     result = {"sizes": {}}
     for frac in an.opts.hot_fractions:
         size = max(1, int(round(frac * d_ff)))
@@ -94,7 +95,8 @@ def evaluate_prefetch(an) -> dict:
     return {
         "what": "SIMULATED (no flash reads): a neuron is active on a decode token if it is in that token's top "
                 f"{an.opts.collect.active_fraction:.0%} by |act|; hit rate = active pairs inside the hot set; "
-                "flash bytes/token = misses per token x one fp16 neuron bundle, no reuse between tokens",
+                "flash bytes/token = misses per token x one neuron bundle (Q4_1 gate/up rows, Q8_0 down column), "
+                "no reuse between tokens",
         "classifier": {"probe_layer": an.opts.probe_layer, "probe_tokens": an.opts.collect.probe_tokens,
                        "held_out_accuracy_per_layer": accuracy, "chance": 1 / len(FUNCTIONS),
                        "held_out": len(test), "confusion": _confusion(labels[test], pred)},

@@ -85,7 +85,7 @@ def reset_caches(model) -> None:
     """Empty every layer's neuron cache (a fresh session)."""
     for m in flash_modules(model):
         c = m.store.cache
-        m.store.cache = NeuronCache(c.capacity, len(c.slot_of), tuple(c.rows.shape[1:]))
+        m.store.cache = NeuronCache(c.capacity, len(c.slot_of), c.rows.shape[1])
 
 
 def drop_page_cache(model) -> None:

@@ -697,6 +697,32 @@ int side_out(const CfmDecoder& m, int kind) {
   return out[kind];
 }
 
+#if CFM_NATIVE
+// One neuron bundle to fp32 (cfm_bundles_f32). Each value is d q, rounded, then + m, rounded: what numpy computes
+// (the fallback, sparse/bundle.py), so both give the same bits; no fused multiply-add here.
+__attribute__((optimize("fp-contract=off"))) void decode_bundle(const uint8_t* p, int d, const int* kinds, float* y) {
+  for (int part = 0; part < 3; ++part) {
+    const bool q41 = kinds[part] == 1;
+    for (int b = 0; b < d / kBlock; ++b, y += kBlock) {
+      const float scale = f16(p);
+      if (q41) {
+        const float mn = f16(p + 2);
+        const uint8_t* qs = p + 4;
+        for (int j = 0; j < 16; ++j) {
+          y[j] = scale * static_cast<float>(qs[j] & 15) + mn;
+          y[j + 16] = scale * static_cast<float>(qs[j] >> 4) + mn;
+        }
+        p += kQ41;
+      } else {
+        const int8_t* qs = reinterpret_cast<const int8_t*>(p + 2);
+        for (int j = 0; j < kBlock; ++j) y[j] = scale * static_cast<float>(qs[j]);
+        p += kQ80;
+      }
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 extern "C" {
@@ -807,6 +833,18 @@ int cfm_head_rows(CfmDecoder* m, int n, const float* x, const uint8_t* rows, int
 #if CFM_NATIVE
   resize(*m, n);
   head_logits(*m, n, x, rows, nrows, out, ldo);
+  return 0;
+#else
+  return -1;
+#endif
+}
+
+// Neuron bundles (cfm_runtime/sparse/bundle.py) to fp32: n bundles of `bytes` bytes, each three parts of d values
+// (gate row, up row, down column) in GGUF blocks of kind kinds[p] (0: Q8_0, 1: Q4_1), to out [n, 3, d].
+int cfm_bundles_f32(int64_t n, int64_t bytes, int d, const int* kinds, const uint8_t* src, float* out, int threads) {
+#if CFM_NATIVE
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) decode_bundle(src + i * bytes, d, kinds, out + i * 3 * static_cast<int64_t>(d));
   return 0;
 #else
   return -1;

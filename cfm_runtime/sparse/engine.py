@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import psutil
-import torch
 
 from ..errors import CfmError
 from ..memory import rss_high_water_mb
@@ -23,16 +22,13 @@ from .ffn import FlashStore, SparseFFN, topk_positions
 
 
 class SparseEngine:
-    def __init__(self, modules: list[SparseFFN], file=None, staging_rows: int = 0, row_shape=(3, 1),
+    def __init__(self, modules: list[SparseFFN], file=None, staging_rows: int = 0, row_bytes: int = 0,
                  budget: dict | None = None):
         self.modules, self.file = modules, file
         self.step = 0
         self.phase = "prefill"
-        self.staging = [np.zeros((staging_rows, *row_shape), dtype=np.float16) for _ in range(2 if file else 0)]
-        self.junk = np.zeros(row_shape, dtype=np.float16)  # gap bundles read only to merge requests
-        # one layer's bundles in fp32, where flash-backed layers convert what they compute on (reused)
-        n = modules[0].n if modules else 0
-        self.work = torch.empty((n, *row_shape), dtype=torch.float32) if file else None
+        self.staging = [np.zeros((staging_rows, row_bytes), dtype=np.uint8) for _ in range(2 if file else 0)]
+        self.junk = np.zeros(row_bytes, dtype=np.uint8)  # gap bundles read only to merge requests
         self.pending: dict[int, tuple[Future, np.ndarray | None]] = {}
         self.successor: dict[int, int] = {}  # layer -> the layer seen running right after it in the same pass
         self.last_layer: int | None = None

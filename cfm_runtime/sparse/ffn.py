@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bundle import BundleCodec
 from .io import BundleFile, NeuronCache, plan_runs
 
 
@@ -51,32 +52,30 @@ class Sides:
         return F.linear(F.linear(h, a if idx is None else a[:, idx]), b)
 
 
-def parts(*chunks: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
-    """Bundle chunks [k_i, 3, D] (any dtype), concatenated -> fp32 [3, k, D]: gate rows, up rows, down columns.
+class Decoder:
+    """Bundles to fp32 for computing: a codec and one layer's work buffer [F, 3, D] (shared by every layer of a model:
+    a fresh 10 MB allocation per layer costs its page faults every time)."""
 
-    One converting copy into a bundle-major buffer (`work`, reused across layers and tokens when given:
-    a fresh 10 MB allocation per layer costs its page faults every time), returned as a transposed view:
-    each row stays contiguous (row stride 3·D), which F.linear and matmul take without another copy.
-    (The old transpose-then-contiguous copy after an fp16 concatenation cost ~3x more per layer.)
-    """
-    k = sum(c.shape[0] for c in chunks)
-    if work is None:
-        out = torch.empty((k, *chunks[0].shape[1:]), dtype=torch.float32)
-    else:
-        out = work[:k]
-    at = 0
-    for c in chunks:
-        out[at:at + c.shape[0]].copy_(c)
-        at += c.shape[0]
-    return out.transpose(0, 1)
+    def __init__(self, codec: BundleCodec, work: np.ndarray, threads: int = 2):
+        self.codec, self.work, self.threads = codec, work, threads
+
+    def __call__(self, *chunks: np.ndarray) -> torch.Tensor:
+        """Bundle chunks [k_i, bytes], concatenated -> fp32 [3, k, D]: gate rows, up rows, down columns, as a
+        transposed view of the work buffer (each row stays contiguous, row stride 3·D, which F.linear and matmul
+        take without another copy)."""
+        at = 0
+        for c in chunks:
+            self.codec.decode(c, self.work[at:], self.threads)
+            at += c.shape[0]
+        return torch.from_numpy(self.work[:at]).transpose(0, 1)
 
 
 def topk_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, sorted=False).indices
 
 
-class RamStore:
-    """All of a layer's bundles in RAM, fp32 [3, F, D] in pack order (`--sparse` without a RAM budget)."""
+class DenseStore:
+    """A layer's own fp32 weights [3, F, D] in pack order (measurements over a dense model: `profile.ram_module`)."""
 
     def __init__(self, rows: torch.Tensor):
         self.rows = rows
@@ -87,13 +86,26 @@ class RamStore:
     def gather(self, positions: np.ndarray) -> torch.Tensor:
         return self.rows[:, torch.from_numpy(positions)]
 
+
+class RamStore:
+    """All of a layer's bundles in RAM, [F, bytes] in pack order (`--sparse` without a RAM budget)."""
+
+    def __init__(self, bundles: np.ndarray, decoder: Decoder):
+        self.bundles, self.decoder = bundles, decoder
+
+    def full(self) -> torch.Tensor:
+        return self.decoder(self.bundles)
+
+    def gather(self, positions: np.ndarray) -> torch.Tensor:
+        return self.decoder(self.bundles[positions])
+
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes
+        return self.bundles.nbytes
 
 
 class FlashStore:
-    """Hot bundles [H, 3, D] fp16 in RAM (pack positions 0..H-1); the rest read from the pack on demand.
+    """Hot bundles [H, bytes] in RAM (pack positions 0..H-1); the rest read from the pack on demand.
 
     A decode step's cold misses are read as merged runs into the LRU cache, unless those runs would
     cover at least `full_read_at` of the cold region: the whole region is then read sequentially into
@@ -101,24 +113,25 @@ class FlashStore:
     it was: at density 0.6 on the embedded model the runs cover nearly every layer).
     """
 
-    def __init__(self, layer: int, hot: torch.Tensor, n: int, file: BundleFile, shared, cache: NeuronCache | None,
-                 max_gap: int, full_read_at: float = 0.5):
+    def __init__(self, layer: int, hot: np.ndarray, n: int, file: BundleFile, shared, cache: NeuronCache | None,
+                 max_gap: int, decoder: Decoder, full_read_at: float = 0.5):
         self.layer, self.hot, self.n, self.file, self.shared = layer, hot, n, file, shared
+        self.decoder = decoder
         self.cache, self.max_gap, self.full_read_at = cache, max_gap, full_read_at
         self.n_hot = hot.shape[0]
         self.last_whole = False  # did the last decode step need the whole cold region? (the next prefetch's hint)
 
     @property
     def nbytes(self) -> int:
-        return self.hot.numpy().nbytes + (self.cache.nbytes if self.cache is not None else 0)
+        return self.hot.nbytes + (self.cache.nbytes if self.cache is not None else 0)
 
     def read_cold(self, out: np.ndarray) -> None:
-        """All cold bundles into out [n - H, 3, D] (one sequential region, read in parallel chunks)."""
+        """All cold bundles into out [n - H, bytes] (one sequential region, read in parallel chunks)."""
         self.file.read_block(self.layer, self.n_hot, out[: self.n - self.n_hot])
 
     def full(self) -> torch.Tensor:
         cold = self.shared.staged(self)
-        return parts(self.hot, torch.from_numpy(cold[: self.n - self.n_hot]), work=self.shared.work)
+        return self.decoder(self.hot, cold[: self.n - self.n_hot])
 
     def cold_of(self, positions: np.ndarray) -> np.ndarray:
         """Sorted pack positions -> their cold keys (counted from the first cold neuron)."""
@@ -138,12 +151,12 @@ class FlashStore:
         miss = positions[slots < 0]
         stats.hits += len(positions) - len(miss)
         stats.misses += len(miss)
-        scratch = np.empty((0, *self.cache.rows.shape[1:]), dtype=np.float16)
+        scratch = np.empty((0, self.cache.rows.shape[1]), dtype=np.uint8)
         if len(miss):
             new = self.cache.assign(miss, step)
             slots[slots < 0] = new
             overflow = miss[new < 0]
-            scratch = np.empty((len(overflow), *self.cache.rows.shape[1:]), dtype=np.float16)
+            scratch = np.empty((len(overflow), self.cache.rows.shape[1]), dtype=np.uint8)
             where = {int(p): memoryview(self.cache.rows[s]).cast("B") for p, s in zip(miss, new) if s >= 0}
             where.update({int(p): memoryview(scratch[j]).cast("B") for j, p in enumerate(overflow)})
             junk = memoryview(self.shared.junk).cast("B")
@@ -161,15 +174,15 @@ class FlashStore:
             staged = self.shared.staged(self)
         if staged is not None:
             stats.whole_reads += 1
-            return parts(self.hot[torch.from_numpy(hot)], torch.from_numpy(staged[cold]), work=self.shared.work)
+            return self.decoder(self.hot[hot], staged[cold])
         slots, scratch = self.fetch(cold, step, stats)
         # rows in pack order, as the RAM and whole-read paths have them: the down projection then sums
         # the neurons in the same order, so the output does not depend on what the cache happened to hold
-        rows = np.empty((len(cold), *self.cache.rows.shape[1:]), dtype=np.float16)
+        rows = np.empty((len(cold), self.cache.rows.shape[1]), dtype=np.uint8)
         cached = slots >= 0
         rows[cached] = self.cache.rows[slots[cached]]
         rows[~cached] = scratch  # the overflow misses, in the same (sorted) order
-        return parts(self.hot[torch.from_numpy(hot)], torch.from_numpy(rows), work=self.shared.work)
+        return self.decoder(self.hot[hot], rows)
 
     def prefetch(self, positions: np.ndarray, step: int, stats) -> None:
         """Read predicted cold neurons into free cache rows only (a guess never goes to scratch)."""
@@ -275,7 +288,7 @@ class SparseFFN(nn.Module):
         """Decode: gather only the predicted neurons (batch rows share the union of their selections)."""
         idx = topk_positions(self.scores(x), self.k).reshape(-1).unique().numpy()
         step = self.shared.step if self.shared is not None else 0
-        if isinstance(self.store, RamStore):
+        if not isinstance(self.store, FlashStore):
             w = self.store.gather(idx)
         else:
             w = self.store.gather(idx, step, self.stats)

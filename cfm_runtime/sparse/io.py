@@ -69,7 +69,7 @@ class BundleFile:
         self.io.add(want, 1)
 
     def read_block(self, layer: int, start: int, out: np.ndarray) -> None:
-        """Read bundles [start, start + len(out)) of `layer` into contiguous rows out [n, 3, D] (parallel chunks)."""
+        """Read bundles [start, start + len(out)) of `layer` into contiguous rows out [n, bytes] (parallel chunks)."""
         n = out.shape[0]
         step = max(1, -(-n // max(1, self.pool._max_workers)))
         futures = [self.pool.submit(self.read_rows, layer, start + s, [memoryview(out[s:s + step]).cast("B")])
@@ -93,9 +93,9 @@ class NeuronCache:
     kept over consecutive tokens is a hit (LLM-in-a-Flash's sliding window is LRU with a window of steps).
     """
 
-    def __init__(self, capacity: int, n_positions: int, row_shape: tuple[int, int]):
+    def __init__(self, capacity: int, n_positions: int, row_bytes: int):
         self.capacity = capacity
-        self.rows = np.zeros((capacity, *row_shape), dtype=np.float16)
+        self.rows = np.zeros((capacity, row_bytes), dtype=np.uint8)
         self.slot_of = np.full(n_positions, -1, dtype=np.int64)
         self.pos_of = np.full(capacity, -1, dtype=np.int64)
         self.last = np.full(capacity, -1, dtype=np.int64)

@@ -20,7 +20,7 @@ from ..memory import release_freed_memory
 from ..options import DENSITY_PLANS, SparseOptions
 from . import pack as packfmt
 from .engine import SparseEngine
-from .ffn import FlashStore, RamStore, SparseFFN
+from .ffn import Decoder, FlashStore, RamStore, SparseFFN
 from .io import BundleFile, NeuronCache
 from .plan import covered_mass, densities, hot_counts
 from .profile import predictor_from
@@ -88,7 +88,7 @@ def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, ca
     predictors = predictor_bytes(pack, predictor, rank) if sparse else 0
     cache = int(budget * cache_fraction) if sparse else 0
     staging = 2 * n * bb
-    work = 2 * n * bb  # one layer in fp32 (SparseEngine.work)
+    work = work_bytes(pack)
     cmass = [pack.cluster_mass(i) for i in range(pack.n_layers)]
     counts = [0] * pack.n_layers
     for _ in range(3):  # staging shrinks with the hot set: iterate to a fixed point
@@ -112,6 +112,11 @@ def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, ca
                        **({"predictor": predictor if rank is None else f"lowrank-{rank}"} if sparse else {}),
                        "hot_neurons_pct": round(100 * sum(counts) / (n * pack.n_layers), 1),
                        "hot_mass_covered": round(covered_mass(cmass, counts, cluster), 3)}}
+
+
+def work_bytes(pack: packfmt.NeuronPack) -> int:
+    """The fp32 buffer where a layer's bundles are decoded to be computed on (`ffn.Decoder`)."""
+    return pack.manifest["model"]["d_ff"] * 3 * pack.manifest["model"]["d_model"] * 4
 
 
 # the per-layer plan, measured end to end on held-out text (benchmarks/results/sparse_plan.json): perplexity
@@ -144,13 +149,15 @@ def attach(transformer, pack: packfmt.NeuronPack, options: SparseOptions, thread
                       "neurons poorly on SiLU models (docs/sparse.md: +119% perplexity at density 0.6 on the embedded "
                       "model)", stacklevel=2)
     dens = layer_densities(pack, options.density, options.density_plan)
+    man = pack.manifest["model"]
+    decoder = Decoder(pack.codec, np.empty((man["d_ff"], 3, man["d_model"]), np.float32), torch.get_num_threads())
     if ram_budget_mb is None:
-        modules = [_ram_module(i, layer.mlp, pack, kind, rank) for i, layer in enumerate(layers)]
+        modules = [_ram_module(i, layer.mlp, pack, kind, rank, decoder) for i, layer in enumerate(layers)]
         name = kind if rank is None else f"lowrank-{rank}"
         engine = SparseEngine(modules, budget={"predictor": name} if kind else None)
     else:
         engine = _flash_engine(transformer, pack, ram_budget_mb, kind, rank, options.cache_fraction, max_gap,
-                               threads)
+                               threads, decoder)
     engine.configure(strategy=strategy, densities=dens)
     for layer, m in zip(layers, engine.modules):
         layer.mlp = m
@@ -158,30 +165,28 @@ def attach(transformer, pack: packfmt.NeuronPack, options: SparseOptions, thread
     return engine
 
 
-def _ram_module(i: int, mlp, pack, kind: str | None, rank: int | None) -> SparseFFN:
+def _ram_module(i: int, mlp, pack, kind: str | None, rank: int | None, decoder: Decoder) -> SparseFFN:
     order = pack.order(i)
-    rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T))  # [3, F, D]
     net = predictor_from(pack, i, order, pack.manifest["model"]["activation"], kind, rank) if kind else None
-    return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order), predictor=net,
-                     order=order)
+    return SparseFFN(i, RamStore(pack.bundles(i), decoder), mlp.act, len(order), predictor=net, order=order)
 
 
-def _flash_engine(transformer, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads) -> SparseEngine:
+def _flash_engine(transformer, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads,
+                  decoder: Decoder) -> SparseEngine:
     use_pred = kind is not None
     plan = budget_plan(pack, ram_budget_mb, use_pred, cache_fraction, kind or "int4", rank)
-    d, n = transformer.config.d_model, transformer.config.d_ff
-    file = BundleFile(pack.neurons_path, [pack.layer(i)["offset"] for i in range(pack.n_layers)],
-                      pack.bundle_bytes, threads)
+    n, bb = transformer.config.d_ff, pack.bundle_bytes
+    file = BundleFile(pack.neurons_path, [pack.layer(i)["offset"] for i in range(pack.n_layers)], bb, threads)
     modules = []
     for i, layer in enumerate(transformer.layers):
-        hot = np.empty((plan["counts"][i], 3, d), dtype=np.float16)
+        hot = np.empty((plan["counts"][i], bb), dtype=np.uint8)
         file.read_block(i, 0, hot)
-        cache = NeuronCache(plan["cache_rows"], n, (3, d)) if use_pred else None
-        store = FlashStore(i, torch.from_numpy(hot), n, file, None, cache, max_gap)
+        cache = NeuronCache(plan["cache_rows"], n, bb) if use_pred else None
+        store = FlashStore(i, hot, n, file, None, cache, max_gap, decoder)
         net = predictor_from(pack, i, pack.order(i), transformer.config.activation, kind, rank) if use_pred else None
         modules.append(SparseFFN(i, store, layer.mlp.act, n, predictor=net, order=pack.order(i)))
     file.io.bytes = file.io.reads = 0
-    engine = SparseEngine(modules, file, plan["staging_rows"], (3, d), plan["report"])
+    engine = SparseEngine(modules, file, plan["staging_rows"], bb, plan["report"])
     for m in modules:
         m.store.shared = engine
     return engine

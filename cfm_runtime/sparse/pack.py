@@ -2,7 +2,8 @@
 
 Directory layout (one per model, named by the model's source digest):
 - `neurons.bin`: per layer, an aligned segment of bundles in pack order (co-activation clusters,
-  heaviest first). A bundle is one neuron's gate row, up row and down column, fp16: [3, D].
+  heaviest first). A bundle is one neuron's gate row, up row and down column as GGUF blocks (`bundle.py`:
+  the file's own gate/up blocks, the down column re-blocked along the hidden axis).
 - `tables.safetensors`: per layer the pack order (pack position -> neuron id), neuron mass and
   frequency, cluster mass, and two predictors: a 4-bit copy of gate and up (`predictor_int4.*`) and a
   low-rank reconstruction of them (`predictor.*`).
@@ -23,9 +24,10 @@ import numpy as np
 import torch
 
 from ..errors import CfmError
+from .bundle import BundleCodec
 
 FORMAT = "cfm-neuron-pack"
-VERSION = 2  # 2: int4 and low-rank gate/up predictors; 1: linear low-rank scores
+VERSION = 3  # 3: quantized bundles; 2: int4 and low-rank gate/up predictors, fp16 bundles; 1: linear scores
 PREDICTOR_KEYS = {"int4": "predictor_int4", "lowrank": "predictor"}  # predictor kind -> its tables' name
 
 
@@ -48,10 +50,6 @@ def default_root() -> Path:
     return Path(cache) / "cfm" / "packs"
 
 
-def bundle_bytes(d_model: int) -> int:
-    return 3 * d_model * 2
-
-
 def file_digest(path: Path, start: int = 0, length: int | None = None, chunk: int = 8 << 20) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -66,16 +64,8 @@ def file_digest(path: Path, start: int = 0, length: int | None = None, chunk: in
     return h.hexdigest()
 
 
-def bundles(mlp, order: np.ndarray) -> np.ndarray:
-    """A dense MLP's weights as fp16 bundles in pack order: [F, 3, D]."""
-    idx = torch.from_numpy(order)
-    g, u = mlp.gate_proj.weight[idx], mlp.up_proj.weight[idx]
-    d = mlp.down_proj.weight.T[idx]
-    return torch.stack((g, u, d), dim=1).half().contiguous().numpy()
-
-
 def write_layers(path: Path, layer_bundles) -> list[dict]:
-    """Write an iterable of [F, 3, D] fp16 arrays as aligned segments; returns their manifest entries."""
+    """Write an iterable of a layer's bundles [F, bytes] as aligned segments; returns their manifest entries."""
     entries = []
     with open(path, "wb") as f:
         for arr in layer_bundles:
@@ -115,7 +105,21 @@ class NeuronPack:
 
     @property
     def bundle_bytes(self) -> int:
-        return self.manifest["bundle_bytes"]
+        return self.manifest["bundle"]["bytes"]
+
+    @property
+    def codec(self) -> BundleCodec:
+        return BundleCodec.from_manifest(self.manifest["model"]["d_model"], self.manifest["bundle"])
+
+    def bundles(self, i: int) -> np.ndarray:
+        """Layer i's bundles [F, bytes] in pack order, read from the file."""
+        entry = self.layer(i)
+        data = np.fromfile(self.neurons_path, dtype=np.uint8, count=entry["bytes"], offset=entry["offset"])
+        return data.reshape(entry["n"], self.bundle_bytes)
+
+    def weights(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layer i's FFN weights as the pack holds them, in model order: gate [F, D], up [F, D], down [D, F]."""
+        return self.codec.weights(self.bundles(i), self.order(i))
 
     def layer(self, i: int) -> dict:
         return self.manifest["layers"][i]

@@ -13,18 +13,36 @@ import torch
 from tqdm import tqdm
 
 from . import pack as packfmt
+from .bundle import STORED, BundleCodec
 from . import predictor as pred
-from .ffn import RamStore, SparseFFN
+from .ffn import DenseStore, SparseFFN
 from .stats import calibration_texts, coactivation_order, collect, neuron_mass, token_sequences, topk_mask
 
 LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
-CLUSTER = 32  # 32 fp16 bundles of D=576 are 27 pages: clusters stay 4 KiB aligned
+CLUSTER = 32  # neurons per co-activation cluster, the unit of the hot set
+
+
+def bundle_codec(model, down: str = "q8_0") -> BundleCodec:
+    """The bundle layout for `model`: gate/up in the file's blocks if it stores them as Q4_1 or Q8_0 (both as one
+    kind), else Q8_0; down columns in `down`."""
+    kinds = {model.stored_blocks(f"layers.{i}.mlp.{name}.weight", STORED)[0]
+             for i in range(model.config.n_layers) for name in ("gate_proj", "up_proj")}
+    return BundleCodec(model.config.d_model, (kinds.pop() if len(kinds) == 1 else STORED[-1]).lower(), down)
+
+
+def layer_bundles(model, codec: BundleCodec, i: int, order: np.ndarray) -> np.ndarray:
+    """Layer i's bundles [F, bytes] in pack `order`: gate/up blocks from the file, down from the fp32 model."""
+    kind = (codec.gate_up.upper(),)
+    (_, gate), (_, up) = (model.stored_blocks(f"layers.{i}.mlp.{name}.weight", kind) for name in ("gate_proj", "up_proj"))
+    down = model.transformer.layers[i].mlp.down_proj.weight.detach().numpy()
+    return codec.encode(gate, up, down, order)
 
 
 def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_answers: int = 4,
                max_tokens: int | None = None, rank: int = pred.DEFAULT_RANK, sens_tokens: int = 128,
-               levels=LEVELS, progress: bool = True) -> Path:
-    """Profile `model` (dense, fp32 in RAM) and write its pack to `root` (replaced if present)."""
+               levels=LEVELS, progress: bool = True, down: str = "q8_0") -> Path:
+    """Profile `model` (dense, fp32 in RAM) and write its pack to `root` (replaced if present); `down`: the
+    block kind of the down columns ("q8_0" or "q4_1")."""
     t0 = time.time()
     root = Path(root)
     tmp = root.with_name(root.name + ".building")
@@ -51,9 +69,9 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
                            "recall": {f"{d:g}": pred.recall(q4, x[split:], a[split:], d) for d in levels},
                            "recall_lowrank": {f"{d:g}": pred.recall(low, x[split:], a[split:], d) for d in levels}})
         orders = [tables[f"layers.{i}.order"].numpy() for i in range(n_layers)]
-        entries = packfmt.write_layers(tmp / packfmt.NEURONS,
-                                       (packfmt.bundles(model.transformer.layers[i].mlp, orders[i])
-                                        for i in range(n_layers)))
+        codec = bundle_codec(model, down)
+        entries = packfmt.write_layers(tmp / packfmt.NEURONS, (layer_bundles(model, codec, i, orders[i])
+                                                               for i in range(n_layers)))
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp / packfmt.TABLES))
@@ -65,7 +83,7 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
             "fingerprint": model.fingerprint(), "source_digest": source_digest,
             "model": {"name": model.config.name, "n_layers": n_layers, "d_model": model.config.d_model,
                       "d_ff": model.config.d_ff, "activation": model.config.activation},
-            "dtype": "fp16", "bundle_bytes": packfmt.bundle_bytes(model.config.d_model), "cluster": CLUSTER,
+            "bundle": codec.manifest(), "cluster": CLUSTER,
             "align": packfmt.ALIGN,
             "predictors": {"int4": pred.cost(nets[0], model.config.d_model, model.config.d_ff),
                            "lowrank": pred.cost(low, model.config.d_model, model.config.d_ff)},
@@ -153,7 +171,7 @@ def tail_sequences(seqs: list[list[int]], n_tokens: int, max_tokens: int) -> lis
 def ram_module(i: int, mlp, order: np.ndarray, predictor) -> SparseFFN:
     """A SparseFFN over a dense MLP's weights (fp32, in RAM, pack order)."""
     rows = torch.stack((mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight.T))  # [3, F, D]
-    return SparseFFN(i, RamStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order),
+    return SparseFFN(i, DenseStore(rows[:, torch.from_numpy(order)].contiguous()), mlp.act, len(order),
                      predictor=predictor)
 
 
@@ -191,4 +209,4 @@ def perplexity(model, seqs) -> float:
 
 
 def summary(manifest: dict) -> str:
-    return json.dumps({k: manifest[k] for k in ("fingerprint", "dtype", "cluster", "calibration", "build_seconds")})
+    return json.dumps({k: manifest[k] for k in ("fingerprint", "bundle", "cluster", "calibration", "build_seconds")})
