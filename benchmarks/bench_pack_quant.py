@@ -1,12 +1,13 @@
-"""What the neuron pack's quantized bundles cost in quality: the down columns re-blocked along the hidden axis.
+"""What the neuron pack's quantized bundles cost in quality: three ways to store a neuron's down column.
 
-A pack bundle holds a neuron's gate and up rows as the file's own Q4_1 blocks (exact) and its down column
-quantized again along the hidden axis (the file's blocks run along the FFN axis). Three dense fp32 models on the
-held-out texts (`cfm_bench/data/eval_texts.json`):
+A pack bundle holds a neuron's gate and up rows as the file's own Q4_1 blocks (exact). Its down column runs across
+the file's blocks (they run along the FFN axis). Dense fp32 models on the held-out texts
+(`cfm_bench/data/eval_texts.json`), against the GGUF's own weights:
 
-- `file`: the GGUF's own weights (the reference);
-- `down_q8_0`: the pack's default bundles (down columns Q8_0, 1,332 bytes a neuron on the embedded model);
-- `down_q4_1`: down columns Q4_1 (1,080 bytes).
+- `down_q4_1_file`: the column's own 4-bit codes, the file's scales and minimums in a per-layer table (the pack's
+  default for a Q4_1 file: 1,008 bytes a neuron on the embedded model; must be exact);
+- `down_q8_0`: the column re-blocked along the hidden axis as Q8_0 (1,332 bytes);
+- `down_q4_1`: re-blocked as Q4_1 (1,080 bytes).
 
 For each: perplexity, its change against `file`, top-1 agreement with `file` and the mean KL(file || model) per
 token, and the largest relative error of the down weights. A pack layer's weights here are `BundleCodec.weights`
@@ -69,7 +70,7 @@ def main() -> None:
 
     reference = logits()
     results, n = {}, model.config.d_ff
-    for down in ("q8_0", "q4_1"):
+    for down in ("q4_1_file", "q8_0", "q4_1"):
         kinds = set()
         weights, err = [], 0.0
         for i, (g, u, d) in enumerate(file_weights):
@@ -77,7 +78,9 @@ def main() -> None:
                                      for name in ("gate_proj", "up_proj"))
             kinds.add(kind)
             codec = BundleCodec(model.config.d_model, kind.lower(), down)
-            gw, uw, dw = codec.weights(codec.encode(gate, up, d.numpy(), np.arange(n)), np.arange(n))
+            source = model.stored_blocks(f"layers.{i}.mlp.down_proj.weight", ("Q4_1",))[1] if codec.shared else d.numpy()
+            bundles, shared = codec.encode(gate, up, source, np.arange(n))
+            gw, uw, dw = codec.weights(bundles, np.arange(n), shared)
             assert np.array_equal(gw, g.numpy()) and np.array_equal(uw, u.numpy())  # the file's own gate/up
             err = max(err, float(np.abs(dw - d.numpy()).max() / np.abs(d.numpy()).max()))
             weights.append((torch.from_numpy(gw), torch.from_numpy(uw), torch.from_numpy(dw)))

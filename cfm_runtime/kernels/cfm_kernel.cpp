@@ -699,23 +699,32 @@ int side_out(const CfmDecoder& m, int kind) {
 
 #if CFM_NATIVE
 // One neuron bundle to fp32 (cfm_bundles_f32). Each value is d q, rounded, then + m, rounded: what numpy computes
-// (the fallback, sparse/bundle.py), so both give the same bits; no fused multiply-add here.
-__attribute__((optimize("fp-contract=off"))) void decode_bundle(const uint8_t* p, int d, const int* kinds, float* y) {
-  for (int part = 0; part < 3; ++part) {
-    const bool q41 = kinds[part] == 1;
-    for (int b = 0; b < d / kBlock; ++b, y += kBlock) {
+// (the fallback, sparse/bundle.py, and the GGUF dequantization), so all give the same bits; no fused multiply-add.
+__attribute__((optimize("fp-contract=off"))) void decode_bundle(const uint8_t* p, int d, const int* kinds,
+                                                                  const uint8_t* shared, float* y) {
+  for (int part = 0; part < 3; ++part, y += d) {
+    if (kinds[part] == 2) {  // 4-bit codes, two per byte along the hidden axis; fp16 (scale, min) pairs per row
+      for (int h = 0; h < d; ++h) {
+        const float q = static_cast<float>((p[h / 2] >> (4 * (h & 1))) & 15);
+        y[h] = f16(shared + 4 * h) * q + f16(shared + 4 * h + 2);
+      }
+      p += d / 2;
+      continue;
+    }
+    float* out = y;
+    for (int b = 0; b < d / kBlock; ++b, out += kBlock) {
       const float scale = f16(p);
-      if (q41) {
+      if (kinds[part] == 1) {
         const float mn = f16(p + 2);
         const uint8_t* qs = p + 4;
         for (int j = 0; j < 16; ++j) {
-          y[j] = scale * static_cast<float>(qs[j] & 15) + mn;
-          y[j + 16] = scale * static_cast<float>(qs[j] >> 4) + mn;
+          out[j] = scale * static_cast<float>(qs[j] & 15) + mn;
+          out[j + 16] = scale * static_cast<float>(qs[j] >> 4) + mn;
         }
         p += kQ41;
       } else {
         const int8_t* qs = reinterpret_cast<const int8_t*>(p + 2);
-        for (int j = 0; j < kBlock; ++j) y[j] = scale * static_cast<float>(qs[j]);
+        for (int j = 0; j < kBlock; ++j) out[j] = scale * static_cast<float>(qs[j]);
         p += kQ80;
       }
     }
@@ -840,11 +849,16 @@ int cfm_head_rows(CfmDecoder* m, int n, const float* x, const uint8_t* rows, int
 }
 
 // Neuron bundles (cfm_runtime/sparse/bundle.py) to fp32: n bundles of `bytes` bytes, each three parts of d values
-// (gate row, up row, down column) in GGUF blocks of kind kinds[p] (0: Q8_0, 1: Q4_1), to out [n, 3, d].
-int cfm_bundles_f32(int64_t n, int64_t bytes, int d, const int* kinds, const uint8_t* src, float* out, int threads) {
+// (gate row, up row, down column) of kind kinds[p]: 0 Q8_0 blocks, 1 Q4_1 blocks, 2 the file's own 4-bit codes of
+// a Q4_1 down column, whose (scale, min) pairs are the file's: shared [F / 32][d][2] fp16, row ids[i] / 32 for
+// bundle i (neuron ids[i]). out [n, 3, d].
+int cfm_bundles_f32(int64_t n, int64_t bytes, int d, const int* kinds, const uint8_t* src, const int64_t* ids,
+                    const uint8_t* shared, float* out, int threads) {
 #if CFM_NATIVE
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < n; ++i) decode_bundle(src + i * bytes, d, kinds, out + i * 3 * static_cast<int64_t>(d));
+  for (int64_t i = 0; i < n; ++i)
+    decode_bundle(src + i * bytes, d, kinds, shared ? shared + (ids[i] / kBlock) * 4 * static_cast<int64_t>(d) : nullptr,
+                  out + i * 3 * static_cast<int64_t>(d));
   return 0;
 #else
   return -1;

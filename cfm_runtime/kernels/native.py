@@ -104,7 +104,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cfm_head_rows.restype = i
     lib.cfm_head_rows.argtypes = [_P, i, _P, _P, i, _P, i]
     lib.cfm_bundles_f32.restype = i
-    lib.cfm_bundles_f32.argtypes = [ctypes.c_int64, ctypes.c_int64, i, _P, _P, _P, i]
+    lib.cfm_bundles_f32.argtypes = [ctypes.c_int64, ctypes.c_int64, i, _P, _P, _P, _P, _P, i]
     return lib
 
 

@@ -53,20 +53,22 @@ class Sides:
 
 
 class Decoder:
-    """Bundles to fp32 for computing: a codec and one layer's work buffer [F, 3, D] (shared by every layer of a model:
-    a fresh 10 MB allocation per layer costs its page faults every time)."""
+    """One layer's bundles to fp32 for computing: the pack's codec, the layer's pack order (position -> neuron) and
+    shared down table, and a work buffer [F, 3, D] shared by every layer of a model (a fresh 10 MB allocation per
+    layer costs its page faults every time)."""
 
-    def __init__(self, codec: BundleCodec, work: np.ndarray, threads: int = 2):
-        self.codec, self.work, self.threads = codec, work, threads
+    def __init__(self, codec: BundleCodec, work: np.ndarray, order: np.ndarray, table: np.ndarray | None,
+                 threads: int = 2):
+        self.codec, self.work, self.order, self.table, self.threads = codec, work, order, table, threads
 
-    def __call__(self, *chunks: np.ndarray) -> torch.Tensor:
-        """Bundle chunks [k_i, bytes], concatenated -> fp32 [3, k, D]: gate rows, up rows, down columns, as a
-        transposed view of the work buffer (each row stays contiguous, row stride 3·D, which F.linear and matmul
-        take without another copy)."""
+    def __call__(self, *chunks: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+        """Chunks (bundles [k_i, bytes], their pack positions [k_i]), concatenated -> fp32 [3, k, D]: gate rows, up
+        rows, down columns, as a transposed view of the work buffer (each row stays contiguous, row stride 3·D,
+        which F.linear and matmul take without another copy)."""
         at = 0
-        for c in chunks:
-            self.codec.decode(c, self.work[at:], self.threads)
-            at += c.shape[0]
+        for bundles, positions in chunks:
+            self.codec.decode(bundles, self.work[at:], self.order[positions], self.table, self.threads)
+            at += bundles.shape[0]
         return torch.from_numpy(self.work[:at]).transpose(0, 1)
 
 
@@ -94,10 +96,10 @@ class RamStore:
         self.bundles, self.decoder = bundles, decoder
 
     def full(self) -> torch.Tensor:
-        return self.decoder(self.bundles)
+        return self.decoder((self.bundles, np.arange(len(self.bundles))))
 
     def gather(self, positions: np.ndarray) -> torch.Tensor:
-        return self.decoder(self.bundles[positions])
+        return self.decoder((self.bundles[positions], positions))
 
     @property
     def nbytes(self) -> int:
@@ -131,7 +133,7 @@ class FlashStore:
 
     def full(self) -> torch.Tensor:
         cold = self.shared.staged(self)
-        return self.decoder(self.hot, cold[: self.n - self.n_hot])
+        return self.decoder((self.hot, np.arange(self.n_hot)), (cold[: self.n - self.n_hot], np.arange(self.n_hot, self.n)))
 
     def cold_of(self, positions: np.ndarray) -> np.ndarray:
         """Sorted pack positions -> their cold keys (counted from the first cold neuron)."""
@@ -174,7 +176,7 @@ class FlashStore:
             staged = self.shared.staged(self)
         if staged is not None:
             stats.whole_reads += 1
-            return self.decoder(self.hot[hot], staged[cold])
+            return self.decoder((self.hot[hot], hot), (staged[cold], cold + self.n_hot))
         slots, scratch = self.fetch(cold, step, stats)
         # rows in pack order, as the RAM and whole-read paths have them: the down projection then sums
         # the neurons in the same order, so the output does not depend on what the cache happened to hold
@@ -182,7 +184,7 @@ class FlashStore:
         cached = slots >= 0
         rows[cached] = self.cache.rows[slots[cached]]
         rows[~cached] = scratch  # the overflow misses, in the same (sorted) order
-        return self.decoder(self.hot[hot], rows)
+        return self.decoder((self.hot[hot], hot), (rows, cold + self.n_hot))
 
     def prefetch(self, positions: np.ndarray, step: int, stats) -> None:
         """Read predicted cold neurons into free cache rows only (a guess never goes to scratch)."""

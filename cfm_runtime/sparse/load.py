@@ -81,7 +81,8 @@ def choose_predictor(pack: packfmt.NeuronPack, ram_budget_mb: float | None, kind
 
 def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, cache_fraction: float,
                 predictor: str = "int4", rank: int | None = None) -> dict:
-    """Hot neuron counts per layer and the byte split of the budget (hot, cache, staging, predictors)."""
+    """Hot neuron counts per layer and the byte split of the budget (hot, cache, staging, work buffer, shared down
+    tables, predictors)."""
     man = pack.manifest
     bb, cluster, n = pack.bundle_bytes, man["cluster"], man["model"]["d_ff"]
     budget = int(ram_budget_mb * 2**20)
@@ -89,13 +90,14 @@ def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, ca
     cache = int(budget * cache_fraction) if sparse else 0
     staging = 2 * n * bb
     work = work_bytes(pack)
+    tables = pack.n_layers * pack.codec.shared_bytes(n)
     cmass = [pack.cluster_mass(i) for i in range(pack.n_layers)]
     counts = [0] * pack.n_layers
     for _ in range(3):  # staging shrinks with the hot set: iterate to a fixed point
-        left = budget - predictors - cache - staging - work
+        left = budget - predictors - cache - staging - work - tables
         if left < 0:
             mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
-            parts = f"staging {mb(staging)}, fp32 work buffer {mb(work)}" + (
+            parts = f"staging {mb(staging)}, fp32 work buffer {mb(work)}, down tables {mb(tables)}" + (
                 f", neuron cache {mb(cache)} ({100 * cache_fraction:g}% of the budget), predictor {mb(predictors)}"
                 if sparse else "")
             raise CfmError(f"--ram-budget {ram_budget_mb:g} MB does not hold this model's fixed parts ({parts} MB) "
@@ -105,9 +107,10 @@ def budget_plan(pack: packfmt.NeuronPack, ram_budget_mb: float, sparse: bool, ca
     hot = sum(counts) * bb
     return {"counts": counts, "cache_rows": cache // bb // pack.n_layers, "staging_rows": staging // (2 * bb),
             "report": {"ram_budget_mb": ram_budget_mb,
-                       "ffn_weights_mb": round((hot + cache + staging + work + predictors) / 2**20, 1),
+                       "ffn_weights_mb": round((hot + cache + staging + work + tables + predictors) / 2**20, 1),
                        "hot_mb": round(hot / 2**20, 1), "cache_mb": round(cache / 2**20, 1),
                        "staging_mb": round(staging / 2**20, 1), "work_mb": round(work / 2**20, 1),
+                       "down_tables_mb": round(tables / 2**20, 1),
                        "predictors_mb": round(predictors / 2**20, 1),
                        **({"predictor": predictor if rank is None else f"lowrank-{rank}"} if sparse else {}),
                        "hot_neurons_pct": round(100 * sum(counts) / (n * pack.n_layers), 1),
@@ -150,9 +153,13 @@ def attach(transformer, pack: packfmt.NeuronPack, options: SparseOptions, thread
                       "model)", stacklevel=2)
     dens = layer_densities(pack, options.density, options.density_plan)
     man = pack.manifest["model"]
-    decoder = Decoder(pack.codec, np.empty((man["d_ff"], 3, man["d_model"]), np.float32), torch.get_num_threads())
+    work = np.empty((man["d_ff"], 3, man["d_model"]), np.float32)
+
+    def decoder(i: int) -> Decoder:
+        return Decoder(pack.codec, work, pack.order(i), pack.shared(i), torch.get_num_threads())
+
     if ram_budget_mb is None:
-        modules = [_ram_module(i, layer.mlp, pack, kind, rank, decoder) for i, layer in enumerate(layers)]
+        modules = [_ram_module(i, layer.mlp, pack, kind, rank, decoder(i)) for i, layer in enumerate(layers)]
         name = kind if rank is None else f"lowrank-{rank}"
         engine = SparseEngine(modules, budget={"predictor": name} if kind else None)
     else:
@@ -172,7 +179,7 @@ def _ram_module(i: int, mlp, pack, kind: str | None, rank: int | None, decoder: 
 
 
 def _flash_engine(transformer, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads,
-                  decoder: Decoder) -> SparseEngine:
+                  decoder) -> SparseEngine:
     use_pred = kind is not None
     plan = budget_plan(pack, ram_budget_mb, use_pred, cache_fraction, kind or "int4", rank)
     n, bb = transformer.config.d_ff, pack.bundle_bytes
@@ -182,7 +189,7 @@ def _flash_engine(transformer, pack, ram_budget_mb, kind, rank, cache_fraction, 
         hot = np.empty((plan["counts"][i], bb), dtype=np.uint8)
         file.read_block(i, 0, hot)
         cache = NeuronCache(plan["cache_rows"], n, bb) if use_pred else None
-        store = FlashStore(i, hot, n, file, None, cache, max_gap, decoder)
+        store = FlashStore(i, hot, n, file, None, cache, max_gap, decoder(i))
         net = predictor_from(pack, i, pack.order(i), transformer.config.activation, kind, rank) if use_pred else None
         modules.append(SparseFFN(i, store, layer.mlp.act, n, predictor=net, order=pack.order(i)))
     file.io.bytes = file.io.reads = 0

@@ -33,6 +33,11 @@ PREDICTOR_KEYS = {"int4": "predictor_int4", "lowrank": "predictor"}  # predictor
 
 def predictor_prefix(i: int, kind: str) -> str:
     return f"layers.{i}.{PREDICTOR_KEYS[kind]}."
+
+
+def shared_key(i: int) -> str:
+    """Layer i's shared down table in the tables file (`bundle.BundleCodec.encode`)."""
+    return f"layers.{i}.down_shared"
 ALIGN = 4096
 NEURONS, TABLES, MANIFEST = "neurons.bin", "tables.safetensors", "manifest.json"
 
@@ -117,9 +122,14 @@ class NeuronPack:
         data = np.fromfile(self.neurons_path, dtype=np.uint8, count=entry["bytes"], offset=entry["offset"])
         return data.reshape(entry["n"], self.bundle_bytes)
 
+    def shared(self, i: int) -> np.ndarray | None:
+        """Layer i's shared down table (the file's down scales and minimums), if its bundles need one."""
+        t = self.tables.get(shared_key(i))
+        return None if t is None else t.numpy()
+
     def weights(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Layer i's FFN weights as the pack holds them, in model order: gate [F, D], up [F, D], down [D, F]."""
-        return self.codec.weights(self.bundles(i), self.order(i))
+        return self.codec.weights(self.bundles(i), self.order(i), self.shared(i))
 
     def layer(self, i: int) -> dict:
         return self.manifest["layers"][i]

@@ -22,27 +22,35 @@ LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7)
 CLUSTER = 32  # neurons per co-activation cluster, the unit of the hot set
 
 
-def bundle_codec(model, down: str = "q8_0") -> BundleCodec:
-    """The bundle layout for `model`: gate/up in the file's blocks if it stores them as Q4_1 or Q8_0 (both as one
-    kind), else Q8_0; down columns in `down`."""
-    kinds = {model.stored_blocks(f"layers.{i}.mlp.{name}.weight", STORED)[0]
-             for i in range(model.config.n_layers) for name in ("gate_proj", "up_proj")}
-    return BundleCodec(model.config.d_model, (kinds.pop() if len(kinds) == 1 else STORED[-1]).lower(), down)
+def bundle_codec(model, down: str | None = None) -> BundleCodec:
+    """The bundle layout for `model`: gate/up in the file's blocks if it stores them all as Q4_1 or all as Q8_0,
+    else Q8_0; down columns as the file's own codes where it stores them as Q4_1 (`down` None), else in `down`
+    (default Q8_0)."""
+    def kinds(names, wanted):
+        return {model.stored_blocks(f"layers.{i}.mlp.{name}.weight", wanted)[0]
+                for i in range(model.config.n_layers) for name in names}
+
+    gate_up = kinds(("gate_proj", "up_proj"), STORED)
+    if down is None:
+        down = "q4_1_file" if kinds(("down_proj",), ("Q4_1", "Q8_0")) == {"Q4_1"} else "q8_0"
+    return BundleCodec(model.config.d_model, (gate_up.pop() if len(gate_up) == 1 else STORED[-1]).lower(), down)
 
 
-def layer_bundles(model, codec: BundleCodec, i: int, order: np.ndarray) -> np.ndarray:
-    """Layer i's bundles [F, bytes] in pack `order`: gate/up blocks from the file, down from the fp32 model."""
-    kind = (codec.gate_up.upper(),)
-    (_, gate), (_, up) = (model.stored_blocks(f"layers.{i}.mlp.{name}.weight", kind) for name in ("gate_proj", "up_proj"))
-    down = model.transformer.layers[i].mlp.down_proj.weight.detach().numpy()
+def layer_bundles(model, codec: BundleCodec, i: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Layer i's bundles [F, bytes] in pack `order` and its shared down table (`BundleCodec.encode`)."""
+    def blocks(name: str, kind: str) -> np.ndarray:
+        return model.stored_blocks(f"layers.{i}.mlp.{name}.weight", (kind,))[1]
+
+    gate, up = blocks("gate_proj", codec.gate_up.upper()), blocks("up_proj", codec.gate_up.upper())
+    down = blocks("down_proj", "Q4_1") if codec.shared else model.transformer.layers[i].mlp.down_proj.weight.numpy()
     return codec.encode(gate, up, down, order)
 
 
 def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_answers: int = 4,
                max_tokens: int | None = None, rank: int = pred.DEFAULT_RANK, sens_tokens: int = 128,
-               levels=LEVELS, progress: bool = True, down: str = "q8_0") -> Path:
-    """Profile `model` (dense, fp32 in RAM) and write its pack to `root` (replaced if present); `down`: the
-    block kind of the down columns ("q8_0" or "q4_1")."""
+               levels=LEVELS, progress: bool = True, down: str | None = None) -> Path:
+    """Profile `model` (dense, fp32 in RAM) and write its pack to `root` (replaced if present); `down`: the kind of
+    the down columns (`bundle.KINDS`; default the file's own codes where it can)."""
     t0 = time.time()
     root = Path(root)
     tmp = root.with_name(root.name + ".building")
@@ -70,8 +78,15 @@ def build_pack(model, root: Path, *, source_digest: str, calib_files=None, chat_
                            "recall_lowrank": {f"{d:g}": pred.recall(low, x[split:], a[split:], d) for d in levels}})
         orders = [tables[f"layers.{i}.order"].numpy() for i in range(n_layers)]
         codec = bundle_codec(model, down)
-        entries = packfmt.write_layers(tmp / packfmt.NEURONS, (layer_bundles(model, codec, i, orders[i])
-                                                               for i in range(n_layers)))
+
+        def each_layer():
+            for i in range(n_layers):
+                bundles, shared = layer_bundles(model, codec, i, orders[i])
+                if shared is not None:
+                    tables[packfmt.shared_key(i)] = torch.from_numpy(shared)
+                yield bundles
+
+        entries = packfmt.write_layers(tmp / packfmt.NEURONS, each_layer())
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in tables.items()}, str(tmp / packfmt.TABLES))
