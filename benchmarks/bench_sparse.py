@@ -190,7 +190,8 @@ def main() -> None:
 
     model = cfm_runtime.load_model(threads=2, weights="fp32")
     root = (args.pack or ensure_pack(model.path))
-    data = {"environment": environment(2), "pack": str(root), "cap_mb": args.cap}
+    data = {"environment": environment(2), "pack": str(root), "cap_mb": args.cap,
+            "bundle": open_pack(root, verify=False).manifest.get("bundle", "fp16"), "loadavg_before": os.getloadavg()}
     if not args.skip_quality:
         data["quality"] = quality(model, open_pack(root, verify=False))
         save(args.out, data)
@@ -198,6 +199,7 @@ def main() -> None:
     if args.skip_memory:
         return
     data["runs"] = memory_runs(args, str(root))
+    data["loadavg_after"] = os.getloadavg()
     save(args.out, data)
     plot(data["runs"], args.budgets, args.cap, RESULTS / f"{args.out}.png")
     print(json.dumps({k: {kk: v.get(kk) for kk in ("ok", "decode_tps", "peak_rss_mb", "tps_end_to_end")}

@@ -703,10 +703,16 @@ int side_out(const CfmDecoder& m, int kind) {
 __attribute__((optimize("fp-contract=off"))) void decode_bundle(const uint8_t* p, int d, const int* kinds,
                                                                   const uint8_t* shared, float* y) {
   for (int part = 0; part < 3; ++part, y += d) {
-    if (kinds[part] == 2) {  // 4-bit codes, two per byte along the hidden axis; fp16 (scale, min) pairs per row
-      for (int h = 0; h < d; ++h) {
-        const float q = static_cast<float>((p[h / 2] >> (4 * (h & 1))) & 15);
-        y[h] = f16(shared + 4 * h) * q + f16(shared + 4 * h + 2);
+    if (kinds[part] == 2) {  // 4-bit codes, two per byte along the hidden axis; the row's fp16 scales, then mins
+      const uint8_t* mins = shared + 2 * d;
+      const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+      for (int h = 0; h < d; h += 8) {  // d is a multiple of 32
+        uint32_t codes;
+        std::memcpy(&codes, p + h / 2, 4);
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(codes), shifts), low4));
+        const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(shared + 2 * h)));
+        const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + 2 * h)));
+        _mm256_storeu_ps(y + h, _mm256_add_ps(_mm256_mul_ps(scale, q), mn));
       }
       p += d / 2;
       continue;
@@ -850,8 +856,8 @@ int cfm_head_rows(CfmDecoder* m, int n, const float* x, const uint8_t* rows, int
 
 // Neuron bundles (cfm_runtime/sparse/bundle.py) to fp32: n bundles of `bytes` bytes, each three parts of d values
 // (gate row, up row, down column) of kind kinds[p]: 0 Q8_0 blocks, 1 Q4_1 blocks, 2 the file's own 4-bit codes of
-// a Q4_1 down column, whose (scale, min) pairs are the file's: shared [F / 32][d][2] fp16, row ids[i] / 32 for
-// bundle i (neuron ids[i]). out [n, 3, d].
+// a Q4_1 down column, whose scales and mins are the file's: shared [F / 32][2][d] fp16 (scales, then mins), row
+// ids[i] / 32 for bundle i (neuron ids[i]). out [n, 3, d].
 int cfm_bundles_f32(int64_t n, int64_t bytes, int d, const int* kinds, const uint8_t* src, const int64_t* ids,
                     const uint8_t* shared, float* out, int threads) {
 #if CFM_NATIVE

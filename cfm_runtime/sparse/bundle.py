@@ -5,8 +5,8 @@
   quantized to Q8_0 as llama.cpp does.
 - A down column runs along the hidden axis, across the file's blocks (they run along the FFN axis). From a Q4_1
   file the bundle keeps the column's own 4-bit codes (`q4_1_file`: 288 bytes for d_model 576) and the pack keeps
-  the file's per-block scales and minimums once per layer (`shared`: [F / 32, d] pairs, 110 KB a layer, held in
-  RAM): the exact file weights. Otherwise the column is quantized again along the hidden axis, to Q8_0 (612 bytes)
+  the file's per-block scales and minimums once per layer (`shared`: [F / 32, 2, d] fp16, 110 KB a layer, held
+  in RAM): the exact file weights. Otherwise the column is quantized again along the hidden axis, to Q8_0 (612 bytes)
   or Q4_1 (360). Re-blocking was measured on the embedded model (`benchmarks/bench_pack_quant.py`): Q8_0 costs
   +0.78% perplexity, almost all of it in the two layers with massive activations; Q4_1 +13.7%.
 
@@ -53,7 +53,7 @@ class BundleCodec:
 
     @property
     def shared(self) -> bool:
-        """Whether the down columns need the layer's shared (scale, min) table."""
+        """Whether the down columns need the layer's shared table of scales and mins."""
         return self.down == "q4_1_file"
 
     def part_bytes(self, kind: str) -> int:
@@ -89,7 +89,9 @@ class BundleCodec:
             qs = blocks[:, :, 4:]
             codes = np.concatenate((qs & 15, qs >> 4), axis=2).reshape(self.d, -1).T  # [F, d], neuron-major
             cols = codes[order, 0::2] | (codes[order, 1::2] << 4)
-            shared = np.ascontiguousarray(blocks[:, :, :4].transpose(1, 0, 2)).reshape(-1, self.d * 4)
+            # [F / 32, (scales, mins), d] as fp16 bytes: a block row's scales and mins each contiguous
+            shared = np.ascontiguousarray(blocks[:, :, :4].reshape(self.d, -1, 2, 2).transpose(1, 2, 0, 3))
+            shared = shared.reshape(-1, self.d * 4)
         else:
             cols = quantize_blocks(self.down.upper(), np.ascontiguousarray(down.T[order], dtype=np.float32))
         return np.ascontiguousarray(np.concatenate((gate[order], up[order], cols), axis=1)), shared
@@ -124,9 +126,8 @@ class BundleCodec:
             raw = src[:, at:at + n]
             if kind == "q4_1_file":
                 q = np.stack((raw & 15, raw >> 4), axis=2).reshape(k, self.d).astype(np.float32)
-                pairs = shared.reshape(-1, self.d, 4)[ids // BLOCK]  # [k, d, (scale, min) fp16]
-                scale, low = (np.ascontiguousarray(pairs[..., j:j + 2]).view(np.float16)[..., 0].astype(np.float32)
-                              for j in (0, 2))
+                rows = shared.reshape(-1, 2, self.d * 2)[ids // BLOCK]  # [k, (scales, mins), d fp16]
+                scale, low = (np.ascontiguousarray(rows[:, j]).view(np.float16).astype(np.float32) for j in (0, 1))
                 dst[:, part] = scale * q + low
             else:
                 dst[:, part] = dequantize_blocks(kind.upper(), raw).reshape(k, self.d)
