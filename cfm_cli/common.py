@@ -272,7 +272,8 @@ def format_budget_report(r: dict) -> str:
     held = ", ".join(f"{k} {v}" for k, v in r["held_mb"].items())
     read = (f" | read {r['read_mb']} MB in {r['reads']} reads, waited {r['read_wait_s']} s"
             if "read_mb" in r else "")
-    return (f"[RAM budget {r['ram_budget_mb']:g} MB | held MB: {held} ({r['held_layers']} layers, head "
+    return (f"[RAM budget {r['ram_budget_mb']:g} MB | held MB: {held} ({r['held_layers']} of {r['layer_room']} "
+            f"layers, head "
             f"{'held' if r['head_held'] else 'streamed'}) | {r['streamed_mb_per_pass']} MB read from the file "
             f"per pass{' (direct I/O)' if r['direct_io'] else ''}{read}]")
 

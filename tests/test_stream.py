@@ -36,13 +36,17 @@ def trace(decoder, config, ids, steps=8, split=None, center=None):
     whose layers [2, 28) run on another decoder (`center`), as in a split run."""
     backend = NativeBackend(decoder, config.n_layers)
     cache = SpanCache(config, 0, config.n_layers)
-    out = [backend.forward(ids, cache, all_logits=True)]
+
+    def edge(tokens):  # the prompt too: the edge never runs the center's layers
+        h = backend.span(backend.embed(tokens), 0, 2, [cache])
+        h = NativeBackend(center, config.n_layers).span(h, 2, 28, [cache])
+        return backend.span_head(h, 28, cache, all_logits=True)
+
+    out = [backend.forward(ids, cache, all_logits=True) if center is None else edge(ids)]
     for _ in range(steps):
         token = int(out[-1][-1].argmax())
         if center is not None:
-            h = backend.span(backend.embed([token]), 0, 2, [cache])
-            h = NativeBackend(center, config.n_layers).span(h, 2, 28, [cache])
-            out.append(backend.span_head(h, 28, cache))
+            out.append(edge([token]))
         elif split is None:
             out.append(backend.forward([token], cache))
         else:
@@ -78,6 +82,32 @@ def test_every_budget_computes_the_mapped_models_bits(blocks):
         if p.streamed:
             assert report["read_mb"] > 0 and report["reads"] > 0
     assert (True, 30) in seen and (False, 0) in seen and any(h and 0 < n < 30 for h, n in seen)
+
+
+def test_an_edge_holds_its_own_layers(blocks):
+    """Layers are held from their first use: with room for four, a split run's edge holds the four it runs (0, 1,
+    28, 29), never the center's, and after its first pass reads nothing more from the file."""
+    ckpt, w = blocks
+    lib = native.load()
+    ids = list(range(300, 340))
+    mapped = native.NativeDecoder(w, 2, lib)
+    want = trace(mapped, ckpt.config, ids, center=mapped)
+    full = stream.plan(w, 60.0)  # head and some layers
+    layer = full.parts["layers"] // full.held_layers
+    budget = (full.parts["tables"] + full.parts["staging"] + full.parts["head"] + 4 * layer) / 2**20 + 0.01
+    held = stream.hold(w, budget)
+    assert held.plan.head_held and held.plan.held_layers == 4 and held.report()["held_layers"] == 0
+    decoder = native.NativeDecoder(w, 2, lib, held)
+    assert np.array_equal(trace(decoder, ckpt.config, ids, center=mapped), want)
+    assert held.pinned == {0, 1, 28, 29}
+    read = held.stream.bytes_read
+    assert np.array_equal(trace(decoder, ckpt.config, ids, center=mapped), want)
+    assert held.stream.bytes_read == read  # nothing streamed: the edge's layers and the head are held
+    report = held.report()
+    assert report["held_layers"] == 4 and report["held_mb"]["layers"] == round(4 * layer / 2**20, 1)
+    # the center gone, the edge runs everything: no room left, the rest is streamed, same bits
+    assert np.array_equal(trace(decoder, ckpt.config, ids), trace(mapped, ckpt.config, ids))
+    assert held.pinned == {0, 1, 28, 29} and held.stream.bytes_read > read
 
 
 def test_side_terms_on_streamed_layers(blocks):

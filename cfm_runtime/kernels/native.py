@@ -131,11 +131,13 @@ class NativeDecoder:
         self.ptr = lib.cfm_new(len(w.layers), w.d_model, w.n_heads, w.n_kv_heads, w.head_dim, w.d_ff, w.vocab_size,
                                w.context_length, w.eps, threads, _ptr(w.cos), _ptr(w.sin))
         for i, layer in enumerate(w.layers):
-            lib.cfm_set_layer(self.ptr, i, *(_ptr(a) for a in (layer.ln1, layer.ln2, layer.q, layer.k, layer.v,
-                                                                layer.o, layer.gate, layer.up, layer.down)))
+            self._set_layer(i, layer)
         lib.cfm_set_head(self.ptr, _ptr(w.final_norm), _ptr(w.head), _ptr(w.embed))
         self._sides: set[tuple[int, str]] = set()
         self.groups = self.set_groups(os.environ.get("CFM_KERNEL_GROUPS", "1") != "0")  # 0: the AVX2 row path
+
+    def _set_layer(self, i: int, layer) -> None:
+        self.lib.cfm_set_layer(self.ptr, i, *(_ptr(getattr(layer, k)) for k in ("ln1", "ln2", *SIDE_KINDS)))
 
     def __del__(self):
         if getattr(self, "held", None) is not None:
@@ -235,10 +237,17 @@ class NativeDecoder:
 
     def _streamed(self, h, positions, caches, caps, first, last, head) -> np.ndarray:
         held, stream = self.held, self.held.stream
+        for a in range(first, last):  # layers run here for the first time are held while the budget has room
+            if not held.room():
+                break
+            if a not in held.pinned:
+                self._set_layer(a, held.pin(a))
         a = first
         while a < last:  # runs of held layers in one call each, a streamed layer alone while its slot holds it
-            if a < held.plan.held_layers:
-                b = min(last, held.plan.held_layers)
+            if a in held.pinned:
+                b = a + 1
+                while b < last and b in held.pinned:
+                    b += 1
                 self._forward(h, positions, caches, caps, first, last, a, b, 0)
             else:
                 b = a + 1

@@ -2,10 +2,11 @@
 each time it is used.
 
 A budget (`plan`) holds, in this order: the norms and rotary tables, a few staging slots (when anything is
-streamed), the LM head (also the embedding table when tied), then whole layers from the first. The rest is
-*streamed*: each decoder layer, and the head in parts of about a layer's size when it does not fit, is read
-into a staging slot just before the kernel uses it, read ahead on a reader thread while the kernel
-computes. Reads go straight from the file with O_DIRECT where the file system allows it: no page cache,
+streamed), the LM head (also the embedding table when tied), then as many whole layers as fit. Which layers:
+the first ones this process runs, each held from its first use on (`Held.pin`): a local run holds layers from
+the first, a split run's edge its own layers and never the center's. The rest is *streamed*: each decoder
+layer, and the head in parts of about a layer's size when it does not fit, is read into a staging slot just
+before the kernel uses it, read ahead on a reader thread while the kernel computes. Reads go straight from the file with O_DIRECT where the file system allows it: no page cache,
 so under a cgroup memory cap there is nothing to reclaim and nothing that pushes out the held weights. Held
 parts are anonymous copies read the same way.
 
@@ -137,7 +138,8 @@ def _buffer(nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
 
 @dataclass
 class Plan:
-    """What a budget holds: the head or not, layers [0, held_layers); the rest streamed. Sizes in bytes."""
+    """What a budget holds: the head or not, room for `held_layers` layers; the rest streamed. Sizes in bytes; the
+    layers' figures (`parts["layers"]`, `streamed`) are for a run that uses every layer."""
 
     budget: int
     head_held: bool
@@ -261,6 +263,30 @@ class WeightStream:
 
     def acquire(self, key: tuple) -> int:
         """Address of `key`'s bytes in a slot (read now if no read-ahead has it); hold it until `release`."""
+        return self._buffers[self._acquire(key)][1].ctypes.data
+
+    def take(self, key: tuple, out: np.ndarray) -> None:
+        """Copy `key`'s bytes into `out` (through a slot, so a read-ahead of it is used) and stop streaming it."""
+        slot = self._acquire(key)
+        try:
+            out[:] = self._buffers[slot][1][:len(out)]
+        finally:
+            self.release(key)
+        with self._lock:
+            after = self._next.pop(key)
+            for k, v in self._next.items():
+                if v == key:
+                    self._next[k] = after if after != key else k
+            if self._last == key:
+                self._last = None
+            entry = self._pending.pop(key, None)  # read ahead again by the release: wait for it, free its slot
+        if entry is not None:
+            entry[0].result()
+            with self._lock:
+                self._free.append(entry[1])
+        del self.units[key]
+
+    def _acquire(self, key: tuple) -> int:
         with self._lock:
             if self._last is not None and self._last != key:
                 self._next[self._last] = key
@@ -279,7 +305,7 @@ class WeightStream:
         future.result()
         self.wait_s += time.perf_counter() - t
         self._read_ahead(key)
-        return self._buffers[slot][1].ctypes.data
+        return slot
 
     def release(self, key: tuple) -> None:
         with self._lock:
@@ -309,7 +335,8 @@ class WeightStream:
 @dataclass
 class Held:
     """The weights as a plan holds them: `weights` (held parts are anonymous copies; streamed layers keep their
-    mapped views, which the kernel is never pointed at) and the stream of the rest (None if all is held)."""
+    mapped views, which the kernel is never pointed at) and the stream of the rest (None if all is held).
+    Layers are held from their first use while the plan has room (`pin`); `pinned` lists them."""
 
     weights: BlockWeights
     plan: Plan
@@ -319,12 +346,37 @@ class Held:
     embed_offset: int  # file offset of the embedding rows (read one by one when the head is streamed)
     direct: bool = False
     _keep: list = field(default_factory=list)
+    pinned: set[int] = field(default_factory=set)
+    pinned_bytes: int = 0
+
+    def room(self) -> bool:
+        """Whether another layer can be held."""
+        return len(self.pinned) < self.plan.held_layers
+
+    def pin(self, i: int) -> BlockLayer:
+        """Hold layer i from now on (the plan must have room): its bytes are copied into anonymous memory, through
+        the stream, which stops streaming it. -> the layer over the copy (the same bytes as the file's)."""
+        key = ("layer", i)
+        unit = self.stream.units[key]
+        mm, arr = _buffer(unit.nbytes)
+        self.stream.take(key, arr[:unit.nbytes])
+        self._keep.append(mm)
+        self.pinned_bytes += unit.nbytes
+        layer = self.weights.layers[i]
+        self.weights.layers[i] = replace(layer, **{k: _view(arr, unit.parts[k], getattr(layer, k))
+                                                   for k in LAYER_KINDS})
+        self.pinned.add(i)
+        return self.weights.layers[i]
 
     def report(self) -> dict:
         p = self.plan
+        held = dict(p.parts)
+        if "layers" in held and self.stream is not None:  # the layers held so far
+            held["layers"] = self.pinned_bytes
         out = {"ram_budget_mb": round(p.budget / MB, 1),
-               "held_mb": {k: round(v / MB, 1) for k, v in p.parts.items()},
-               "held_layers": p.held_layers, "head_held": p.head_held,
+               "held_mb": {k: round(v / MB, 1) for k, v in held.items()},
+               "held_layers": len(self.pinned) if self.stream is not None else p.held_layers,
+               "layer_room": p.held_layers, "head_held": p.head_held,
                "streamed_mb_per_pass": round(p.streamed / MB, 1), "direct_io": self.direct}
         if self.stream is not None:
             out.update(read_mb=round(self.stream.bytes_read / MB, 1), reads=self.stream.reads,
@@ -349,9 +401,14 @@ class Held:
         self.reader.close()
 
 
+def _view(arr: np.ndarray, at: int, like: np.ndarray) -> np.ndarray:
+    return arr[at:at + like.nbytes].reshape(like.shape)
+
+
 def hold(w: BlockWeights, budget_mb: float, slots: int = SLOTS, direct: bool = True) -> Held:
     """Read what `plan(w, budget_mb)` holds into anonymous memory and set up the stream of the rest (with
-    `direct`, O_DIRECT reads where the file system allows them)."""
+    `direct`, O_DIRECT reads where the file system allows them). When not everything fits, layers are held from
+    their first use (`Held.pin`)."""
     p = plan(w, budget_mb, slots)
     path, units, head_offset = layout(w)
     embed = mapped_offset(w.embed)
@@ -364,22 +421,20 @@ def hold(w: BlockWeights, budget_mb: float, slots: int = SLOTS, direct: bool = T
         keep.append(mm)
         return arr
 
-    def view(arr: np.ndarray, at: int, like: np.ndarray) -> np.ndarray:
-        return arr[at:at + like.nbytes].reshape(like.shape)
-
+    everything = p.streamed == 0
     layers = []
     for i, layer in enumerate(w.layers):
         norms = {"ln1": np.array(layer.ln1, dtype=np.float32), "ln2": np.array(layer.ln2, dtype=np.float32)}
-        if i < p.held_layers:
+        if everything:
             arr = copy(units[i])
-            layers.append(BlockLayer(**norms, **{k: view(arr, units[i].parts[k], getattr(layer, k))
+            layers.append(BlockLayer(**norms, **{k: _view(arr, units[i].parts[k], getattr(layer, k))
                                                  for k in LAYER_KINDS}))
         else:
             layers.append(replace(layer, **norms))
-    head, streamed, head_parts = w.head, units[p.held_layers:], []
+    head, streamed, head_parts = w.head, [] if everything else list(units), []
     if p.head_held:
         unit = _unit(("head",), {"head": (head_offset, w.head.nbytes)})
-        head = view(copy(unit), unit.parts["head"], w.head)
+        head = _view(copy(unit), unit.parts["head"], w.head)
     else:
         row = head_row_bytes(w)
         for first in range(0, w.vocab_size, p.head_rows):
