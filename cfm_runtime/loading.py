@@ -65,6 +65,7 @@ class Checkpoint:
     _digests: dict[int, bytes] | None = field(default=None, repr=False)
     _norms: dict[str, float | None] = field(default_factory=dict, repr=False)
     _readers: dict | None = field(default=None, repr=False)
+    _tensors: dict | None = field(default=None, repr=False)  # HF name -> GGUF tensor (its data mapped)
 
     def layer_digest(self, i: int) -> bytes:
         """blake2b of layer i's weights as the file stores them, dequantized to fp32 (names inside the layer,
@@ -80,18 +81,25 @@ class Checkpoint:
                 self._digests[layer] = h.digest()
         return self._digests.get(i, b"")
 
+    def stored_type(self, name: str) -> str:
+        """How the file stores weight `name` ('layers.3.mlp.gate_proj.weight'): its GGUF type ("Q4_1", "F16", ...),
+        or "safetensors"."""
+        return self._gguf_tensor(name).qtype.name if self.format == "gguf" else "safetensors"
+
     def stored_blocks(self, name: str, kinds: tuple[str, ...]) -> tuple[str, np.ndarray]:
-        """Matrix `name` ('layers.3.mlp.gate_proj.weight') as GGUF blocks [rows, bytes]: the file's own (mapped) if
-        it stores them as one of `kinds`, else quantized to the last of them. -> (kind, blocks)."""
+        """Matrix `name` as GGUF blocks [rows, bytes]: the file's own (mapped) if it stores them as one of `kinds`,
+        else quantized to the last of them. -> (kind, blocks)."""
         if self.format == "gguf":
-            t = next((t for t in read_gguf(self.path)[1] if gguf_weight_name(t.name) == name), None)
-            if t is None:
-                raise KeyError(name)
+            t = self._gguf_tensor(name)
             if t.qtype.name in kinds:
                 return t.qtype.name, t.data.reshape(t.shape[0], -1)
             return kinds[-1], quantize_blocks(kinds[-1], dequantize(t))
-        read = _tensor_readers(self.path, self.format)[name]
-        return kinds[-1], quantize_blocks(kinds[-1], read())
+        return kinds[-1], quantize_blocks(kinds[-1], _tensor_readers(self.path, self.format)[name]())
+
+    def _gguf_tensor(self, name: str) -> GGUFTensor:
+        if self._tensors is None:
+            self._tensors = {gguf_weight_name(t.name): t for t in read_gguf(self.path)[1]}
+        return self._tensors[name]
 
     def weight_norm(self, name: str) -> float | None:
         """Frobenius norm of weight `name` ('layers.3.self_attn.q_proj.weight') as the file stores it, read

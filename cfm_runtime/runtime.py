@@ -280,9 +280,13 @@ class Model:
         (the torch form is not built for it); None if the file has no such weight."""
         return self._checkpoint.weight_norm(f"{module}.weight")
 
+    def stored_type(self, name: str) -> str:
+        """How the file stores weight `name` ('layers.3.mlp.gate_proj.weight'): its GGUF type, or "safetensors"."""
+        return self._checkpoint.stored_type(name)
+
     def stored_blocks(self, name: str, kinds: tuple[str, ...]) -> tuple[str, np.ndarray]:
-        """Weight `name` ('layers.3.mlp.gate_proj.weight') as the file's GGUF blocks if it stores them as one of
-        `kinds`, else quantized to the last of them: (kind, blocks [rows, bytes])."""
+        """Weight `name` as the file's GGUF blocks if it stores them as one of `kinds`, else quantized to the last
+        of them: (kind, blocks [rows, bytes])."""
         return self._checkpoint.stored_blocks(name, kinds)
 
     def info(self) -> dict:

@@ -109,6 +109,32 @@ def test_pack_bundles_are_the_files_weights(pack_root, model_path, monkeypatch):
     assert np.array_equal(kernel.view(np.uint32), fallback.view(np.uint32))
 
 
+def test_a_pack_of_an_fp16_file_quantizes_to_q8_0(model_path, tmp_path):
+    """A file whose FFN is not Q4_1 (a tiny fp16 llama): gate/up rows and down columns become Q8_0 blocks, within
+    Q8_0's rounding of the file's weights, and offload still computes the bits of the same bundles in RAM."""
+    from cfm_runtime.sparse.load import source_digest
+    from cfm_runtime.sparse.profile import build_pack
+    from tiny_models import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", model_path, "llama", dtype="F16")
+    dense = load_model(path, weights="fp32")
+    root = build_pack(dense, tmp_path / "pack", source_digest=source_digest(path), chat_answers=0, max_tokens=200,
+                      sens_tokens=16, levels=(0.5,), progress=False)
+    pack = open_pack(root)
+    assert pack.manifest["bundle"] == {"gate_up": "q8_0", "down": "q8_0", "bytes": 3 * 2 * 34}
+    for i, layer in enumerate(dense.transformer.layers):
+        for got, lin in zip(pack.weights(i), (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)):
+            want = lin.weight.detach().numpy()
+            assert 0 < np.abs(got - want).max() <= np.abs(want).max() / 127  # Q8_0: half a step of the block's max
+    off = load_model(path, weights="fp32", ram_budget_mb=0.15, pack=root)
+    ram = load_model(path, weights="fp32", sparse=True, sparse_strategy="dense", pack=root)
+    ids = list(range(100, 140))
+    assert torch.equal(torch.from_numpy(off.logits(ids)), torch.from_numpy(ram.logits(ids)))
+    assert 0 < off.sparse.budget["hot_neurons_pct"] < 100
+    off.close()
+    ram.close()
+
+
 # ---------------------------------------------------------------- offload is exact at density 1.0
 
 

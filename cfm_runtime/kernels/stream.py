@@ -6,9 +6,9 @@ streamed), the LM head (also the embedding table when tied), then as many whole 
 the first ones this process runs, each held from its first use on (`Held.pin`): a local run holds layers from
 the first, a split run's edge its own layers and never the center's. The rest is *streamed*: each decoder
 layer, and the head in parts of about a layer's size when it does not fit, is read into a staging slot just
-before the kernel uses it, read ahead on a reader thread while the kernel computes. Reads go straight from the file with O_DIRECT where the file system allows it: no page cache,
-so under a cgroup memory cap there is nothing to reclaim and nothing that pushes out the held weights. Held
-parts are anonymous copies read the same way.
+before the kernel uses it, read ahead on a reader thread while the kernel computes. Reads go straight from the
+file with O_DIRECT where the file system allows it: no page cache, so under a cgroup memory cap there is nothing
+to reclaim and nothing that pushes out the held weights. Held parts are anonymous copies read the same way.
 
 A streamed unit gives the kernel the very bytes it reads from the mapped file, and head parts come in whole
 groups of 16 rows, so a budget changes the speed, never the numbers (`tests/test_stream.py`).

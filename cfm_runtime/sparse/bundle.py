@@ -6,9 +6,9 @@
 - A down column runs along the hidden axis, across the file's blocks (they run along the FFN axis). From a Q4_1
   file the bundle keeps the column's own 4-bit codes (`q4_1_file`: 288 bytes for d_model 576) and the pack keeps
   the file's per-block scales and minimums once per layer (`shared`: [F / 32, 2, d] fp16, 110 KB a layer, held
-  in RAM): the exact file weights. Otherwise the column is quantized again along the hidden axis, to Q8_0 (612 bytes)
-  or Q4_1 (360). Re-blocking was measured on the embedded model (`benchmarks/bench_pack_quant.py`): Q8_0 costs
-  +0.78% perplexity, almost all of it in the two layers with massive activations; Q4_1 +13.7%.
+  in RAM): the exact file weights. Otherwise the column is quantized again along the hidden axis, to Q8_0 (612
+  bytes) or Q4_1 (360). Re-blocking was measured on the embedded model (`benchmarks/bench_pack_quant.py`): Q8_0
+  costs +0.78% perplexity, almost all of it in the two layers with massive activations; Q4_1 +13.7%.
 
 A bundle is 1,008 bytes on the embedded model instead of 3,456 in fp16, and holds the very values of the file.
 Bundles are decoded to fp32 where they are computed on (`decode`): the native kernel's `cfm_bundles_f32`, or numpy
@@ -112,7 +112,10 @@ class BundleCodec:
         if k == 0:
             return dst
         src = np.ascontiguousarray(src)
-        ids = np.ascontiguousarray(ids, dtype=np.int64) if self.shared else None
+        if self.shared:
+            ids, shared = np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(shared)
+        else:
+            ids = None
         lib = native.load()
         if lib is not None and dst.flags.c_contiguous:
             codes = (ctypes.c_int * 3)(*(KINDS[kind][0] for kind in self.kinds))

@@ -133,7 +133,8 @@ class FlashStore:
 
     def full(self) -> torch.Tensor:
         cold = self.shared.staged(self)
-        return self.decoder((self.hot, np.arange(self.n_hot)), (cold[: self.n - self.n_hot], np.arange(self.n_hot, self.n)))
+        return self.decoder((self.hot, np.arange(self.n_hot)),
+                            (cold[: self.n - self.n_hot], np.arange(self.n_hot, self.n)))
 
     def cold_of(self, positions: np.ndarray) -> np.ndarray:
         """Sorted pack positions -> their cold keys (counted from the first cold neuron)."""

@@ -31,6 +31,10 @@ VERSION = 3  # 3: quantized bundles; 2: int4 and low-rank gate/up predictors, fp
 PREDICTOR_KEYS = {"int4": "predictor_int4", "lowrank": "predictor"}  # predictor kind -> its tables' name
 
 
+ALIGN = 4096
+NEURONS, TABLES, MANIFEST = "neurons.bin", "tables.safetensors", "manifest.json"
+
+
 def predictor_prefix(i: int, kind: str) -> str:
     return f"layers.{i}.{PREDICTOR_KEYS[kind]}."
 
@@ -38,8 +42,6 @@ def predictor_prefix(i: int, kind: str) -> str:
 def shared_key(i: int) -> str:
     """Layer i's shared down table in the tables file (`bundle.BundleCodec.encode`)."""
     return f"layers.{i}.down_shared"
-ALIGN = 4096
-NEURONS, TABLES, MANIFEST = "neurons.bin", "tables.safetensors", "manifest.json"
 
 
 class PackError(CfmError):

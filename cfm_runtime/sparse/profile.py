@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from . import pack as packfmt
-from .bundle import STORED, BundleCodec
 from . import predictor as pred
+from .bundle import STORED, BundleCodec
 from .ffn import DenseStore, SparseFFN
 from .stats import calibration_texts, coactivation_order, collect, neuron_mass, token_sequences, topk_mask
 
@@ -26,14 +26,15 @@ def bundle_codec(model, down: str | None = None) -> BundleCodec:
     """The bundle layout for `model`: gate/up in the file's blocks if it stores them all as Q4_1 or all as Q8_0,
     else Q8_0; down columns as the file's own codes where it stores them as Q4_1 (`down` None), else in `down`
     (default Q8_0)."""
-    def kinds(names, wanted):
-        return {model.stored_blocks(f"layers.{i}.mlp.{name}.weight", wanted)[0]
-                for i in range(model.config.n_layers) for name in names}
+    def types(*names):
+        return {model.stored_type(f"layers.{i}.mlp.{name}.weight") for i in range(model.config.n_layers)
+                for name in names}
 
-    gate_up = kinds(("gate_proj", "up_proj"), STORED)
+    gate_up = types("gate_proj", "up_proj")
     if down is None:
-        down = "q4_1_file" if kinds(("down_proj",), ("Q4_1", "Q8_0")) == {"Q4_1"} else "q8_0"
-    return BundleCodec(model.config.d_model, (gate_up.pop() if len(gate_up) == 1 else STORED[-1]).lower(), down)
+        down = "q4_1_file" if types("down_proj") == {"Q4_1"} else "q8_0"
+    kind = gate_up.pop() if len(gate_up) == 1 and gate_up <= set(STORED) else STORED[-1]
+    return BundleCodec(model.config.d_model, kind.lower(), down)
 
 
 def layer_bundles(model, codec: BundleCodec, i: int, order: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
