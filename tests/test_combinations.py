@@ -39,7 +39,7 @@ HOW = {  # pair -> how it runs (or why it is refused), for the README
                          "model file at each use (the in-RAM int4 bits); bricks on top are refused (they need the "
                          "torch form)",
     ("bricks", "split"): "the layers bricks touch stay on the edge (a fixed split over them is refused)",
-    ("bricks", "sparse"): "side terms on the neurons computed (the predictor scores the base weights)",
+    ("bricks", "sparse"): "side terms on the neurons computed; the predictor adds the gate/up terms to its estimates",
     ("bricks", "offload"): "side terms on the neurons computed",
     ("split", "sparse"): "the edge's layers sparse, the center's dense",
     ("split", "offload"): "the edge's layers offloaded, the center's in RAM",

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cfm_runtime
 from cfm_runtime import SparseOptions, load_model
@@ -183,6 +184,33 @@ def test_sparse_decode_from_flash_matches_ram(model_path, pack_root):
             assert report["whole_layer_reads_per_token"] == 0 and report["cache_hit_rate"] > 0
         else:
             assert report["whole_layer_reads_per_token"] > 20
+
+
+def test_the_predictor_sees_a_bricks_gate_and_up(model, model_path, pack_root):
+    """With a brick on gate and up, the predictor adds the brick's low-rank terms to its estimates, so it selects
+    what the true activations of the bricked layer select; the base weights' scores alone miss what it moved."""
+    from cfm_runtime.bricks import Brick, apply_brick, base_info
+    from cfm_runtime.bricks.lora import random_pairs
+
+    pairs = random_pairs(model.transformer, (12,), kinds=("mlp.gate_proj", "mlp.up_proj"), std=0.1, scale=4.0)
+    m = load_sparse(model_path, weights="fp32", sparse=True, predictor="int4", pack=pack_root)
+    apply_brick(m, Brick("moved", pairs, base_info(model)))
+    ffn = m.sparse.modules[12]
+    x = torch.randn(64, model.config.d_model, generator=torch.Generator().manual_seed(0))
+    w = ffn.store.full()
+    g = F.linear(x, w[0]) + ffn.sides.rows("gate", x, None)
+    u = F.linear(x, w[1]) + ffn.sides.rows("up", x, None)
+    k = ffn.n // 2
+
+    def overlap(scores) -> float:
+        want, got = (ffn.act(g) * u).abs().topk(k).indices, scores.topk(k).indices
+        return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(want, got)) / want.numel()
+
+    with_brick, base_only = overlap(ffn.scores(x)), overlap(ffn.predictor(x))
+    print(f"top-half overlap with the bricked layer's true activations: {with_brick:.3f}, base scores {base_only:.3f}")
+    m.close()
+    assert with_brick >= 0.97, (with_brick, base_only)
+    assert base_only < with_brick - 0.1, (with_brick, base_only)  # the brick really moved the selection
 
 
 # ---------------------------------------------------------------- predictor quality on held-out text

@@ -203,8 +203,8 @@ class LayerStats:
 class SparseFFN(nn.Module):
     """forward(x [B, T, D]) -> [B, T, D] over a store; selection by `strategy` at `density` on decode.
 
-    It hosts bricks on its three linears (`add_adapter`): their low-rank terms apply to the neurons it computes
-    (the predictor scores the base weights only; the oracle sees the bricks' effect)."""
+    It hosts bricks on its three linears (`add_adapter`): their low-rank terms apply to the neurons it computes,
+    and gate/up terms are added to the predictor's estimates (`scores`), as the oracle sees them."""
 
     linear_names = ("gate_proj", "up_proj", "down_proj")
 
@@ -270,7 +270,14 @@ class SparseFFN(nn.Module):
         return self._selected(x)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return self.predictor(x)
+        """The predictor's neuron scores for x; with bricks on gate or up, their low-rank terms are added to its
+        estimated pre-activations, so the selection follows what the brick changes (it is what a personal
+        brick's recall rests on: `benchmarks/bench_sparse_facts.py`)."""
+        if self.sides is None or not {"gate", "up"} & self.sides.terms.keys():
+            return self.predictor(x)
+        g, u = self.predictor.pre(x)
+        g, u = g + self.sides.rows("gate", x, None), u + self.sides.rows("up", x, None)
+        return (self.act(g) * u).abs()
 
     def _masked(self, x: torch.Tensor) -> torch.Tensor:
         """Per-token top-k of the true (oracle) or predicted activations, computed densely then masked."""

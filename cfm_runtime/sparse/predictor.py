@@ -46,9 +46,14 @@ class LowRankPredictor(nn.Module):
     def rank(self) -> int:
         return self.proj.weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The estimated pre-activations (g^, u^) [.., F]."""
         z = self.proj(x)
-        return (self.act(self.gate(z)) * self.up(z)).abs()
+        return self.gate(z), self.up(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.pre(x)
+        return (self.act(g) * u).abs()
 
     def permuted(self, order: torch.Tensor) -> "LowRankPredictor":
         """The same predictor with outputs in another neuron order (new[p] = old[order[p]])."""
@@ -73,9 +78,14 @@ class QuantPredictor(nn.Module):
         self.linear = QuantizedLinear(packed)
         self.d_ff = packed.n // 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The estimated pre-activations (g~, u~) [.., F]."""
         y = self.linear(x)
-        return (self.act(y[..., : self.d_ff]) * y[..., self.d_ff:]).abs()
+        return y[..., : self.d_ff], y[..., self.d_ff:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.pre(x)
+        return (self.act(g) * u).abs()
 
     @classmethod
     def fit(cls, mlp, activation: str = "silu") -> "QuantPredictor":
