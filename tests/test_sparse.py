@@ -76,6 +76,10 @@ def test_bad_options_are_user_errors(model_path, pack_root):
         load_sparse(model_path, ram_budget_mb=4, pack=pack_root)
     with pytest.raises(CfmError, match=r"predictor .* raise it or drop --sparse"):
         load_sparse(model_path, ram_budget_mb=100, sparse=True, predictor="int4", pack=pack_root)
+    m = load_sparse(model_path, sparse=True, sparse_strategy="dense", pack=pack_root)
+    with pytest.raises(CfmError, match="attached without a predictor"):
+        m.sparse.configure(strategy="predictor", density=0.6)
+    m.close()
 
 
 def test_a_budget_too_small_for_the_int4_predictor_warns_and_uses_low_rank(model_path, pack_root):

@@ -139,6 +139,10 @@ class SparseEngine:
 
     def configure(self, strategy: str | None = None, density: float | None = None, densities=None,
                   measure: bool | None = None) -> None:
+        if strategy == "predictor" and any(m.predictor is None for m in self.modules):
+            raise CfmError("this sparse FFN was attached without a predictor (sparse strategy dense or oracle); "
+                           "load the model with the predictor strategy (sparse=True and no sparse_strategy, or "
+                           "sparse_strategy='predictor') to select neurons by prediction")
         for i, m in enumerate(self.modules):
             if strategy is not None:
                 m.strategy = strategy
