@@ -100,15 +100,15 @@ def predictions(model, run: RunOptions, ids: list[int]) -> tuple[np.ndarray, dic
 
 
 def options(features: set, pack_root, store, centers) -> tuple[LoadOptions, RunOptions]:
-    # with a sparse FFN the budget holds the int4 predictor (~220 MB with its sessions; the low-rank one that a
-    # smaller budget gets by default selects neurons too poorly, 40% top-1 here, for any brick to show through),
-    # a 10 MB neuron cache and ~15 MB of hot neurons (a third of the FFN's bundles)
+    # with a sparse FFN the budget holds the int4 predictor (32 MB; the low-rank one that a smaller budget gets
+    # by default selects neurons too poorly, 40% top-1 here, for any brick to show through), a 12 MB neuron cache
+    # and ~20 MB of hot neurons (43% of the FFN's bundles)
     # int4 offload is the native kernel's budget over the whole model (30 MB: the head and the last layers are
     # read from the file); fp32 offload keeps 30 MB of FFN weights in RAM (with its 16 MB of fixed parts: ~14 MB of
     # hot neurons, 30%) and reads the rest from the neuron pack
     streamed = {"int4", "offload"} <= features
-    budget = (260 if "sparse" in features else 30) if "offload" in features else None
-    sparse = SparseOptions(sparse="sparse" in features, ram_budget_mb=budget, cache_fraction=0.04,
+    budget = (80 if "sparse" in features else 30) if "offload" in features else None
+    sparse = SparseOptions(sparse="sparse" in features, ram_budget_mb=budget, cache_fraction=0.15,
                            predictor="int4" if "sparse" in features else None,
                            pack=pack_root if {"sparse", "offload"} & features and not streamed else None)
     load = LoadOptions(weights="int4" if "int4" in features else "fp32", sparse=sparse, progress=False)

@@ -871,4 +871,25 @@ int cfm_bundles_f32(int64_t n, int64_t bytes, int d, const int* kinds, const uin
 #endif
 }
 
+// y [nb][n] = Q4_1 rows times nb activations x [nb][k] (int8 activations, as a layer's linears compute them), the
+// rows given as `nparts` tensors of rows[t] rows each, one after another (a sparse FFN's predictor over a layer's
+// own gate and up rows: cfm_runtime/sparse/predictor.py).
+int cfm_q41_matmul(int nparts, const uint8_t* const* parts, const int* rows, int k, int nb, const float* x, float* y,
+                   int threads) {
+#if CFM_NATIVE
+  Linear l;
+  for (int t = 0; t < nparts; ++t) l.add(parts[t], rows[t], k);
+  std::vector<Act> acts(nb);
+  std::vector<float*> out(nb);
+  for (int j = 0; j < nb; ++j) {
+    quantize(x + static_cast<size_t>(j) * k, k, acts[j]);
+    out[j] = y + static_cast<size_t>(j) * l.n;
+  }
+  gemv_q41(l, acts.data(), nb, out.data(), false, threads, CFM_GROUPED);
+  return 0;
+#else
+  return -1;
+#endif
+}
+
 }  // extern "C"

@@ -103,6 +103,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cfm_forward.argtypes = [_P, i, _P, _P, i, i, _P, _P, _P, i, _P]
     lib.cfm_head_rows.restype = i
     lib.cfm_head_rows.argtypes = [_P, i, _P, _P, i, _P, i]
+    lib.cfm_q41_matmul.restype = i
+    lib.cfm_q41_matmul.argtypes = [i, _P, _P, i, i, _P, _P, i]
     lib.cfm_bundles_f32.restype = i
     lib.cfm_bundles_f32.argtypes = [ctypes.c_int64, ctypes.c_int64, i, _P, _P, _P, _P, _P, i]
     return lib

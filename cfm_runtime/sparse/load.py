@@ -23,7 +23,7 @@ from .engine import SparseEngine
 from .ffn import Decoder, FlashStore, RamStore, SparseFFN
 from .io import BundleFile, NeuronCache
 from .plan import covered_mass, densities, hot_counts
-from .profile import predictor_from
+from .profile import native_int4, predictor_from
 
 
 def source_digest(path: Path) -> str:
@@ -45,17 +45,19 @@ def pack_dir(path: Path, digest: str, root: Path | None = None) -> Path:
     return Path(root or packfmt.default_root()) / f"{slug}-{digest[:16]}"
 
 
-# Each layer's int4 predictor is an onnxruntime session, which takes 5-7 MB of anonymous memory on its first
-# run beyond its 1.3 MB of weights (prepacked weights, arena, thread pool; measured on the embedded model: 30
-# sessions +186 MB). It counts against the RAM budget with the weights.
+# Without the native kernel each layer's int4 predictor is an onnxruntime session, which takes 5-7 MB of anonymous
+# memory on its first run beyond its 1.3 MB of weights (prepacked weights, arena, thread pool; measured on the
+# embedded model: 30 sessions +186 MB). It counts against the RAM budget with the weights.
 INT4_SESSION_BYTES = 6 << 20
 
 
 def predictor_bytes(pack: packfmt.NeuronPack, kind: str, rank: int | None = None) -> int:
-    """RAM a predictor of `kind` takes for all layers: its weights, and for int4 the runtime sessions."""
+    """RAM a predictor of `kind` takes for all layers: its weights, and for int4 in onnxruntime the sessions."""
+    man = pack.manifest["model"]
     if kind == "lowrank" and rank is not None:
-        man = pack.manifest["model"]
         return pack.n_layers * rank * (man["d_model"] + 2 * man["d_ff"]) * 4
+    if kind == "int4" and native_int4(pack):
+        return pack.n_layers * 2 * man["d_ff"] * pack.codec.part_bytes("q4_1")
     key = f".{packfmt.PREDICTOR_KEYS[kind]}."
     weights = sum(v.numel() * v.element_size() for k, v in pack.tables.items() if key in k)
     return weights + (pack.n_layers * INT4_SESSION_BYTES if kind == "int4" else 0)

@@ -195,6 +195,9 @@ def ram_module(i: int, mlp, order: np.ndarray, predictor) -> SparseFFN:
 def predictor_from(pack: packfmt.NeuronPack, i: int, order: np.ndarray, activation: str, kind: str = "int4",
                    rank: int | None = None):
     """Layer i's predictor of the given kind ("int4" or "lowrank", cut to `rank`) in pack order."""
+    if kind == "int4" and native_int4(pack):  # the pack's own gate/up rows, already in pack order
+        bundles, part = pack.bundles(i), pack.codec.part_bytes("q4_1")
+        return pred.NativePredictor(bundles[:, :part], bundles[:, part:2 * part], activation, torch.get_num_threads())
     state = pack.predictor_state(i, kind)
     idx = torch.from_numpy(order)
     if kind == "int4":
@@ -207,6 +210,14 @@ def predictor_from(pack: packfmt.NeuronPack, i: int, order: np.ndarray, activati
     net = pred.LowRankPredictor(d_model, d_ff, rank, activation)
     net.load_state_dict(state)
     return net.permuted(idx)
+
+
+def native_int4(pack: packfmt.NeuronPack) -> bool:
+    """Whether the int4 predictor runs in the native kernel over the pack's own Q4_1 gate/up rows (else it is the
+    stored 4-bit copy in onnxruntime)."""
+    from ..kernels import native
+
+    return pack.codec.gate_up == "q4_1" and native.load() is not None
 
 
 def mean_loss(model, seqs: list[list[int]]) -> float:
