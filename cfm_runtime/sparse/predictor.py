@@ -34,7 +34,19 @@ from .stats import topk_mask
 DEFAULT_RANK = 96
 
 
-class LowRankPredictor(nn.Module):
+class GateUpPredictor(nn.Module):
+    """A predictor that estimates a layer's gate and up pre-activations (`pre`: g, u [.., F]); its scores are
+    |act(g) * u| (`forward`), and a sparse FFN adds bricks' gate/up terms to g and u first (`SparseFFN.scores`)."""
+
+    def pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.pre(x)
+        return (self.act(g) * u).abs()
+
+
+class LowRankPredictor(GateUpPredictor):
     """scores = |act(A_g P x) * (A_u P x)|; rank * (D + 2F) multiply-adds per token."""
 
     def __init__(self, d_model: int, d_ff: int, rank: int, activation: str = "silu"):
@@ -54,10 +66,6 @@ class LowRankPredictor(nn.Module):
         z = self.proj(x)
         return self.gate(z), self.up(z)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.pre(x)
-        return (self.act(g) * u).abs()
-
     def permuted(self, order: torch.Tensor) -> "LowRankPredictor":
         """The same predictor with outputs in another neuron order (new[p] = old[order[p]])."""
         net = LowRankPredictor(self.proj.in_features, self.gate.out_features, self.rank, self.activation)
@@ -67,7 +75,7 @@ class LowRankPredictor(nn.Module):
         return net.requires_grad_(False).eval()
 
 
-class QuantPredictor(nn.Module):
+class QuantPredictor(GateUpPredictor):
     """scores = |act(g~) * u~| with [g~; u~] = Q4(W_gate; W_up) x: a 4-bit block copy, onnxruntime MatMulNBits.
 
     Full rank: 2 F D multiply-adds in the int4 kernel, 0.75 bytes per weight (4-bit codes, fp32 scale
@@ -85,10 +93,6 @@ class QuantPredictor(nn.Module):
         """The estimated pre-activations (g~, u~) [.., F]."""
         y = self.linear(x)
         return y[..., : self.d_ff], y[..., self.d_ff:]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.pre(x)
-        return (self.act(g) * u).abs()
 
     @classmethod
     def fit(cls, mlp, activation: str = "silu") -> "QuantPredictor":
@@ -119,7 +123,7 @@ class QuantPredictor(nn.Module):
         return cls(packed, activation)
 
 
-class NativePredictor(nn.Module):
+class NativePredictor(GateUpPredictor):
     """The int4 predictor in the native kernel: scores = |act(g~) * u~| with [g~; u~] the layer's own Q4_1 gate and
     up rows (a pack's bundles hold them as the file stores them) times x, int8 activations, as the kernel computes
     a layer's linears. Its weights are those rows alone, 2 F D / 32 * 20 bytes (1.06 MB a layer here): no
@@ -146,10 +150,6 @@ class NativePredictor(nn.Module):
             raise RuntimeError("the native kernel was built without its instructions")
         y = torch.from_numpy(y).reshape(*x.shape[:-1], 2 * self.d_ff)
         return y[..., : self.d_ff], y[..., self.d_ff:]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.pre(x)
-        return (self.act(g) * u).abs()
 
 
 def predictor_bytes(net: nn.Module) -> int:
