@@ -20,6 +20,9 @@ from edge.server import Engine, build_server, model_id
 
 HELLO = [{"role": "user", "content": "Say hi."}]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy continuation goes on counting: a long answer
+# /v1/completions answers 16 tokens when max_tokens is not given (OpenAI's default): a request that must hold the
+# engine until its client leaves asks for this many (seconds of decoding; it is closed long before)
+LONG = 4000
 
 
 def start(engine, **kw):
@@ -129,8 +132,8 @@ def _raw_request(url: str, body: bytes) -> socket.socket:
 
 
 def test_a_client_that_leaves_frees_the_engine(api, engine):
-    """Non-streaming, no max_tokens (up to the whole context): the client leaves, the generation stops."""
-    body = json.dumps({"model": engine.model_id, "prompt": COUNTING, "temperature": 0}).encode()
+    """Non-streaming, a long answer asked for: the client leaves, the generation stops."""
+    body = json.dumps({"model": engine.model_id, "prompt": COUNTING, "temperature": 0, "max_tokens": LONG}).encode()
     sock = _raw_request(api, body)
     wait_until(lambda: engine.last_stats is not None and engine.last_stats.generated_tokens >= 5, "generation")
     at_leave = engine.last_stats.generated_tokens
@@ -148,7 +151,8 @@ def test_a_client_that_leaves_frees_the_engine(api, engine):
 
 
 def test_a_waiting_client_that_leaves_leaves_the_queue(api, engine):
-    holder = _raw_request(api, json.dumps({"model": engine.model_id, "prompt": COUNTING, "temperature": 0}).encode())
+    holder = _raw_request(api, json.dumps({"model": engine.model_id, "prompt": COUNTING, "temperature": 0,
+                                           "max_tokens": LONG}).encode())
     wait_until(lambda: engine.busy, "the first request to hold the engine")
     waiter = _raw_request(api, json.dumps({"model": engine.model_id, "prompt": "Hi", "max_tokens": 2}).encode())
     wait_until(lambda: httpx.get(api + "/health").json()["waiting"] == 1, "the second request to wait")
