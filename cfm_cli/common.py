@@ -282,7 +282,7 @@ def format_sparse_report(r: dict) -> str:
     hit = "n/a" if r.get("cache_hit_rate") is None else f"{100 * r['cache_hit_rate']:.0f}%"
     budget = (f" | FFN weights {r['ffn_weights_mb']} MB of {r['ram_budget_mb']:g} MB budget (hot {r['hot_mb']}, "
               f"cache {r['cache_mb']}, staging {r['staging_mb']}, work {r.get('work_mb', 0)}, "
-              f"predictors {r['predictors_mb']})"
+              f"down tables {r.get('down_tables_mb', 0)}, predictors {r['predictors_mb']})"
               if "ram_budget_mb" in r else "")
     return (f"[sparse {r['strategy']} density {r['density_mean']} | neurons computed {r['neurons_computed_pct']}% | "
             f"flash {r['flash_mb_per_token']} MB/token in {r['flash_reads_per_token']} reads | cache hits {hit} | "
