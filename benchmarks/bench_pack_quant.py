@@ -78,8 +78,8 @@ def main() -> None:
                                      for name in ("gate_proj", "up_proj"))
             kinds.add(kind)
             codec = BundleCodec(model.config.d_model, kind.lower(), down)
-            down_blocks = model.stored_blocks(f"layers.{i}.mlp.down_proj.weight", ("Q4_1",))[1]
-            source = down_blocks if codec.shared else d.numpy()
+            source = (model.stored_blocks(f"layers.{i}.mlp.down_proj.weight", ("Q4_1",))[1] if codec.shared
+                      else d.numpy())
             bundles, shared = codec.encode(gate, up, source, np.arange(n))
             gw, uw, dw = codec.weights(bundles, np.arange(n), shared)
             assert np.array_equal(gw, g.numpy()) and np.array_equal(uw, u.numpy())  # the file's own gate/up

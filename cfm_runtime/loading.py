@@ -91,24 +91,30 @@ class Checkpoint:
         else quantized to the last of them. -> (kind, blocks)."""
         if self.format == "gguf":
             t = self._gguf_tensor(name)
-            if t.qtype.name in kinds:
-                return t.qtype.name, t.data.reshape(t.shape[0], -1)
-            return kinds[-1], quantize_blocks(kinds[-1], dequantize(t))
-        return kinds[-1], quantize_blocks(kinds[-1], _tensor_readers(self.path, self.format)[name]())
+            kind = t.qtype.name if t.qtype.name in kinds else kinds[-1]
+            return kind, _gguf_blocks(t)(kind)
+        read = self._reader(name)
+        if read is None:
+            raise KeyError(name)
+        return kinds[-1], quantize_blocks(kinds[-1], read())
 
     def _gguf_tensor(self, name: str) -> GGUFTensor:
         if self._tensors is None:
             self._tensors = {gguf_weight_name(t.name): t for t in read_gguf(self.path)[1]}
         return self._tensors[name]
 
+    def _reader(self, name: str):
+        """The reader of weight `name`'s fp32 values (`_tensor_readers`, built once), or None."""
+        if self._readers is None:
+            self._readers = _tensor_readers(self.path, self.format)
+        return self._readers.get(name)
+
     def weight_norm(self, name: str) -> float | None:
         """Frobenius norm of weight `name` ('layers.3.self_attn.q_proj.weight') as the file stores it, read
         from the file alone (one tensor dequantized, whatever form the model runs in); None if the file has
         no such weight. Cached."""
         if name not in self._norms:
-            if self._readers is None:
-                self._readers = _tensor_readers(self.path, self.format)
-            read = self._readers.get(name)
+            read = self._reader(name)
             self._norms[name] = None if read is None else float(np.linalg.norm(read().astype(np.float64).ravel()))
         return self._norms[name]
 

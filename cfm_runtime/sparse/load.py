@@ -176,8 +176,9 @@ def attach(transformer, pack: packfmt.NeuronPack, options: SparseOptions, thread
 
 def _ram_module(i: int, mlp, pack, kind: str | None, rank: int | None, decoder: Decoder) -> SparseFFN:
     order = pack.order(i)
-    net = predictor_from(pack, i, order, pack.manifest["model"]["activation"], kind, rank) if kind else None
-    return SparseFFN(i, RamStore(pack.bundles(i), decoder), mlp.act, len(order), predictor=net, order=order)
+    bundles = pack.bundles(i)
+    net = predictor_from(pack, i, order, pack.manifest["model"]["activation"], kind, rank, bundles) if kind else None
+    return SparseFFN(i, RamStore(bundles, decoder), mlp.act, len(order), predictor=net, order=order)
 
 
 def _flash_engine(transformer, pack, ram_budget_mb, kind, rank, cache_fraction, max_gap, threads,

@@ -193,11 +193,15 @@ def ram_module(i: int, mlp, order: np.ndarray, predictor) -> SparseFFN:
 
 @torch.no_grad()
 def predictor_from(pack: packfmt.NeuronPack, i: int, order: np.ndarray, activation: str, kind: str = "int4",
-                   rank: int | None = None):
-    """Layer i's predictor of the given kind ("int4" or "lowrank", cut to `rank`) in pack order."""
-    if kind == "int4" and native_int4(pack):  # the pack's own gate/up rows, already in pack order
-        bundles, part = pack.bundles(i), pack.codec.part_bytes("q4_1")
-        return pred.NativePredictor(bundles[:, :part], bundles[:, part:2 * part], activation, torch.get_num_threads())
+                   rank: int | None = None, bundles: np.ndarray | None = None):
+    """Layer i's predictor of the given kind ("int4" or "lowrank", cut to `rank`), its outputs in `order` (output p
+    scores neuron order[p]: the pack's order, or np.arange for the model's). `bundles`: layer i's bundles if the
+    caller has them read already (the native int4 predictor is made of their gate/up rows)."""
+    if kind == "int4" and native_int4(pack):  # the pack's own gate/up rows
+        rows = pack.bundles(i) if bundles is None else bundles  # in the pack's order
+        rows = rows[np.argsort(pack.order(i))[order]]  # in `order`
+        part = pack.codec.part_bytes("q4_1")
+        return pred.NativePredictor(rows[:, :part], rows[:, part:2 * part], activation, torch.get_num_threads())
     state = pack.predictor_state(i, kind)
     idx = torch.from_numpy(order)
     if kind == "int4":
