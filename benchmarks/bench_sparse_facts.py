@@ -17,7 +17,10 @@ Selections:
 - `oracle`: per token, the true top-k of |act(gate)·up| (uniform densities);
 - `griffin`: per sequence (GRIFFIN, arXiv 2404.01365): each layer's neurons chosen once from the prompt's
   activations, then every decoded token computes only those (uniform densities; fact questions only, the
-  question being the prompt; `bench_sequence_sparsity.py` scores it on the held-out texts).
+  question being the prompt; `bench_sequence_sparsity.py` scores it on the held-out texts);
+- `int4 dense` and `int4 native`: the default int4 model with the brick as side terms, dense and with the native
+  kernel's sparse FFN (`--sparse` on int4: the exact top-k at every position, prompt included, at the pack's
+  planned densities); perplexities through the kernel (`Model.logits`).
 
     python benchmarks/bench_sparse_facts.py [--densities 0.5,0.6,0.7] [--threads 2]
 
@@ -42,6 +45,20 @@ from benchmarks.common import environment, save  # noqa: E402
 FACTS = ROOT / "tests" / "data" / "personal_facts.json"
 EVAL_TEXTS = ROOT / "cfm_bench" / "data" / "eval_texts.json"
 MAX_TOKENS = 24
+
+
+def logits_loss(model, examples) -> float:
+    """`bricks.train.mean_loss` (masked positions) computed from `Model.logits`, so the backend's own FFN counts."""
+    import numpy as np
+
+    total = count = 0.0
+    for e in examples:
+        lg = model.logits(e.ids)[:-1].astype(np.float64)
+        top = lg.max(-1, keepdims=True)
+        nll = top[:, 0] + np.log(np.exp(lg - top).sum(-1)) - lg[np.arange(len(e.ids) - 1), e.ids[1:]]
+        mask = np.asarray(e.mask[1:], dtype=bool)
+        total, count = total + float(nll[mask].sum()), count + int(mask.sum())
+    return total / max(count, 1)
 
 
 def recall(model, questions: dict[str, str]) -> tuple[int, dict[str, str]]:
@@ -117,10 +134,11 @@ def main() -> None:
     apply_brick(model, brick)
     rows = []
 
-    def row(selection: str, density: float, m, facts: tuple[int, dict], perplexity: bool = True) -> None:
+    def row(selection: str, density: float, m, facts: tuple[int, dict], perplexity: bool = True,
+            personal_loss=mean_loss) -> None:
         r = {"selection": selection, "density": density, "fact_recall": f"{facts[0]}/{len(data['questions'])}"}
         if perplexity:
-            r["personal_ppl"] = round(math.exp(mean_loss(m, held)), 3)
+            r["personal_ppl"] = round(math.exp(personal_loss(m, held)), 3)
             r["general_ppl"] = round(math.exp(text_loss(m, texts)), 3)
         r["answers"] = facts[1]
         rows.append(r)
@@ -154,6 +172,11 @@ def main() -> None:
                 finally:
                     sparse.sparse.configure(measure=False)
     sparse.close()
+    for d in [1.0] + densities:  # the int4 model, the brick as side terms; the kernel's sparse FFN below 1.0
+        m = load_model(threads=args.threads, **({"sparse": True, "density": d, "pack": pack_root} if d < 1 else {}))
+        apply_brick(m, brick)
+        row("int4 native" if d < 1 else "int4 dense", d, m, recall(m, data["questions"]), personal_loss=logits_loss)
+        del m
     result = {"what": __doc__.splitlines()[0], "env": environment(args.threads), "loadavg_before": loadavg_before,
               "loadavg_after": os.getloadavg(), "base_model_fact_recall": f"{base_recall}/{len(data['questions'])}",
               "train_config": "TrainConfig() defaults", "max_tokens": MAX_TOKENS, "rows": rows}

@@ -30,7 +30,7 @@ def add_model_args(p: argparse.ArgumentParser, bricks: bool = True, sparse: bool
     p.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: all cores available)")
     p.add_argument("--weights", choices=("fp32", "int8", "int4"), default=None,
                    help="weight format of the layers: int4 re-packs Q4_1 exactly and decodes fastest (default: "
-                        "int4; fp32 with --sparse)")
+                        "int4; fp32 with --sparse and --ram-budget or --predictor lowrank)")
     p.add_argument("--lm-head", choices=("fp32", "int8"), default=None,
                    help="LM head format (default: int8 with --weights int8/int4, else fp32)")
     if bricks:
@@ -44,13 +44,16 @@ def add_sparse_args(p: argparse.ArgumentParser) -> None:
                    help="keep MB of weights in RAM and read the rest from the model file each token (int4; with "
                         "--weights fp32: MB of FFN weights, the rest from the neuron pack); auto: what the memory "
                         "limit leaves, which a plain run also uses when the model would not fit")
-    p.add_argument("--sparse", action="store_true", help="compute only predicted FFN neurons when decoding")
+    p.add_argument("--sparse", action="store_true",
+                   help="compute only the FFN neurons of largest activation (int4: every position, in the native "
+                        "kernel; --weights fp32: predicted neurons when decoding, from the neuron pack)")
     p.add_argument("--density", type=float, default=None, metavar="D",
                    help="mean fraction of FFN neurons computed with --sparse (default 0.6)")
     p.add_argument("--sparse-strategy", choices=("dense", "oracle", "predictor"), default=None,
                    help="neuron selection: dense, oracle (true top-k, for measurement), predictor")
     p.add_argument("--predictor", choices=("int4", "lowrank"), default=None,
-                   help="neuron predictor for --sparse (default: int4 unless it takes over half of --ram-budget)")
+                   help="neuron predictor of the fp32 sparse FFN (default: int4 unless it takes over half of "
+                        "--ram-budget; the int4 path selects exactly)")
     p.add_argument("--density-plan", choices=("planned", "uniform"), default=None,
                    help="per-layer densities from the pack's sensitivity table (default) or the same for every layer")
     p.add_argument("--pack", default=None, metavar="DIR", help="neuron pack directory (default: per-model cache)")
@@ -244,6 +247,10 @@ def print_stats(stats) -> None:
         print(format_split_report(stats.extra["split"]), file=sys.stderr)
     if "sparse" in stats.extra:
         print(format_sparse_report(stats.extra["sparse"]), file=sys.stderr)
+    if "sparse_ffn" in stats.extra:
+        r = stats.extra["sparse_ffn"]
+        print(f"[sparse FFN (native kernel) density {r['density']} ({r['min_density']}-{r['max_density']}) on "
+              f"{r['layers_sparse']} layers | down columns {r['down_columns_mb']} MB]", file=sys.stderr)
     if "ram_budget" in stats.extra:
         print(format_budget_report(stats.extra["ram_budget"]), file=sys.stderr)
     if "speculative" in stats.extra:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import CfmError
 from .kernels import native
 from .kernels.fused import FusedSpan
 from .kernels.graph import ACCURACY_LEVEL
@@ -207,9 +208,10 @@ class FusedBackend:
     name = "fused"
 
     def __init__(self, t: Transformer, weights: DecoderWeights, threads: int, spin: bool = True,
-                 blocks: Callable[[], BlockWeights] | None = None):
+                 blocks: Callable[[], BlockWeights] | None = None, sparse: native.SparseFFN | None = None):
         self.t, self.w, self.threads, self.spin = t, weights, threads, spin
         self.blocks = blocks  # the file's blocks for the native kernel (read on first use); None: graphs only
+        self.sparse = sparse  # the native kernel's sparse FFN (the graphs have none: it needs the kernel)
         self.modules = stock_modules(t)  # what the weights were read from (checked when re-choosing)
         self._spans: dict[tuple, FusedSpan] = {}
         self._native, self._native_tried = None, blocks is None
@@ -230,8 +232,11 @@ class FusedBackend:
             lib = native.load()
             blocks = self.blocks() if lib is not None else None
             if native.supported(blocks):
-                self._native = native.NativeDecoder(blocks, self.threads, lib)
+                self._native = native.NativeDecoder(blocks, self.threads, lib, sparse=self.sparse)
                 self.set_sides(self.sides)
+            elif self.sparse is not None:
+                raise CfmError("the sparse FFN on int4 weights runs in the native kernel, which cannot run this "
+                               "model here; load with --weights fp32 for the neuron pack's sparse FFN")
         return self._native
 
     def _graph(self, start: int, end: int, head: bool) -> FusedSpan:
@@ -298,24 +303,28 @@ class FusedBackend:
     def report(self) -> dict:
         decoder = self.native()
         if decoder is not None:
-            return {"backend": self.name, "decode_path": "native", "kernel": decoder.path}
+            return {"backend": self.name, "decode_path": "native", "kernel": decoder.path} | decoder.report()
         return {"backend": self.name, "decode_path": f"graph ({native.failure() or 'a layout the kernel lacks'})"}
 
 
 def choose_backend(t: Transformer, threads: int, previous: FusedBackend | None = None,
-                   blocks: Callable[[], BlockWeights] | None = None) -> ModuleBackend | FusedBackend:
+                   blocks: Callable[[], BlockWeights] | None = None,
+                   sparse: native.SparseFFN | None = None) -> ModuleBackend | FusedBackend:
     """The fused backend when `t` holds the stock quantized modules (under any bricks: they become side terms),
     reusing `previous` if it was built from these very modules; else the module backend. `blocks` gives the
-    native kernel its weights (the model file's blocks)."""
+    native kernel its weights (the model file's blocks), `sparse` its sparse FFN."""
     if previous is not None and stock_modules(t) == previous.modules:
         backend = previous
     else:
         w = decoder_weights(t)
+        # the kernel computes with int8 activations and the 8-bit head: a model built otherwise keeps the graphs
+        int8 = w is not None and (w.head is not None and w.head_accuracy == ACCURACY_LEVEL
+                                  and all(x.accuracy == ACCURACY_LEVEL for x in w.layers.values()))
+        if sparse is not None and not int8:
+            raise CfmError("the sparse FFN on int4 weights runs in the native kernel over the stock int4 modules "
+                           "and 8-bit head; load with --weights fp32 for the neuron pack's sparse FFN")
         if w is None:
             return ModuleBackend(t)
-        # the kernel computes with int8 activations and the 8-bit head: a model built otherwise keeps the graphs
-        int8 = (w.head is not None and w.head_accuracy == ACCURACY_LEVEL
-                and all(x.accuracy == ACCURACY_LEVEL for x in w.layers.values()))
-        backend = FusedBackend(t, w, threads, blocks=blocks if int8 else None)
+        backend = FusedBackend(t, w, threads, blocks=blocks if int8 else None, sparse=sparse)
     backend.set_sides(side_terms(t))
     return backend

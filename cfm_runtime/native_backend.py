@@ -3,7 +3,8 @@
 A GGUF model with Q4_1 linears runs here by default (`cfm_runtime.runtime.load_model`): its weights are the
 file's mapped pages (reclaimable, like llama.cpp's), or within a RAM budget anonymous copies of some and the rest
 read from the file at each use (`kernels.stream`); its KV caches are numpy arrays, and nothing is dequantized.
-Features that need the torch modules (bricks, a sparse FFN, fp32) make the model load its torch form.
+The kernel's sparse FFN runs here too (`kernels.native.SparseFFN`). Features that need the torch modules (bricks,
+fp32, the neuron pack's sparse FFN) make the model load its torch form.
 """
 
 from __future__ import annotations
@@ -61,7 +62,4 @@ class NativeBackend:
         return self.decoder.position_cost
 
     def report(self) -> dict:
-        out = {"backend": self.name, "decode_path": "native", "kernel": self.decoder.path}
-        if self.decoder.held is not None:
-            out["ram_budget"] = self.decoder.held.report()  # what it holds, what is read from the file
-        return out
+        return {"backend": self.name, "decode_path": "native", "kernel": self.decoder.path} | self.decoder.report()

@@ -43,7 +43,11 @@ class SparseOptions:
     model's weights: the native kernel reads what it does not hold from the model file at each use
     (`cfm_runtime.kernels.stream`); "auto" spends what this process's memory limit leaves, which a plain run
     also does when the model would not fit. With fp32 weights it holds FFN weights, the rest read from the
-    neuron pack, and combines with predictor-driven sparsity (`sparse`; see `cfm_runtime.sparse`)."""
+    neuron pack, and combines with predictor-driven sparsity (`sparse`; see `cfm_runtime.sparse`).
+
+    `sparse` on int4 weights (the default without a budget) is the native kernel's sparse FFN: each position's
+    neurons of largest activation, selected exactly from the layer's own gate and up rows, at the pack's planned
+    (or uniform) densities; with a budget or the low-rank predictor it is the torch sparse FFN on fp32 weights."""
 
     ram_budget_mb: float | str | None = None
     sparse: bool = False
@@ -93,7 +97,7 @@ class LoadOptions:
     """How a model is loaded: weight formats, threads, sparse FFN and offload, config overrides."""
 
     threads: int | None = None  # CPU threads (default: every core this process may run on)
-    weights: str | None = None  # "fp32" | "int8" | "int4"; None: int4, or fp32 with a sparse FFN or offload
+    weights: str | None = None  # "fp32" | "int8" | "int4"; None: int4, or fp32 for the neuron pack's sparse FFN
     lm_head: str | None = None  # "fp32" | "int8"; None: int8 with quantized weights, else fp32
     sparse: SparseOptions = field(default_factory=SparseOptions)
     progress: bool | None = None  # progress bars while loading (None: only for large files)
@@ -101,8 +105,11 @@ class LoadOptions:
 
     def resolved(self) -> "LoadOptions":
         """Defaults filled in; every value and every combination checked (all problems in one error)."""
-        ffn = self.sparse.ffn  # the torch sparse FFN or the neuron pack, not a RAM budget alone
-        weights = self.weights or ("fp32" if ffn else "int4")
+        ffn = self.sparse.ffn  # a sparse FFN or the neuron pack, not a RAM budget alone
+        # the native kernel's sparse FFN (int4) holds the model in RAM and selects neurons exactly; a budget or the
+        # low-rank predictor with a sparse FFN means the torch one over the neuron pack (fp32)
+        pack_ffn = ffn and (self.sparse.ram_budget_mb is not None or self.sparse.predictor == "lowrank")
+        weights = self.weights or ("fp32" if pack_ffn else "int4")
         sparse = self.sparse
         if sparse.active:
             checked = sparse.resolved()  # a budget alone on the int4 path keeps its own form (no FFN defaults)
@@ -117,10 +124,20 @@ class LoadOptions:
             problems.append(f"lm_head (--lm-head) must be one of {', '.join(HEAD_FORMATS)}; got {lm_head!r}")
         elif weights == "fp32" and lm_head != "fp32":
             problems.append("a quantized LM head needs quantized weights (--weights int8 or int4)")
-        if ffn and weights != "fp32":
+        if ffn and weights == "int8":
             problems.append(refusal("the sparse FFN and the neuron pack (--sparse, --sparse-strategy, --density, "
-                                    "--predictor, --density-plan, --pack)", f"{weights} weights",
-                                    "the sparse FFN runs on fp32 weights; drop the weight format"))
+                                    "--predictor, --density-plan, --pack)", "int8 weights",
+                                    "the sparse FFN runs on int4 weights (the native kernel) or fp32 (the neuron "
+                                    "pack); choose one of those"))
+        elif ffn and weights == "int4" and sparse.ram_budget_mb is not None:
+            problems.append(refusal("the sparse FFN (--sparse, --sparse-strategy, --density)",
+                                    "a RAM budget on int4 weights (--ram-budget)",
+                                    "the native kernel's sparse FFN holds the model in RAM; offload a sparse FFN "
+                                    "from the neuron pack with --weights fp32, or drop one of them"))
+        elif ffn and weights == "int4" and sparse.predictor == "lowrank":
+            problems.append(refusal("the low-rank predictor (--predictor lowrank)", "int4 weights",
+                                    "on int4 weights the native kernel selects neurons from the layer's own gate "
+                                    "and up rows (exact); drop --predictor or add --weights fp32"))
         elif sparse.ram_budget_mb is not None and weights == "int8":
             problems.append(refusal("a RAM budget (--ram-budget)", "int8 weights",
                                     "the budget holds int4 weights (the native kernel) or fp32 FFN weights "

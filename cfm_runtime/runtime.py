@@ -65,6 +65,8 @@ class Model:
         self._fused: FusedBackend | None = None  # kept while bricks are on, reused when they come off
         self._fingerprints: dict[tuple[int, int], str] = {}
         self.backend: NativeBackend | ModuleBackend | FusedBackend = backend
+        # the native kernel's sparse FFN, kept for the kernel of the torch form's backend too (bricks)
+        self.native_sparse: native.SparseFFN | None = backend.decoder.sparse if backend is not None else None
         if backend is None:
             self.refresh_backend()
 
@@ -123,7 +125,7 @@ class Model:
         modules (bricks, sparse FFNs) right after the change."""
         from .backends import FusedBackend, choose_backend
 
-        self.backend = choose_backend(self.transformer, self.threads, self._fused, self._blocks)
+        self.backend = choose_backend(self.transformer, self.threads, self._fused, self._blocks, self.native_sparse)
         if isinstance(self.backend, FusedBackend):
             self._fused = self.backend
 
@@ -389,15 +391,17 @@ def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Mod
         release_freed_memory()  # building the vocabulary leaves ~7 MB of freed heap
         blocks = block_weights(ckpt)
         if native.supported(blocks):
-            held = _held_weights(blocks, budget)
-            decoder = native.NativeDecoder(blocks, threads, native.load(), held)
+            sparse = _native_sparse(path, blocks, opts, threads)
+            held = _held_weights(blocks, budget) if sparse is None else _whole_model_notice(blocks)
+            decoder = native.NativeDecoder(blocks, threads, native.load(), held, sparse)
             return Model(tokenizer, ckpt, opts, threads, backend=NativeBackend(decoder, ckpt.config.n_layers))
         del blocks  # a layout the kernel lacks: the torch form below
-    if budget is not None and opts.weights == "int4":
+    if opts.weights == "int4" and (budget is not None or opts.sparse.ffn):
         why = native.failure() or ("the kernel lacks this model's layout or its overrides" if path.is_file()
                                    else "the model is a folder, not a GGUF file")
-        raise CfmError(f"a RAM budget (--ram-budget) on the int4 path needs the native kernel reading a GGUF "
-                       f"file ({why}); load with --weights fp32 to offload the FFN to the neuron pack instead")
+        what = "a RAM budget (--ram-budget)" if budget is not None else "the sparse FFN (--sparse)"
+        raise CfmError(f"{what} on the int4 path needs the native kernel reading a GGUF file ({why}); load with "
+                       f"--weights fp32 for the neuron pack's FFN instead")
     offload = budget is not None and path.is_file() and not opts.overrides
     pack = ensure_pack(path, opts.sparse.pack, threads=threads, progress=opts.progress is not False) \
         if opts.sparse.active else None
@@ -416,10 +420,43 @@ def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Mod
 
 
 def _lean(path: Path, opts: LoadOptions) -> bool:
-    """Whether the model can load without its torch form: int4 linears and the 8-bit head from a GGUF file,
-    nothing that replaces modules (a RAM budget alone does not), and the native kernel available here."""
-    return (path.is_file() and opts.weights == "int4" and opts.lm_head == "int8" and not opts.sparse.ffn
-            and not opts.overrides and native.load() is not None)
+    """Whether the model can load without its torch form: int4 linears and the 8-bit head from a GGUF file (a
+    RAM budget or the kernel's sparse FFN with them), no config overrides, and the native kernel available here."""
+    return (path.is_file() and opts.weights == "int4" and opts.lm_head == "int8" and not opts.overrides
+            and native.load() is not None)
+
+
+def _native_sparse(path: Path, blocks: BlockWeights, opts: LoadOptions, threads: int) -> native.SparseFFN | None:
+    """The native kernel's sparse FFN the options ask for (None: dense): per-layer densities from the neuron pack's
+    plan (the pack is built once per model if missing) or uniform, and each sparse layer's down columns."""
+    s = opts.sparse
+    if not s.ffn or s.strategy == "dense" or s.density >= 1.0:
+        return None
+    dens = [s.density] * len(blocks.layers)
+    if s.density_plan != "uniform":
+        from .sparse import pack as packfmt
+        from .sparse.plan import plan_densities
+
+        root = ensure_pack(path, s.pack, threads=threads, progress=opts.progress is not False)
+        manifest = packfmt.read_manifest(root)
+        if s.pack is not None:
+            packfmt.check_identity(root, manifest, packfmt.source_digest(path), None)
+        dens = plan_densities(manifest, s.density, s.density_plan)
+    return native.SparseFFN.build(blocks, dens)
+
+
+def _whole_model_notice(blocks: BlockWeights) -> None:
+    """The kernel's sparse FFN holds the whole model (no budget); say so when the memory limit will not hold it."""
+    try:
+        need = stream.weight_bytes(blocks) / 2**20
+    except stream.BudgetError:
+        return None
+    room, why = memory_room_mb()
+    if room is not None and room < need + AUTO_RESERVE_MB:
+        print(f"cfm: the sparse FFN runs on the whole model ({need:.0f} MB of weights), more than the memory limit "
+              f"leaves ({why}); its pages are re-read from the file as memory runs short (slow); drop --sparse to "
+              f"let a RAM budget fit the limit", file=sys.stderr)
+    return None
 
 
 # Memory a run takes beside its weights, kept out of an automatic budget: buffers, the answer's state and the KV
@@ -488,12 +525,16 @@ def _build_transformer(ckpt: Checkpoint, opts: LoadOptions, threads: int) -> Tra
 def ensure_pack(path, pack=None, *, threads: int | None = None, progress: bool = True, log=None, **build) -> Path:
     """The neuron pack folder for the model at `path`: `pack` if given, else the per-model cache entry, which
     is built (profiling the dense model on calibration text, once per model) if missing or stale."""
-    from . import sparse as sparse_ffn
+    from .sparse import pack as packfmt  # no torch unless the pack is built
 
     path = resolve_model_path(path)
-    digest = sparse_ffn.source_digest(path)
-    root = Path(pack) if pack else sparse_ffn.pack_dir(path, digest)
-    if pack is None and not sparse_ffn.is_current(root):
+    if pack:
+        return Path(pack)
+    digest = packfmt.source_digest(path)
+    root = packfmt.pack_dir(path, digest)
+    if not packfmt.is_current(root):
+        from . import sparse as sparse_ffn
+
         why = "stale or incomplete, rebuilding" if root.exists() else "once per model"
         message = f"building the neuron pack for {path.name} in {root} ({why})"
         (log or (lambda m: print(m, file=sys.stderr)))(message)

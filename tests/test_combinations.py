@@ -29,12 +29,14 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 FEATURES = ("int4", "bricks", "split", "sparse", "offload")
-REFUSED = {frozenset({"int4", "sparse"}): "does not combine with int4 weights",
+REFUSED = {frozenset({"int4", "sparse", "offload"}): "does not combine with a RAM budget on int4 weights",
            frozenset({"int4", "bricks", "offload"}): "does not combine with a RAM budget on the int4 path"}
 HOW = {  # pair -> how it runs (or why it is refused), for the README
     ("int4", "bricks"): "fused int4 kernels; each brick an unfused low-rank side term (prompt graph and native step)",
     ("int4", "split"): "fused int4 kernels on the edge's spans and on the center's (batched native decode)",
-    ("int4", "sparse"): "the sparse FFN runs on fp32 weights",
+    ("int4", "sparse"): "the native kernel's sparse FFN: per position the neurons of largest activation (exact, from "
+                        "the layer's own int4 gate and up), their down columns only; with a RAM budget on top it is "
+                        "refused (it holds the model in RAM)",
     ("int4", "offload"): "the native kernel holds the budget's share of the weights and reads the rest from the "
                          "model file at each use (the in-RAM int4 bits); bricks on top are refused (they need the "
                          "torch form)",
@@ -48,7 +50,9 @@ HOW = {  # pair -> how it runs (or why it is refused), for the README
 PAIRS = list(itertools.combinations(FEATURES, 2))
 COMBOS = [set(p) for p in PAIRS] + [{"int4", "bricks", "split"}, {"bricks", "split", "sparse"},
                                     {"bricks", "split", "offload"}, {"bricks", "sparse", "offload"},
-                                    {"int4", "split", "offload"}, {"int4", "bricks", "offload"}]
+                                    {"int4", "split", "offload"}, {"int4", "bricks", "offload"},
+                                    {"int4", "bricks", "sparse"}, {"int4", "split", "sparse"},
+                                    {"int4", "sparse", "offload"}]
 BRICK_LAYERS = (0, 1, 28, 29)  # edge layers of the split 2:28
 PREFILL, STEPS = 24, 28
 
@@ -187,10 +191,13 @@ def test_combination_runs_and_matches_its_reference_or_is_refused(features, mode
         assert agreement(got, ref) > agreement(got, references[False])
     if "split" in features:
         assert report["split"]["positions_center"] > 0 and not report["split"]["fallbacks"], report["split"]
-    if "int4" in features:  # the fast path, bricks and split included; lean (no torch form) within a budget
-        assert report["backend"] == ("native" if "offload" in features else "fused"), report
+    if "int4" in features:  # the native kernel: lean within a budget, under bricks the torch form's fused backend
+        want = {"native"} if "offload" in features else {"fused"} if "bricks" in features else {"native", "fused"}
+        assert report["decode_path"] == "native" and report["backend"] in want, report
     if {"int4", "offload"} <= features:
         assert report["ram_budget"]["read_mb"] > 0 and not report["ram_budget"]["head_held"], report
+    elif {"int4", "sparse"} <= features:
+        assert report["sparse_ffn"]["layers_sparse"] > 0 and report["sparse_ffn"]["density"] < 1, report
     elif {"sparse", "offload"} & features:
         assert "sparse" in report
 

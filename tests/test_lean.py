@@ -73,16 +73,17 @@ CLI_CHILD = """
 import sys
 from cfm_cli.main import main
 code = main(["generate", "--model", sys.argv[1], "--chat", "--prompt", "Name a colour.", "--max-tokens", "4",
-             "--temperature", "0"])
+             "--temperature", "0", *sys.argv[2:]])
 print("heavy:", sorted(m for m in ("torch", "onnxruntime", "fastapi", "grpc", "llama_cpp") if m in sys.modules), code)
 """
 
 
-def test_cfm_generate_imports_no_torch(model_path):
+@pytest.mark.parametrize("extra", [[], ["--sparse", "--density-plan", "uniform"]], ids=["dense", "sparse"])
+def test_cfm_generate_imports_no_torch(model_path, extra):
     """The command a user runs (`cfm generate`, its parser holding every subcommand's options) stays lean too:
     subcommands import their machinery (bricks, packs, servers) when they run, not when the parser is built;
-    the embedded model's tokenizer runs without llama.cpp."""
-    out = subprocess.run([sys.executable, "-c", CLI_CHILD, str(model_path)], capture_output=True, text=True,
-                         timeout=300)
+    the embedded model's tokenizer runs without llama.cpp; the sparse FFN on int4 runs in the kernel."""
+    out = subprocess.run([sys.executable, "-c", CLI_CHILD, str(model_path), *extra], capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "heavy: [] 0", out.stdout[-2000:]

@@ -48,3 +48,16 @@ class BlockWeights:
     head: np.ndarray  # uint8 [vocab, d / 32 * 34]
     embed: np.ndarray
 
+
+
+def down_columns(down: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """A Q4_1 down projection's blocks [d, F / 32 * 20] (blocks along the FFN axis) as columns, one per neuron:
+    (cols [F, d / 2]: the file's 4-bit codes of neuron n along the hidden axis, element 2j in the low nibble of byte
+    j and 2j + 1 in the high one; shared [F / 32, d * 4]: per block of 32 neurons the file's fp16 scales of the d
+    rows, then their mins). The same values as the file: weight[r, n] = scale[n // 32, r] * code[n, r] + min[...]."""
+    blocks = np.ascontiguousarray(down).reshape(d, -1, 20)  # [d, F / 32, Q4_1 block]
+    qs = blocks[:, :, 4:]
+    codes = np.concatenate((qs & 15, qs >> 4), axis=2).reshape(d, -1).T  # [F, d], neuron-major
+    cols = np.ascontiguousarray(codes[:, 0::2] | (codes[:, 1::2] << 4))
+    shared = np.ascontiguousarray(blocks[:, :, :4].reshape(d, -1, 2, 2).transpose(1, 2, 0, 3)).reshape(-1, d * 4)
+    return cols, shared

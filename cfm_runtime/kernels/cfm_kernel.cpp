@@ -22,6 +22,8 @@
 // rows at a time instead, one row per 32-bit lane (`group_tile_q41`): the same integers, the float sums in another
 // order: measured on a Xeon, a decode step 3.9-4.1 ms against the row path's 15 ms (docs/fast-decode.md).
 // Optional low-rank side terms y += B (A x) in fp32 on any of a layer's seven linears (LoRA bricks, unfused).
+// Optional sparse FFN per layer (SparseDown): the top neurons of each position's activation through the down
+// projection read as columns, in fp32 over the file's own codes, scales and mins.
 
 #include <algorithm>
 #include <cmath>
@@ -485,10 +487,21 @@ void side_term(const Side& s, const float* x, int in, float* y, int out) {
   }
 }
 
+// The sparse FFN of a layer (cfm_set_sparse): per position, only the `keep` neurons of largest |SwiGLU activation|
+// (the activation computed from the layer's own gate and up rows: the exact selection) go through the down
+// projection, read as columns: the file's own 4-bit codes, neuron-major (`cols` [f][d/2], two codes a byte along
+// the hidden axis), with the file's block scales and mins (`shared` [f/32][2][d] fp16): the weights of the file.
+struct SparseDown {
+  int keep = 0;  // 0: dense
+  const uint8_t* cols = nullptr;
+  const uint8_t* shared = nullptr;
+};
+
 struct Layer {
   const float *ln1 = nullptr, *ln2 = nullptr;
   Linear qkv, o, gu, down;
   Side side[7];  // q, k, v, o, gate, up, down
+  SparseDown sparse;
 };
 
 }  // namespace
@@ -504,6 +517,7 @@ struct CfmDecoder {
   bool groups = CFM_GROUPED;  // rows in groups of 16 (AVX-512 VNNI), else a row at a time
   std::vector<Act> acts, head_acts;  // rows' activations rounded to int8 (kept between calls)
   std::vector<std::vector<float>> xn, qkv, attn, gu, act;
+  std::vector<std::vector<int>> sel;  // per row: the neurons a sparse FFN computes, ascending
 };
 
 namespace {
@@ -517,6 +531,7 @@ void resize(CfmDecoder& m, int nb) {  // buffers for nb rows; kept when a later 
   m.attn.resize(nb);
   m.gu.resize(nb);
   m.act.resize(nb);
+  m.sel.resize(nb);
   for (int b = had; b < nb; ++b) {
     m.xn[b].resize(m.d);
     m.qkv[b].resize((m.h + 2 * m.hkv) * m.hd);
@@ -611,6 +626,65 @@ void attend_head(const CfmDecoder& m, const float* qh, const float* kc, const fl
   }
 }
 
+// The `keep` neurons of largest |act| (ties: the lower index; NaN counts as largest, so it reaches the logits),
+// ascending in `sel`; the others' activations are set to 0 (what the down side term then sees).
+void select_neurons(float* act, int f, int keep, std::vector<int>& sel) {
+  auto key = [act](int i) { return std::isnan(act[i]) ? INFINITY : std::fabs(act[i]); };
+  sel.resize(f);
+  for (int i = 0; i < f; ++i) sel[i] = i;
+  std::nth_element(sel.begin(), sel.begin() + keep, sel.end(), [&](int a, int b) {
+    const float x = key(a), y = key(b);
+    return x > y || (x == y && a < b);
+  });
+  sel.resize(keep);
+  std::sort(sel.begin(), sel.end());
+  int j = 0;
+  for (int i = 0; i < f; ++i) {
+    if (j < keep && sel[j] == i) {
+      ++j;
+      continue;
+    }
+    act[i] = 0.f;
+  }
+}
+
+// y[r0, r0 + 32) += the selected neurons' down columns times their activations, in fp32 over the file's weights:
+// per block of 32 neurons, scale[r] * sum(a_n q_n[r]) + min[r] * sum(a_n), the neurons in ascending order.
+void sparse_down_tile(const SparseDown& s, int d, const float* act, const int* sel, int k, float* y, int r0) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
+  __m256 out[4];
+  for (int v = 0; v < 4; ++v) out[v] = _mm256_setzero_ps();
+  const size_t col = static_cast<size_t>(d) / 2;
+  int i = 0;
+  while (i < k) {
+    const int blk = sel[i] / kBlock;
+    __m256 acc[4];
+    for (int v = 0; v < 4; ++v) acc[v] = _mm256_setzero_ps();
+    float asum = 0.f;
+    for (; i < k && sel[i] / kBlock == blk; ++i) {
+      const float a = act[sel[i]];
+      asum += a;
+      const __m256 va = _mm256_set1_ps(a);
+      const uint8_t* p = s.cols + sel[i] * col + r0 / 2;
+      for (int v = 0; v < 4; ++v) {
+        uint32_t codes;
+        std::memcpy(&codes, p + 4 * v, 4);
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(codes), shifts), low4));
+        acc[v] = _mm256_fmadd_ps(va, q, acc[v]);
+      }
+    }
+    const uint8_t* scales = s.shared + static_cast<size_t>(blk) * 4 * d;
+    const __m256 vsum = _mm256_set1_ps(asum);
+    for (int v = 0; v < 4; ++v) {
+      const int r = r0 + 8 * v;
+      const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * r)));
+      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * (d + r))));
+      out[v] = _mm256_fmadd_ps(sc, acc[v], _mm256_fmadd_ps(mn, vsum, out[v]));
+    }
+  }
+  for (int v = 0; v < 4; ++v) _mm256_storeu_ps(y + r0 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(y + r0 + 8 * v), out[v]));
+}
+
 // One layer for every row; x [nb, d] is the residual stream, updated in place. k[i]/v[i]: row i's cache of
 // this layer ([hkv, caps[i], hd]).
 void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* const* k, float* const* v,
@@ -669,10 +743,21 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
     side_term(L.side[5], m.xn[b].data(), d, gu + f, f);
     float* act = m.act[b].data();
     for (int i = 0; i < f; ++i) act[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[f + i];
-    quantize(act, f, m.acts[b]);
+    if (L.sparse.keep > 0)
+      select_neurons(act, f, L.sparse.keep, m.sel[b]);
+    else
+      quantize(act, f, m.acts[b]);
     y[b] = x + static_cast<size_t>(b) * d;
   }
-  gemv_q41(L.down, m.acts.data(), nb, y.data(), true, m.threads, m.groups);  // residual += down
+  if (L.sparse.keep > 0) {  // residual += the selected neurons' down columns
+    const int tiles = d / kBlock;
+#pragma omp parallel for num_threads(m.threads) schedule(static) collapse(2)
+    for (int b = 0; b < nb; ++b)
+      for (int t = 0; t < tiles; ++t)
+        sparse_down_tile(L.sparse, d, m.act[b].data(), m.sel[b].data(), L.sparse.keep, y[b], t * kBlock);
+  } else {
+    gemv_q41(L.down, m.acts.data(), nb, y.data(), true, m.threads, m.groups);  // residual += down
+  }
 #pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1 && L.side[6].r > 0)
   for (int b = 0; b < nb; ++b) side_term(L.side[6], m.act[b].data(), f, y[b], d);
 }
@@ -798,6 +883,16 @@ int cfm_set_side(CfmDecoder* m, int i, int kind, int r, const float* a, const fl
     s.a.assign(a, a + static_cast<size_t>(r) * side_in(*m, kind));
     s.b.assign(b, b + static_cast<size_t>(side_out(*m, kind)) * r);
   }
+  return 0;
+}
+
+// Layer i's sparse FFN: only the `keep` neurons of largest |activation| per position through its down projection,
+// from `cols` [f][d/2] and `shared` [f/32][2][d] (struct SparseDown; pointers kept); keep = 0 (or f) is dense.
+// Returns 0, or -1 for a bad layer or count.
+int cfm_set_sparse(CfmDecoder* m, int i, int keep, const uint8_t* cols, const uint8_t* shared) {
+  if (i < 0 || i >= m->n_layers || keep < 0 || keep > m->f || (keep > 0 && keep < m->f && (!cols || !shared)))
+    return -1;
+  m->layers[i].sparse = keep > 0 && keep < m->f ? SparseDown{keep, cols, shared} : SparseDown{};
   return 0;
 }
 

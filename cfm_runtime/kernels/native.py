@@ -17,12 +17,13 @@ import ctypes
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import build, stream
-from .blocks import BlockWeights
+from .blocks import BlockWeights, down_columns
 
 SIDE_KINDS = ("q", "k", "v", "o", "gate", "up", "down")  # the kernel's order of a layer's linears
 # Extra time of one more position in a call, relative to a one-position call (speculative decoding's prior for
@@ -105,6 +106,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cfm_head_rows.argtypes = [_P, i, _P, _P, i, _P, i]
     lib.cfm_q41_matmul.restype = i
     lib.cfm_q41_matmul.argtypes = [i, _P, _P, i, i, _P, _P, i]
+    lib.cfm_set_sparse.restype = i
+    lib.cfm_set_sparse.argtypes = [_P, i, i, _P, _P]
     lib.cfm_bundles_f32.restype = i
     lib.cfm_bundles_f32.argtypes = [ctypes.c_int64, ctypes.c_int64, i, _P, _P, _P, _P, _P, i]
     return lib
@@ -119,15 +122,45 @@ def _ptr(a: np.ndarray) -> int:
     return a.ctypes.data
 
 
+@dataclass(frozen=True)
+class SparseFFN:
+    """The kernel's sparse FFN: layer i computes, at every position, the keep[i] neurons (of d_ff) of largest
+    |activation|, selected from the layer's own gate and up rows (exact), and reads only their down columns
+    (`columns[i]`: `blocks.down_columns`, None where the layer is dense)."""
+
+    keep: tuple[int, ...]
+    columns: tuple[tuple[np.ndarray, np.ndarray] | None, ...]
+
+    @classmethod
+    def build(cls, w: BlockWeights, densities: list[float]) -> "SparseFFN":
+        """Per-layer densities -> the neurons kept (rounded, at least 1) and the down columns of the sparse layers."""
+        keep = tuple(max(1, min(w.d_ff, round(dens * w.d_ff))) for dens in densities)
+        return cls(keep, tuple(down_columns(layer.down, w.d_model) if k < w.d_ff else None
+                               for k, layer in zip(keep, w.layers)))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes + s.nbytes for c, s in (x for x in self.columns if x is not None))
+
+    def report(self, d_ff: int) -> dict:
+        return {"density": round(sum(self.keep) / (d_ff * len(self.keep)), 3),
+                "layers_sparse": sum(k < d_ff for k in self.keep),
+                "min_density": round(min(self.keep) / d_ff, 3), "max_density": round(max(self.keep) / d_ff, 3),
+                "down_columns_mb": round(self.nbytes / 2**20, 1)}
+
+
 class NativeDecoder:
     """A decoder over `BlockWeights` (held: the kernel reads their memory) with optional low-rank side terms.
     With `held` (`stream.hold`: weights within a RAM budget) the parts it does not hold are read from the file
     as each call reaches them."""
 
-    def __init__(self, w: BlockWeights, threads: int, lib: ctypes.CDLL, held: "stream.Held | None" = None):
+    def __init__(self, w: BlockWeights, threads: int, lib: ctypes.CDLL, held: "stream.Held | None" = None,
+                 sparse: SparseFFN | None = None):
+        if held is not None and sparse is not None:
+            raise ValueError("the kernel's sparse FFN holds its down columns in RAM: not with a RAM budget")
         if held is not None:
             w = held.weights
-        self.w, self.lib, self.held = w, lib, held
+        self.w, self.lib, self.held, self.sparse = w, lib, held, sparse
         self._stream_lock = threading.Lock()
         self.d, self.vocab = w.d_model, w.vocab_size
         self.ptr = lib.cfm_new(len(w.layers), w.d_model, w.n_heads, w.n_kv_heads, w.head_dim, w.d_ff, w.vocab_size,
@@ -135,6 +168,10 @@ class NativeDecoder:
         for i, layer in enumerate(w.layers):
             self._set_layer(i, layer)
         lib.cfm_set_head(self.ptr, _ptr(w.final_norm), _ptr(w.head), _ptr(w.embed))
+        if sparse is not None:
+            for i, (keep, cols) in enumerate(zip(sparse.keep, sparse.columns)):
+                if cols is not None and lib.cfm_set_sparse(self.ptr, i, keep, _ptr(cols[0]), _ptr(cols[1])) != 0:
+                    raise ValueError(f"layer {i}: the kernel refused a sparse FFN of {keep} neurons")
         self._sides: set[tuple[int, str]] = set()
         self.groups = self.set_groups(os.environ.get("CFM_KERNEL_GROUPS", "1") != "0")  # 0: the AVX2 row path
 
@@ -147,6 +184,15 @@ class NativeDecoder:
         if getattr(self, "ptr", None):
             self.lib.cfm_free(self.ptr)
             self.ptr = None
+
+    def report(self) -> dict:
+        """What it holds within a RAM budget and reads from the file, and its sparse FFN."""
+        out = {}
+        if self.held is not None:
+            out["ram_budget"] = self.held.report()
+        if self.sparse is not None:
+            out["sparse_ffn"] = self.sparse.report(self.w.d_ff)
+        return out
 
     def set_groups(self, on: bool) -> bool:
         """Rows in groups of 16 (the default where the CPU has AVX-512 VNNI) or one at a time (the AVX2 path);

@@ -10,10 +10,19 @@ See docs/sparse.md.
 
 from __future__ import annotations
 
-from .engine import SparseEngine
-from .load import attach, pack_dir, source_digest
-from .pack import NeuronPack, PackError, default_root, is_current, open_pack
-from .profile import build_pack
+import importlib
 
-__all__ = ["NeuronPack", "PackError", "SparseEngine", "attach", "build_pack", "default_root", "is_current", "open_pack",
-           "pack_dir", "source_digest"]
+# name -> its module: imported on first use, so reading a pack's manifest (`pack`, `plan`: no torch) does not
+# load the torch sparse FFN
+_HOMES = {"SparseEngine": "engine", "attach": "load", "build_pack": "profile", "NeuronPack": "pack",
+          "PackError": "pack", "default_root": "pack", "is_current": "pack", "open_pack": "pack", "pack_dir": "pack",
+          "source_digest": "pack"}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+
+
+__all__ = sorted(_HOMES)

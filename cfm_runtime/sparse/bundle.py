@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import CfmError
 from ..kernels import native
+from ..kernels.blocks import down_columns
 from ..loading import dequantize_blocks, quantize_blocks
 
 BLOCK = 32
@@ -85,13 +86,8 @@ class BundleCodec:
             raise ValueError(f"gate/up rows of {gate.shape[1]}/{up.shape[1]} bytes, expected {want} ({self.gate_up})")
         shared = None
         if self.shared:
-            blocks = np.ascontiguousarray(down).reshape(self.d, -1, 20)  # [d, F / 32, Q4_1 block]
-            qs = blocks[:, :, 4:]
-            codes = np.concatenate((qs & 15, qs >> 4), axis=2).reshape(self.d, -1).T  # [F, d], neuron-major
-            cols = codes[order, 0::2] | (codes[order, 1::2] << 4)
-            # [F / 32, (scales, mins), d] as fp16 bytes: a block row's scales and mins each contiguous
-            shared = np.ascontiguousarray(blocks[:, :, :4].reshape(self.d, -1, 2, 2).transpose(1, 2, 0, 3))
-            shared = shared.reshape(-1, self.d * 4)
+            cols, shared = down_columns(down, self.d)
+            cols = cols[order]
         else:
             cols = quantize_blocks(self.down.upper(), np.ascontiguousarray(down.T[order], dtype=np.float32))
         return np.ascontiguousarray(np.concatenate((gate[order], up[order], cols), axis=1)), shared

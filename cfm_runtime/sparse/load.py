@@ -6,43 +6,21 @@ checkpoint without them, as meta tensors), so peak memory stays near the budgete
 
 from __future__ import annotations
 
-import hashlib
-import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import CfmError
-from ..gguf_file import read_gguf
 from ..memory import release_freed_memory
-from ..options import DENSITY_PLANS, SparseOptions
+from ..options import SparseOptions
 from . import pack as packfmt
+from .pack import pack_dir, source_digest  # noqa: F401 (their home was here)
 from .engine import SparseEngine
 from .ffn import Decoder, FlashStore, RamStore, SparseFFN
 from .io import BundleFile, NeuronCache
-from .plan import covered_mass, densities, hot_counts
+from .plan import DEFAULT_PLAN, covered_mass, hot_counts, plan_densities
 from .profile import native_int4, predictor_from
-
-
-def source_digest(path: Path) -> str:
-    """blake2b of a checkpoint's weight bytes as stored (GGUF tensor data or safetensors files)."""
-    h = hashlib.blake2b(digest_size=16)
-    if path.is_dir():
-        for f in sorted(path.glob("*.safetensors")):
-            h.update(packfmt.file_digest(f).encode())
-        return h.hexdigest()
-    _, tensors = read_gguf(path)
-    for t in tensors:
-        h.update(f"{t.name}{tuple(t.shape)}{t.qtype.name}".encode())
-        h.update(memoryview(np.ascontiguousarray(t.data)).cast("B"))
-    return h.hexdigest()
-
-
-def pack_dir(path: Path, digest: str, root: Path | None = None) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem if path.is_file() else path.name)
-    return Path(root or packfmt.default_root()) / f"{slug}-{digest[:16]}"
 
 
 # Without the native kernel each layer's int4 predictor is an onnxruntime session, which takes 5-7 MB of anonymous
@@ -124,21 +102,9 @@ def work_bytes(pack: packfmt.NeuronPack) -> int:
     return pack.manifest["model"]["d_ff"] * 3 * pack.manifest["model"]["d_model"] * 4
 
 
-# the per-layer plan, measured end to end on held-out text (benchmarks/results/sparse_plan.json): perplexity
-# +0.24% vs +1.29% uniform at mean density 0.6, +5.5% vs +5.9% at 0.5 (top-1 agreement 1 point lower)
-DEFAULT_PLAN = "planned"
-
-
 def layer_densities(pack: packfmt.NeuronPack, density: float, plan: str = DEFAULT_PLAN) -> list[float]:
     """Per-layer densities with mean `density`: the same for every layer, or the pack's per-layer plan."""
-    if plan not in DENSITY_PLANS:
-        raise CfmError(f"density plan {plan!r} is unknown; choose one of {', '.join(DENSITY_PLANS)}")
-    d = pack.manifest["density"]
-    if density >= 1.0:
-        return [1.0] * pack.n_layers
-    if plan == "uniform":
-        return [density] * pack.n_layers
-    return densities(d["levels"], np.array(d["loss_increase"]), density)
+    return plan_densities(pack.manifest, density, plan)
 
 
 def attach(transformer, pack: packfmt.NeuronPack, options: SparseOptions, threads: int = 8,

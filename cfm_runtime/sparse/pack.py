@@ -17,14 +17,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ..errors import CfmError
+from ..gguf_file import read_gguf
 from .bundle import BundleCodec
+
+if TYPE_CHECKING:  # the tables are torch tensors (safetensors.torch); reading a manifest needs no torch
+    import torch
 
 FORMAT = "cfm-neuron-pack"
 VERSION = 3  # 3: quantized bundles; 2: int4 and low-rank gate/up predictors, fp16 bundles; 1: linear scores
@@ -55,6 +61,26 @@ def default_root() -> Path:
         return Path(home).expanduser() / "packs"
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "cfm" / "packs"
+
+
+def source_digest(path: Path) -> str:
+    """blake2b of a checkpoint's weight bytes as stored (GGUF tensor data or safetensors files)."""
+    h = hashlib.blake2b(digest_size=16)
+    if path.is_dir():
+        for f in sorted(path.glob("*.safetensors")):
+            h.update(file_digest(f).encode())
+        return h.hexdigest()
+    _, tensors = read_gguf(path)
+    for t in tensors:
+        h.update(f"{t.name}{tuple(t.shape)}{t.qtype.name}".encode())
+        h.update(memoryview(np.ascontiguousarray(t.data)).cast("B"))
+    return h.hexdigest()
+
+
+def pack_dir(path: Path, digest: str, root: Path | None = None) -> Path:
+    """The per-model cache folder of `path`'s pack."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem if path.is_file() else path.name)
+    return Path(root or default_root()) / f"{slug}-{digest[:16]}"
 
 
 def file_digest(path: Path, start: int = 0, length: int | None = None, chunk: int = 8 << 20) -> str:
