@@ -50,7 +50,7 @@ def hf_reference(model_path):
 @pytest.fixture(scope="session")
 def pack_root(model, model_path, tmp_path_factory) -> Path:
     """One small neuron pack for the session (sparse and prefetch tests): 1,200 calibration tokens."""
-    from cfm_runtime.sparse.load import source_digest
+    from cfm_runtime.sparse.pack import source_digest
     from cfm_runtime.sparse.profile import build_pack
 
     root = tmp_path_factory.mktemp("packs") / "smollm2"

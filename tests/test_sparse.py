@@ -122,7 +122,7 @@ def test_pack_bundles_are_the_files_weights(pack_root, model_path, monkeypatch):
 def test_a_pack_of_an_fp16_file_quantizes_to_q8_0(model_path, tmp_path):
     """A file whose FFN is not Q4_1 (a tiny fp16 llama): gate/up rows and down columns become Q8_0 blocks, within
     Q8_0's rounding of the file's weights, and offload still computes the bits of the same bundles in RAM."""
-    from cfm_runtime.sparse.load import source_digest
+    from cfm_runtime.sparse.pack import source_digest
     from cfm_runtime.sparse.profile import build_pack
     from tiny_models import write_tiny_gguf
 

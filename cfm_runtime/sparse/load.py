@@ -15,7 +15,6 @@ from ..errors import CfmError
 from ..memory import release_freed_memory
 from ..options import SparseOptions
 from . import pack as packfmt
-from .pack import pack_dir, source_digest  # noqa: F401 (their home was here)
 from .engine import SparseEngine
 from .ffn import Decoder, FlashStore, RamStore, SparseFFN
 from .io import BundleFile, NeuronCache
