@@ -33,6 +33,7 @@ from common import RESULTS, environment, median, save  # noqa: E402
 
 from cfm_runtime import load_model  # noqa: E402
 from cfm_runtime.loading import default_model_path  # noqa: E402
+from cfm_runtime.reference import open_llama  # noqa: E402
 from cfm_runtime.runtime import ensure_pack  # noqa: E402
 from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402
 
@@ -76,8 +77,6 @@ def main() -> None:
     path = default_model_path()
     pack = ensure_pack(path, threads=args.threads)
 
-    from llama_cpp import Llama
-
     fp32 = load_model(path, weights="fp32", threads=args.threads)
     models = {"cfm_fp32": fp32, "cfm_int4": load_model(path, threads=args.threads)}
     for d in densities:
@@ -97,7 +96,7 @@ def main() -> None:
         print(name, r, flush=True)
 
     with quiet_stderr():
-        llm = Llama(model_path=str(path), n_ctx=1024, n_threads=args.threads, n_batch=512, verbose=False)
+        llm = open_llama(path, n_ctx=1024, n_threads=args.threads, n_batch=512, verbose=False)
     steppers = {"llama_cpp": LlamaCppSteps(llm)} | {n: CfmSteps(m) for n, m in models.items() if n != "cfm_fp32"}
     runs = {name: {"decode_tps": [], "prompt_tps": []} for name in steppers}
     for rep in range(args.reps):

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -518,6 +519,7 @@ struct CfmDecoder {
   std::vector<Act> acts, head_acts;  // rows' activations rounded to int8 (kept between calls)
   std::vector<std::vector<float>> xn, qkv, attn, gu, act;
   std::vector<std::vector<int>> sel;  // per row: the neurons a sparse FFN computes, ascending
+  std::vector<std::vector<float>> part;  // per row: the sparse down projection's partial sums [threads][d]
 };
 
 namespace {
@@ -532,6 +534,8 @@ void resize(CfmDecoder& m, int nb) {  // buffers for nb rows; kept when a later 
   m.gu.resize(nb);
   m.act.resize(nb);
   m.sel.resize(nb);
+  m.part.resize(nb);
+  for (int b = had; b < nb; ++b) m.part[b].resize(static_cast<size_t>(m.threads) * m.d);
   for (int b = had; b < nb; ++b) {
     m.xn[b].resize(m.d);
     m.qkv[b].resize((m.h + 2 * m.hkv) * m.hd);
@@ -626,63 +630,82 @@ void attend_head(const CfmDecoder& m, const float* qh, const float* kc, const fl
   }
 }
 
-// The `keep` neurons of largest |act| (ties: the lower index; NaN counts as largest, so it reaches the logits),
-// ascending in `sel`; the others' activations are set to 0 (what the down side term then sees).
+// The `keep` neurons of largest |act| (ties: the lower indices; NaN counts as largest, so it reaches the logits),
+// ascending in `sel`; the others' activations are set to 0 (what the down side term then sees). The keep-th
+// largest magnitude is found with one nth_element over a copy of the magnitudes, then one pass in index order
+// takes everything above it and the first of its ties.
 void select_neurons(float* act, int f, int keep, std::vector<int>& sel) {
-  auto key = [act](int i) { return std::isnan(act[i]) ? INFINITY : std::fabs(act[i]); };
-  sel.resize(f);
-  for (int i = 0; i < f; ++i) sel[i] = i;
-  std::nth_element(sel.begin(), sel.begin() + keep, sel.end(), [&](int a, int b) {
-    const float x = key(a), y = key(b);
-    return x > y || (x == y && a < b);
-  });
-  sel.resize(keep);
-  std::sort(sel.begin(), sel.end());
-  int j = 0;
+  thread_local std::vector<float> mag, work;
+  mag.resize(f);
+  for (int i = 0; i < f; ++i) mag[i] = std::isnan(act[i]) ? INFINITY : std::fabs(act[i]);
+  work.assign(mag.begin(), mag.end());
+  std::nth_element(work.begin(), work.begin() + (keep - 1), work.end(), std::greater<float>());
+  const float threshold = work[keep - 1];
+  int above = 0;
+  for (int i = 0; i < f; ++i) above += mag[i] > threshold;
+  int ties = keep - above;
+  sel.clear();
   for (int i = 0; i < f; ++i) {
-    if (j < keep && sel[j] == i) {
-      ++j;
-      continue;
-    }
-    act[i] = 0.f;
+    if (mag[i] > threshold || (mag[i] == threshold && ties-- > 0))
+      sel.push_back(i);
+    else
+      act[i] = 0.f;
   }
 }
 
-// y[r0, r0 + 32) += the selected neurons' down columns times their activations, in fp32 over the file's weights:
-// per block of 32 neurons, scale[r] * sum(a_n q_n[r]) + min[r] * sum(a_n), the neurons in ascending order.
-void sparse_down_tile(const SparseDown& s, int d, const float* act, const int* sel, int k, float* y, int r0) {
+// The first selected neuron of part p of P (parts of the ascending selection, cut at blocks of 32 neurons).
+int part_start(const int* sel, int k, int parts, int p) {
+  if (p >= parts) return k;
+  int i = static_cast<int>(static_cast<int64_t>(k) * p / parts);
+  while (i > 0 && i < k && sel[i] / kBlock == sel[i - 1] / kBlock) ++i;
+  return i;
+}
+
+// The V * 8 outputs from r0 of the down columns of neurons sel[lo, hi) (one block of 32 neurons), times their
+// activations: scale[r] * sum(a_n q_n[r]) + min[r] * sum(a_n), added to out.
+template <int V>
+inline void down_block_chunk(const SparseDown& s, int d, const float* act, const int* sel, int lo, int hi,
+                             float asum, int r0, float* out) {
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), low4 = _mm256_set1_epi32(15);
-  __m256 out[4];
-  for (int v = 0; v < 4; ++v) out[v] = _mm256_setzero_ps();
+  __m256 acc[V];
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
   const size_t col = static_cast<size_t>(d) / 2;
-  int i = 0;
-  while (i < k) {
-    const int blk = sel[i] / kBlock;
-    __m256 acc[4];
-    for (int v = 0; v < 4; ++v) acc[v] = _mm256_setzero_ps();
-    float asum = 0.f;
-    for (; i < k && sel[i] / kBlock == blk; ++i) {
-      const float a = act[sel[i]];
-      asum += a;
-      const __m256 va = _mm256_set1_ps(a);
-      const uint8_t* p = s.cols + sel[i] * col + r0 / 2;
-      for (int v = 0; v < 4; ++v) {
-        uint32_t codes;
-        std::memcpy(&codes, p + 4 * v, 4);
-        const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(codes), shifts), low4));
-        acc[v] = _mm256_fmadd_ps(va, q, acc[v]);
-      }
-    }
-    const uint8_t* scales = s.shared + static_cast<size_t>(blk) * 4 * d;
-    const __m256 vsum = _mm256_set1_ps(asum);
-    for (int v = 0; v < 4; ++v) {
-      const int r = r0 + 8 * v;
-      const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * r)));
-      const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * (d + r))));
-      out[v] = _mm256_fmadd_ps(sc, acc[v], _mm256_fmadd_ps(mn, vsum, out[v]));
+  for (int i = lo; i < hi; ++i) {
+    const __m256 va = _mm256_set1_ps(act[sel[i]]);
+    const uint8_t* p = s.cols + sel[i] * col + r0 / 2;
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      uint32_t codes;
+      std::memcpy(&codes, p + 4 * v, 4);
+      const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(codes), shifts), low4));
+      acc[v] = _mm256_fmadd_ps(va, q, acc[v]);
     }
   }
-  for (int v = 0; v < 4; ++v) _mm256_storeu_ps(y + r0 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(y + r0 + 8 * v), out[v]));
+  const uint8_t* scales = s.shared + static_cast<size_t>(sel[lo] / kBlock) * 4 * d;
+  const __m256 vsum = _mm256_set1_ps(asum);
+  for (int v = 0; v < V; ++v) {
+    const int r = r0 + 8 * v;
+    const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * r)));
+    const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + 2 * (d + r))));
+    _mm256_storeu_ps(out + r, _mm256_fmadd_ps(sc, acc[v], _mm256_fmadd_ps(mn, vsum, _mm256_loadu_ps(out + r))));
+  }
+}
+
+// out[0, d) = the down columns of neurons sel[lo, hi) times their activations, block by block (a block's columns,
+// 9 KB at most, are read once from memory and then from L1 for each chunk of 64 outputs), in fp32 over the file's
+// codes, scales and mins.
+void sparse_down_part(const SparseDown& s, int d, const float* act, const int* sel, int lo, int hi, float* out) {
+  std::fill(out, out + d, 0.f);
+  for (int i = lo; i < hi;) {
+    const int blk = sel[i] / kBlock;
+    int j = i;
+    float asum = 0.f;
+    for (; j < hi && sel[j] / kBlock == blk; ++j) asum += act[sel[j]];
+    int r0 = 0;
+    for (; r0 + 64 <= d; r0 += 64) down_block_chunk<8>(s, d, act, sel, i, j, asum, r0, out);
+    for (; r0 < d; r0 += 32) down_block_chunk<4>(s, d, act, sel, i, j, asum, r0, out);
+    i = j;
+  }
 }
 
 // One layer for every row; x [nb, d] is the residual stream, updated in place. k[i]/v[i]: row i's cache of
@@ -749,12 +772,20 @@ void layer(CfmDecoder& m, const Layer& L, float* x, const int64_t* pos, float* c
       quantize(act, f, m.acts[b]);
     y[b] = x + static_cast<size_t>(b) * d;
   }
-  if (L.sparse.keep > 0) {  // residual += the selected neurons' down columns
-    const int tiles = d / kBlock;
+  if (L.sparse.keep > 0) {  // residual += the selected neurons' down columns, each row's in m.threads parts (the
+    // same parts and order whatever the number of rows: a chunk gives the bits of single steps)
+    const int parts = m.threads, keep = L.sparse.keep;
 #pragma omp parallel for num_threads(m.threads) schedule(static) collapse(2)
     for (int b = 0; b < nb; ++b)
-      for (int t = 0; t < tiles; ++t)
-        sparse_down_tile(L.sparse, d, m.act[b].data(), m.sel[b].data(), L.sparse.keep, y[b], t * kBlock);
+      for (int p = 0; p < parts; ++p) {
+        const int* sel = m.sel[b].data();
+        sparse_down_part(L.sparse, d, m.act[b].data(), sel, part_start(sel, keep, parts, p),
+                         part_start(sel, keep, parts, p + 1), m.part[b].data() + static_cast<size_t>(p) * d);
+      }
+#pragma omp parallel for num_threads(m.threads) schedule(static) if (nb > 1)
+    for (int b = 0; b < nb; ++b)
+      for (int p = 0; p < parts; ++p)
+        for (int r = 0; r < d; ++r) y[b][r] += m.part[b][static_cast<size_t>(p) * d + r];
   } else {
     gemv_q41(L.down, m.acts.data(), nb, y.data(), true, m.threads, m.groups);  // residual += down
   }
