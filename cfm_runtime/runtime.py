@@ -392,7 +392,11 @@ def load_model(path=None, options: LoadOptions | None = None, **keywords) -> Mod
         blocks = block_weights(ckpt)
         if native.supported(blocks):
             sparse = _native_sparse(path, blocks, opts, threads)
-            held = _held_weights(blocks, budget) if sparse is None else _whole_model_notice(blocks)
+            held = None
+            if sparse is None:
+                held = _held_weights(blocks, budget)
+            else:
+                _whole_model_notice(blocks)
             decoder = native.NativeDecoder(blocks, threads, native.load(), held, sparse)
             return Model(tokenizer, ckpt, opts, threads, backend=NativeBackend(decoder, ckpt.config.n_layers))
         del blocks  # a layout the kernel lacks: the torch form below
@@ -450,13 +454,12 @@ def _whole_model_notice(blocks: BlockWeights) -> None:
     try:
         need = stream.weight_bytes(blocks) / 2**20
     except stream.BudgetError:
-        return None
+        return
     room, why = memory_room_mb()
     if room is not None and room < need + AUTO_RESERVE_MB:
         print(f"cfm: the sparse FFN runs on the whole model ({need:.0f} MB of weights), more than the memory limit "
               f"leaves ({why}); its pages are re-read from the file as memory runs short (slow); drop --sparse to "
               f"let a RAM budget fit the limit", file=sys.stderr)
-    return None
 
 
 # Memory a run takes beside its weights, kept out of an automatic budget: buffers, the answer's state and the KV

@@ -1,12 +1,12 @@
-"""Sparse FFN and offload: hot neurons in RAM, cold neurons streamed from a neuron pack on flash.
+"""The neuron pack's sparse FFN and offload (fp32 weights): hot neurons in RAM, cold ones streamed from the pack.
 
-`cfm_runtime.load_model(sparse=SparseOptions(ram_budget_mb=48))` offloads (density 1.0: the same output as
-the dense model with fp16 FFN weights); `SparseOptions(sparse=True, density=0.6)` runs predictor-selected
-neurons (predictor "int4", a 4-bit copy of gate and up, or "lowrank"; by default int4 unless it would
-take over half of the RAM budget); both combine. Here: `build_pack(model, root)` profiles a model and
-writes its pack (`cfm profile`); `attach(transformer, pack, options)` puts the sparse FFNs in place.
-See docs/sparse.md.
-"""
+`load_model(weights="fp32", ram_budget_mb=48)` offloads (density 1.0: the file's own FFN weights);
+`load_model(weights="fp32", sparse=True, density=0.6)` runs predictor-selected neurons (predictor "int4", the
+layer's own 4-bit gate and up rows, or "lowrank"; by default int4 unless it would take over half of the RAM
+budget); both combine. (`sparse=True` on int4 weights is the native kernel's own sparse FFN,
+`kernels.native.SparseFFN`, which reads only the pack's density plan.) Here: `build_pack(model, root)` profiles
+a model and writes its pack (`cfm profile`); `attach(transformer, pack, options)` puts the sparse FFNs in place.
+See docs/sparse.md."""
 
 from __future__ import annotations
 
