@@ -78,7 +78,7 @@ print("heavy:", sorted(m for m in ("torch", "onnxruntime", "fastapi", "grpc", "l
 """
 
 
-@pytest.mark.parametrize("extra", [[], ["--sparse", "--density-plan", "uniform"]], ids=["dense", "sparse"])
+@pytest.mark.parametrize("extra", [[], ["--sparse", "--density-plan", "uniform", "--json"]], ids=["dense", "sparse"])
 def test_cfm_generate_imports_no_torch(model_path, extra):
     """The command a user runs (`cfm generate`, its parser holding every subcommand's options) stays lean too:
     subcommands import their machinery (bricks, packs, servers) when they run, not when the parser is built;
@@ -87,3 +87,5 @@ def test_cfm_generate_imports_no_torch(model_path, extra):
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "heavy: [] 0", out.stdout[-2000:]
+    if "--sparse" in extra:  # and the answer came from the kernel's sparse FFN
+        assert json.loads(out.stdout.strip().splitlines()[-2])["sparse_ffn"]["layers_sparse"] == 30
