@@ -1,7 +1,22 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
+
+
+def _one_core_per_worker() -> None:
+    """Under pytest-xdist with a worker per core (the README's `-n 2` on a 2-core machine), each worker keeps to
+    its own core, so the runtimes default to one thread there. Two workers each running 2-thread kernels (torch,
+    onnxruntime, the native kernel, llama.cpp, whose idle workers spin) on 2 cores fought over them: a test file
+    measured 5-6x slower beside the other worker than alone. Subprocesses inherit the core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    cores = sorted(os.sched_getaffinity(0))
+    if worker.startswith("gw") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) >= len(cores) > 1:
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
+
+
+_one_core_per_worker()
 
 import cfm_runtime
 from cfm_bench.split import EVAL_TEXTS
