@@ -40,7 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import environment, save  # noqa: E402
+from benchmarks.common import environment, save, token_nll  # noqa: E402
 
 FACTS = ROOT / "tests" / "data" / "personal_facts.json"
 EVAL_TEXTS = ROOT / "cfm_bench" / "data" / "eval_texts.json"
@@ -53,9 +53,7 @@ def logits_loss(model, examples) -> float:
 
     total = count = 0.0
     for e in examples:
-        lg = model.logits(e.ids)[:-1].astype(np.float64)
-        top = lg.max(-1, keepdims=True)
-        nll = top[:, 0] + np.log(np.exp(lg - top).sum(-1)) - lg[np.arange(len(e.ids) - 1), e.ids[1:]]
+        nll = token_nll(model.logits(e.ids), e.ids)
         mask = np.asarray(e.mask[1:], dtype=bool)
         total, count = total + float(nll[mask].sum()), count + int(mask.sum())
     return total / max(count, 1)

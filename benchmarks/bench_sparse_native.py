@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import PROMPTS, CfmSteps, LlamaCppSteps, run_interleaved  # noqa: E402
-from common import RESULTS, environment, median, save  # noqa: E402
+from common import RESULTS, environment, median, save, token_nll  # noqa: E402
 
 from cfm_runtime import load_model  # noqa: E402
 from cfm_runtime.loading import default_model_path  # noqa: E402
@@ -40,20 +40,13 @@ from cfm_runtime.tokenizer import quiet_stderr  # noqa: E402
 EVAL = Path(__file__).parents[1] / "cfm_bench" / "data" / "eval_texts.json"
 
 
-def nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
-    lg = logits[:-1].astype(np.float64)
-    top = lg.max(-1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(lg - top).sum(-1))
-    return float((lse - lg[np.arange(len(ids) - 1), ids[1:]]).sum()), len(ids) - 1
-
-
 def quality(models: dict, texts: list[list[int]]) -> dict:
     """Perplexity and top-1 agreement with the first model (fp32) over `texts`."""
     logits = {name: [m.logits(ids) for ids in texts] for name, m in models.items()}
     ref = next(iter(logits.values()))
     out = {}
     for name, lgs in logits.items():
-        total = sum(nll(lg, ids)[0] for lg, ids in zip(lgs, texts))
+        total = sum(float(token_nll(lg, ids).sum()) for lg, ids in zip(lgs, texts))
         ppl = math.exp(total / sum(len(ids) - 1 for ids in texts))
         agree = float(np.mean(np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(lgs, ref)])))
         out[name] = {"perplexity": round(ppl, 4), "top1_agreement_vs_fp32": round(agree, 4)}

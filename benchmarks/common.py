@@ -67,3 +67,13 @@ def save(name: str, data: dict, out_dir: Path | None = None) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def token_nll(logits, ids: list[int]):
+    """Per-position negative log-likelihood [len(ids) - 1] of ids[1:] under logits [len(ids), vocab] (numpy,
+    float64 log-softmax)."""
+    import numpy as np
+
+    lg = logits[:-1].astype(np.float64)
+    top = lg.max(-1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(lg - top).sum(-1)) - lg[np.arange(len(ids) - 1), ids[1:]]

@@ -198,6 +198,10 @@ def side_terms(t: Transformer) -> dict[tuple[int, str], tuple[torch.Tensor, torc
     return out
 
 
+NATIVE_SPARSE_ONLY = ("the sparse FFN on int4 weights runs in the native kernel, over the stock int4 modules and "
+                      "the 8-bit head; load with --weights fp32 for the neuron pack's sparse FFN")
+
+
 class FusedBackend:
     """Quantized stock modules: onnxruntime graphs for prompts, the native kernel for single-token steps (or the
     graph where it cannot be built); bricks run as unfused low-rank side terms on both.
@@ -235,8 +239,7 @@ class FusedBackend:
                 self._native = native.NativeDecoder(blocks, self.threads, lib, sparse=self.sparse)
                 self.set_sides(self.sides)
             elif self.sparse is not None:
-                raise CfmError("the sparse FFN on int4 weights runs in the native kernel, which cannot run this "
-                               "model here; load with --weights fp32 for the neuron pack's sparse FFN")
+                raise CfmError(NATIVE_SPARSE_ONLY)
         return self._native
 
     def _graph(self, start: int, end: int, head: bool) -> FusedSpan:
@@ -321,8 +324,7 @@ def choose_backend(t: Transformer, threads: int, previous: FusedBackend | None =
         int8 = w is not None and (w.head is not None and w.head_accuracy == ACCURACY_LEVEL
                                   and all(x.accuracy == ACCURACY_LEVEL for x in w.layers.values()))
         if sparse is not None and not int8:
-            raise CfmError("the sparse FFN on int4 weights runs in the native kernel over the stock int4 modules "
-                           "and 8-bit head; load with --weights fp32 for the neuron pack's sparse FFN")
+            raise CfmError(NATIVE_SPARSE_ONLY)
         if w is None:
             return ModuleBackend(t)
         backend = FusedBackend(t, w, threads, blocks=blocks if int8 else None, sparse=sparse)

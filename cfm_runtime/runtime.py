@@ -451,12 +451,9 @@ def _native_sparse(path: Path, blocks: BlockWeights, opts: LoadOptions, threads:
 
 def _whole_model_notice(blocks: BlockWeights) -> None:
     """The kernel's sparse FFN holds the whole model (no budget); say so when the memory limit will not hold it."""
-    try:
-        need = stream.weight_bytes(blocks) / 2**20
-    except stream.BudgetError:
-        return
-    room, why = memory_room_mb()
-    if room is not None and room < need + AUTO_RESERVE_MB:
+    short = _weights_short(blocks)
+    if short is not None:
+        need, _, why = short
         print(f"cfm: the sparse FFN runs on the whole model ({need:.0f} MB of weights), more than the memory limit "
               f"leaves ({why}); its pages are re-read from the file as memory runs short (slow); drop --sparse to "
               f"let a RAM budget fit the limit", file=sys.stderr)
@@ -479,15 +476,10 @@ def _held_weights(blocks, budget: float | str | None) -> "stream.Held | None":
             return stream.hold(blocks, float(budget))
         except stream.BudgetError as e:
             raise CfmError(str(e)) from None
-    try:
-        need = stream.weight_bytes(blocks) / 2**20
-    except stream.BudgetError:  # weights converted when loaded (not the file's blocks): they stay as they are
+    short = _weights_short(blocks)
+    if short is None:
         return None
-    room, why = memory_room_mb()
-    kv = 2 * len(blocks.layers) * blocks.n_kv_heads * blocks.head_dim * 4 * AUTO_RESERVE_POSITIONS / 2**20
-    if room is None or room - AUTO_RESERVE_MB - kv >= need:
-        return None
-    spend = room - AUTO_RESERVE_MB - kv
+    need, spend, why = short
     try:
         held = stream.hold(blocks, spend)
     except stream.BudgetError:
@@ -498,6 +490,21 @@ def _held_weights(blocks, budget: float | str | None) -> "stream.Held | None":
           f"{spend:.0f} MB of them and reading the rest from the file each token ({held.plan.streamed / 2**20:.0f} "
           f"MB; --ram-budget MB sets the budget)", file=sys.stderr)
     return held
+
+
+def _weights_short(blocks) -> tuple[float, float, str] | None:
+    """(MB of weights, MB the memory limit leaves for them, the limit's description) when the model's weights do
+    not fit what this process's memory limit leaves (`memory.memory_room_mb`, less a reserve for the KV cache and
+    buffers); None when they fit, with no limit, or for weights converted when loaded (not the file's blocks)."""
+    try:
+        need = stream.weight_bytes(blocks) / 2**20
+    except stream.BudgetError:
+        return None
+    room, why = memory_room_mb()
+    kv = 2 * len(blocks.layers) * blocks.n_kv_heads * blocks.head_dim * 4 * AUTO_RESERVE_POSITIONS / 2**20
+    if room is None or room - AUTO_RESERVE_MB - kv >= need:
+        return None
+    return need, room - AUTO_RESERVE_MB - kv, why
 
 
 def _checked_tokenizer(ckpt: Checkpoint) -> Tokenizer:
