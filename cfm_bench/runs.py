@@ -3,7 +3,9 @@
 On a shared machine the compute speed swings by 2x within seconds, so runs of one grid cell are
 not timed one after another: every configuration prefills the prompt, then they take decode steps
 round-robin, so all of them meet the same machine load. Greedy decoding; each step is timed with
-the telemetry it caused (round trip, center compute, bytes through the link emulator).
+the telemetry it caused (round trip, center compute, bytes through the link emulator). The time to first
+token is the median of several prefills of the prompt (round-robin too, each from position 0): one sample
+swings by tens of milliseconds on a shared machine.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ class LocalRun:
     def forward(self, ids: list[int]) -> int:
         return _argmax(self.runner.forward(ids))
 
+    def restart(self) -> None:
+        self.runner.truncate(0)
+
     def counters(self) -> dict:
         return {}
 
-    def result(self, prefill: dict, steps: list[dict]) -> dict:
+    def result(self, prefills: list[dict], steps: list[dict]) -> dict:
         return {"config": self.config, "kind": "local", "split": None, "wire": None}
 
     def close(self) -> None:
@@ -69,11 +74,14 @@ class SplitRun:
     def forward(self, ids: list[int]) -> int:
         return _argmax(self.runner.forward(ids))
 
+    def restart(self) -> None:
+        self.runner.truncate(0)
+
     def counters(self) -> dict:
         log = self.runner.log
         return {"trips": log.round_trips, "rt": log.round_trip_ms, "center": log.center_ms, **_bytes(self.link)}
 
-    def result(self, prefill: dict, steps: list[dict]) -> dict:
+    def result(self, prefills: list[dict], steps: list[dict]) -> dict:
         rt = [s["rt"] / max(1, s["trips"]) for s in steps]
         center = [s["center"] / max(1, s["trips"]) for s in steps]
         report = self.runner.split_report()
@@ -81,7 +89,7 @@ class SplitRun:
                "round_trip_ms": _med(rt), "center_compute_ms": _med(center),
                "network_ms": _med([a - b for a, b in zip(rt, center)]),
                "edge_compute_ms": _med([s["seconds"] * 1000 - a for s, a in zip(steps, rt)]),
-               "ttft_network_ms": round(prefill["rt"] - prefill["center"], 2),
+               "ttft_network_ms": _med([p["rt"] - p["center"] for p in prefills]),
                "payload_bytes_per_token": self.payload,
                "fallbacks": report["fallbacks"], "positions_local": report["positions_local"]}
         return out | _per_token_bytes(steps, self.link)
@@ -104,14 +112,17 @@ class CenterOnlyRun:
         self.compute_ms += ms
         return token
 
+    def restart(self) -> None:
+        self.pos = 0  # the service rewinds its cache to the request's position
+
     def counters(self) -> dict:
         return {"center": self.compute_ms, **_bytes(self.link)}
 
-    def result(self, prefill: dict, steps: list[dict]) -> dict:
+    def result(self, prefills: list[dict], steps: list[dict]) -> dict:
         return {"config": self.config, "kind": "center-only", "split": None, "wire": "token ids",
                 "center_compute_ms": _med([s["center"] for s in steps]),
                 "network_ms": _med([s["seconds"] * 1000 - s["center"] for s in steps]),
-                "ttft_network_ms": round(prefill["seconds"] * 1000 - prefill["center"], 2),
+                "ttft_network_ms": _med([p["seconds"] * 1000 - p["center"] for p in prefills]),
                 "payload_bytes_per_token": REQUEST_BYTES + REPLY_BYTES} | _per_token_bytes(steps, self.link)
 
     def close(self) -> None:
@@ -136,22 +147,25 @@ def _timed(run, ids: list[int]) -> tuple[int, dict]:
     return token, {"seconds": seconds} | {k: after[k] - before[k] for k in after}
 
 
-def interleaved(runs: list, prompt: list[int], n: int) -> list[dict]:
-    """Prefill each run, then n greedy decode steps round-robin; one result dict per run."""
-    tokens, prefills, steps = [], [], [[] for _ in runs]
-    for run in runs:
-        token, prefill = _timed(run, prompt)
-        tokens.append(token)
-        prefills.append(prefill)
+def interleaved(runs: list, prompt: list[int], n: int, prefills: int = 3) -> list[dict]:
+    """`prefills` prefills of the prompt per run, then n greedy decode steps, round-robin; one result per run."""
+    tokens, timed, steps = [0] * len(runs), [[] for _ in runs], [[] for _ in runs]
+    for _ in range(prefills):
+        for k, run in enumerate(runs):
+            run.restart()
+            tokens[k], prefill = _timed(run, prompt)
+            timed[k].append(prefill)
     for _ in range(n):
         for k, run in enumerate(runs):
             tokens[k], step = _timed(run, [tokens[k]])
             steps[k].append(step)
     out = []
-    for run, prefill, st in zip(runs, prefills, steps):
+    for run, pre, st in zip(runs, timed, steps):
         ms = [s["seconds"] * 1000 for s in st]
-        out.append(run.result(prefill, st) | {
-            "ttft_ms": round(prefill["seconds"] * 1000, 2), "per_token_ms": [round(x, 2) for x in ms],
+        ttft = [p["seconds"] * 1000 for p in pre]
+        out.append(run.result(pre, st) | {
+            "ttft_ms": _med(ttft), "ttft_samples_ms": [round(x, 2) for x in ttft],
+            "per_token_ms": [round(x, 2) for x in ms],
             "median_ms": _med(ms), "p95_ms": round(float(np.percentile(ms, 95)), 2)})
     return out
 

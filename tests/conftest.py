@@ -5,13 +5,16 @@ from pathlib import Path
 import pytest
 
 
+MACHINE_CORES = frozenset(os.sched_getaffinity(0))  # before a worker keeps to one of them
+
+
 def _one_core_per_worker() -> None:
     """Under pytest-xdist with a worker per core (the README's `-n 2` on a 2-core machine), each worker keeps to
     its own core, so the runtimes default to one thread there. Two workers each running 2-thread kernels (torch,
     onnxruntime, the native kernel, llama.cpp, whose idle workers spin) on 2 cores fought over them: a test file
     measured 5-6x slower beside the other worker than alone. Subprocesses inherit the core."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
-    cores = sorted(os.sched_getaffinity(0))
+    cores = sorted(MACHINE_CORES)
     if worker.startswith("gw") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")) >= len(cores) > 1:
         os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
 
@@ -22,6 +25,13 @@ import cfm_runtime
 from cfm_bench.split import EVAL_TEXTS
 from cfm_runtime.loading import default_model_path
 
+
+
+@pytest.fixture(scope="session")
+def whole_machine():
+    """A `preexec_fn` that gives a subprocess every core back: for a child that measures latency with several
+    processes and threads of its own (a center, an edge, link emulators), which one core would serialise."""
+    return lambda: os.sched_setaffinity(0, MACHINE_CORES)
 
 
 @pytest.fixture(scope="session")
