@@ -119,7 +119,8 @@ def _center_main(conn, model_path, threads: int, span, weights: str) -> None:
     center = CenterServer(model, span).start()
     tokens = TokenService(model)
     conn.send({"grpc_port": center.port, "token_port": tokens.port, "span": list(center.servicer.span),
-               "layer_decode_ms": center.servicer.layer_ms, "threads": torch.get_num_threads(), "pid": os.getpid()})
+               "layer_decode_ms": center.servicer.layer_ms, "threads": torch.get_num_threads(), "pid": os.getpid(),
+               "backend": model.backend.report()["backend"]})
     try:
         conn.recv()
     except EOFError:  # the parent died

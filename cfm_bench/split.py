@@ -54,13 +54,14 @@ class Settings:
     rates_mbit: tuple = (1, 10, 100)
     splits: tuple = ((2, 28), (8, 22))  # layers [a, b) on the center; the planner's choice is added
     wires: tuple = ("fp32", "fp16")  # measured live; int8 and bf16 only offline (quality, bytes, prediction)
+    weights: str = "int4"  # the edge's and the center's weights: the product's default (fp32: the reference)
     prompt_tokens: int = 32
     decode_tokens: int = 16
     quality_tokens: int = 64  # per eval text
     loopback_tokens: int = 24
     edge_threads: int = 1  # the device is slower than its server: 1 core vs 2
     center_threads: int = 2
-    local_variants: bool = True  # int4 weights and the sparse FFN, measured once
+    local_variants: bool = True  # the other weights and the sparse FFN, measured once
     quick: bool = False
 
 
@@ -76,8 +77,9 @@ def local_variants(model_path, s: Settings, prompt: list[int]) -> list[dict]:
 
     Both come from other subsystems (`cfm_runtime.kernels`, `cfm_runtime.sparse`); a failure to load is
     recorded in the result with its reason, not hidden."""
-    loaders = {"local int4": lambda: load_model(model_path, LoadOptions(threads=s.edge_threads, weights="int4",
-                                                                        progress=False)),
+    other = "fp32" if s.weights == "int4" else "int4"
+    loaders = {f"local {other}": lambda: load_model(model_path, LoadOptions(threads=s.edge_threads, weights=other,
+                                                                            progress=False)),
                "local sparse": lambda: _load_sparse(model_path, s.edge_threads)}
     out = []
     for name, load in loaders.items():
@@ -96,7 +98,8 @@ def local_variants(model_path, s: Settings, prompt: list[int]) -> list[dict]:
 
 
 def _load_sparse(model_path, threads: int):
-    """The predictor-sparse FFN (default density), if its neuron pack was built; building one takes minutes."""
+    """`--sparse` as a user runs it (the kernel's sparse FFN at the pack's planned densities), if the neuron pack
+    was built; building one takes minutes."""
     path = resolve_model_path(model_path)
     if not (pack_dir(path, source_digest(path)) / "manifest.json").is_file():
         raise CfmError(f"no neuron pack for {path.name}: build it once with `cfm profile`, then rerun")
@@ -284,6 +287,7 @@ def environment(model, s: Settings, center: dict) -> dict:
     return {"machine": platform.machine(), "cpu": _cpu_name(), "cores_available": len(os.sched_getaffinity(0)),
             "python": platform.python_version(), "versions": versions, "git_commit": _git_commit(),
             "edge_threads": torch.get_num_threads(), "center_threads": center["threads"],
+            "edge_backend": model.backend.report()["backend"], "center_backend": center["backend"],
             "center_span": center["span"], "center_layer_decode_ms": round(center["layer_decode_ms"], 3),
             "model": str(model.path), "model_name": model.config.name, "n_layers": n,
             "model_fingerprint": model.fingerprint(0, n), "loadavg_start": os.getloadavg(),
@@ -353,9 +357,9 @@ def run(s: Settings, out_dir: Path, model_path=None) -> dict:
     """Run the grid, write split.json and the plots to out_dir; returns the result."""
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(model_path, LoadOptions(threads=s.edge_threads, weights="fp32", progress=False))
+    model = load_model(model_path, LoadOptions(threads=s.edge_threads, weights=s.weights, progress=False))
     prompt = prompt_ids(model, s.prompt_tokens)
-    with CenterProcess(model_path, s.center_threads) as cp:
+    with CenterProcess(model_path, s.center_threads, weights=s.weights) as cp:
         center = cp.info
         env = environment(model, s, center)
         _log(f"center pid {center['pid']} serving {center['span']}; loopback overhead")
@@ -373,6 +377,10 @@ def run(s: Settings, out_dir: Path, model_path=None) -> dict:
                      f"planner {c['planner']['config']} {c['planner_measured_ms']} ms")
     splits = sorted({tuple(r["split"]) for c in cells for r in c["runs"] if r["split"]})
     _log(f"wire quality at {splits}")
+    if s.weights != "fp32":  # the wire's cost is measured against the fp32 model, without the weights' own
+        model = None
+        release_freed_memory()
+        model = load_model(model_path, LoadOptions(threads=s.edge_threads, weights="fp32", progress=False))
     quality = wire_quality(model, eval_texts(model, s.quality_tokens), splits)
     env |= {"loadavg_end": os.getloadavg(), "elapsed_s": round(time.perf_counter() - t_start, 1)}
     result = {"benchmark": "split", "settings": asdict(s), "environment": env,
@@ -392,7 +400,10 @@ def _save(result: dict, out_dir: Path) -> None:
 NOTES = [
     "int8 with a per-row scale is not a cfm.v1 wire dtype: its quality is measured offline (quantize -> dequantize "
     "of the real hidden states at both split points) and its latency is the planner's prediction only.",
-    "TTFT is from the prompt's first byte to the first token; the session is opened before timing.",
+    "TTFT is from the prompt's first byte to the first token, the median of 3 prefills from position 0 (the "
+    "session is opened before timing).",
+    "The edge and the center run the weights in settings.weights (int4: the product's default); the wire-quality "
+    "rows compare against the fp32 model.",
     "center-only sends token ids in the clear (the server sees the text): a baseline, not a deployment option.",
     "overhead_ms = round trip - center compute - emulated RTT - bytes at the emulated rate (gRPC, serialisation, "
     "scheduling, the emulator's own proxying). emulator_lateness_ms is how late the emulator delivered segments "

@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rtt", default=None, metavar="MS,MS,..", help="RTT grid in ms (default 1,10,30,80,150)")
     p.add_argument("--rate", default=None, metavar="MBIT,..", help="bandwidth grid in Mbit/s (default 1,10,100)")
     p.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per run (default 16)")
+    p.add_argument("--weights", choices=("int4", "fp32"), default=None,
+                   help="the edge's and the center's weights (default int4, as `cfm generate` runs)")
     p.set_defaults(func=cmd_bench_split)
     add_privacy_parser(bsub)
 
@@ -50,6 +52,8 @@ def settings_from_args(args):
     if args.rate:
         changes["rates_mbit"] = _numbers(args.rate, "--rate")
     changes |= _counts(args, ("edge_threads", "center_threads", "decode_tokens"))
+    if args.weights:
+        changes["weights"] = args.weights
     return replace(s, **changes)
 
 

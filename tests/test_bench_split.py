@@ -53,6 +53,8 @@ def _numbers(run):
 def test_every_measurement_is_finite_and_positive(quick):
     result, _ = quick
     assert result["environment"]["model_fingerprint"] and result["environment"]["loadavg_start"]
+    env = result["environment"]
+    assert result["settings"]["weights"] == "int4" and env["edge_backend"] == env["center_backend"] == "native"
     assert len(result["cells"]) == len(result["settings"]["rtts_ms"]) * len(result["settings"]["rates_mbit"])
     for cell in result["cells"]:
         kinds = {r["kind"] for r in cell["runs"]}
